@@ -1,0 +1,88 @@
+"""`python -m app`: serve DPO Studio (Label, Train, Compare) in the browser."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.config import AppConfig, default_data_dir
+
+
+@dataclass
+class AppState:
+    config: AppConfig
+    lm: Any
+    model_name: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument(
+        "--model",
+        default="embedded",
+        help="`embedded` (SmolLM2-135M-Instruct, offline), a HF id or a directory",
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument(
+        "--load-in-4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NF4 4-bit via bitsandbytes (default: on with CUDA, off on CPU)",
+    )
+    p.add_argument("--device", default=None)
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="database and adapters (default $DPO_STUDIO_DATA or ./data)",
+    )
+    p.add_argument("--db", default=None, help="SQLAlchemy URL (default sqlite in the data dir)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> AppConfig:
+    return AppConfig(
+        model=args.model,
+        dtype=args.dtype,
+        load_in_4bit=args.load_in_4bit,
+        device=args.device,
+        data_dir=args.data_dir or default_data_dir(),
+        db_url=args.db,
+        host=args.host,
+        port=args.port,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = config_from_args(args)
+    from app.ui import build_ui
+    from dpo_core.modeling import ModelLoadError, load_model
+
+    try:
+        lm = load_model(
+            config.model, dtype=config.dtype, load_in_4bit=config.load_in_4bit, device=config.device
+        )
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    state = AppState(config=config, lm=lm, model_name=config.model)
+    demo = build_ui(state)
+    demo.queue().launch(server_name=config.host, server_port=config.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+"""DPO Studio's ML library: model loading, paired generation, DPO losses and trainer.
+
+Knows nothing of the database or the UI.
+"""
