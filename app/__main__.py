@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="database and adapters (default $DPO_STUDIO_DATA or ./data)",
     )
     p.add_argument("--db", default=None, help="SQLAlchemy URL (default sqlite in the data dir)")
+    p.add_argument(
+        "--auth-file",
+        type=Path,
+        default=os.environ.get("DPO_STUDIO_AUTH_FILE") or None,
+        help="users file: turns sign-in and roles on (manage it with `python -m app users`)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -57,16 +64,30 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         db_url=args.db,
         host=args.host,
         port=args.port,
+        auth_file=args.auth_file,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["users"]:
+        from app.users_cli import main as users_main
+
+        return users_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = config_from_args(args)
+    from app.auth import AuthFileError
+    from app.auth_web import sign_in_options
+
+    try:
+        sign_in = sign_in_options(config.auth_file, config.host)
+    except AuthFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from app.ui import build_ui
     from dpo_core.modeling import ModelLoadError, load_model
 
@@ -80,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     state = AppState(config=config, lm=lm, model_name=config.model)
     demo = build_ui(state)
-    demo.queue().launch(server_name=config.host, server_port=config.port)
+    demo.queue().launch(server_name=config.host, server_port=config.port, **sign_in)
     return 0
 
 

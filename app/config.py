@@ -22,6 +22,7 @@ class AppConfig:
     db_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 7860
+    auth_file: Path | None = None  # users.toml: sign-in and roles on (None: off)
 
     @property
     def adapters_dir(self) -> Path:

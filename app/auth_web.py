@@ -1,0 +1,336 @@
+"""Sign-in for the web app: a gate in front of every route, and slowed-down failed logins.
+
+Gradio's own `launch(auth=...)` protects most routes with its `login_check`, but a few answer
+without a session (`/gradio_api/heartbeat/...`, `/gradio_api/cancel`, `/gradio_api/startup-events`,
+`/gradio_api/stream/...`, static assets), and its login page embeds the full API description.
+`AuthGate` is an ASGI middleware that sees every request before Gradio does: without a valid
+session only the sign-in form (`GET /`), `POST /login` and `/logout` answer (plus the one
+startup-events call `launch()` makes before anyone can connect); everything else gets 401.
+It also attaches the user's role to the request for `require_role`, and refuses a session
+whose user was removed from the users file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import ipaddress
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from app.auth import ROLE_STATE_KEY, AuthFileError, User, UserStore
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+LOGIN_PATHS = ("/login", "/login/")
+STARTUP_PATH = "/gradio_api/startup-events"
+MAX_LOGIN_BODY = 64 * 1024
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    last: float = 0.0
+
+
+@dataclass
+class LoginThrottle:
+    """Exponential back-off after repeated failed sign-ins, per user name and per client IP.
+
+    After `free` failures for a key, the next attempt must wait `base * 2**(k - free)`
+    seconds (k = failures so far), capped at `cap`. Every attempt counts as a failure until
+    it succeeds, so a burst of parallel guesses is throttled too. A success clears the
+    user's and the IP's record; records are forgotten `forget_after` seconds after the last
+    failure. IPs get more free attempts than names (an office behind one NAT address).
+    """
+
+    user_free: int = 5
+    ip_free: int = 20
+    base: float = 1.0
+    cap: float = 60.0
+    forget_after: float = 900.0
+    max_keys: int = 10_000
+    now: Callable[[], float] = time.monotonic
+    _failures: dict[str, _Failures] = field(default_factory=dict)
+
+    def _keys(self, ip: str, username: str) -> list[tuple[str, int]]:
+        keys = [(f"ip:{ip}", self.ip_free)]
+        if username:
+            keys.append((f"user:{username.lower()}", self.user_free))
+        return keys
+
+    def wait_seconds(self, ip: str, username: str) -> float:
+        """Seconds until this (IP, user) may try again; 0 when allowed now."""
+        now = self.now()
+        wait = 0.0
+        for key, free in self._keys(ip, username):
+            rec = self._failures.get(key)
+            if rec is None or now - rec.last > self.forget_after or rec.count < free:
+                continue
+            delay = min(self.cap, self.base * 2 ** (rec.count - free))
+            wait = max(wait, rec.last + delay - now)
+        return wait
+
+    def attempt(self, ip: str, username: str) -> None:
+        """Count an attempt as a failure until `success` says otherwise."""
+        now = self.now()
+        self._prune(now)
+        for key, _ in self._keys(ip, username):
+            rec = self._failures.get(key)
+            if rec is None or now - rec.last > self.forget_after:
+                rec = self._failures[key] = _Failures()
+            rec.count += 1
+            rec.last = now
+
+    def success(self, ip: str, username: str) -> None:
+        for key, _ in self._keys(ip, username):
+            self._failures.pop(key, None)
+
+    def _prune(self, now: float) -> None:
+        if len(self._failures) < self.max_keys:
+            return
+        stale = [k for k, r in self._failures.items() if now - r.last > self.forget_after]
+        for key in stale:
+            del self._failures[key]
+        if len(self._failures) >= self.max_keys:  # under attack: keep the newest half
+            newest = sorted(self._failures.items(), key=lambda kv: kv[1].last)
+            self._failures = dict(newest[len(newest) // 2 :])
+
+
+async def _send_bytes(
+    send: Send, status: int, body: bytes, content_type: str, headers: list | None = None
+) -> None:
+    raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    raw += [(b"cache-control", b"no-store")] + (headers or [])
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(send: Send, status: int, detail: str, headers: list | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await _send_bytes(send, status, body, "application/json", headers)
+
+
+def _cookies(scope: Scope) -> dict[str, str]:
+    from starlette.requests import cookie_parser
+
+    for name, value in scope.get("headers", []):
+        if name == b"cookie":
+            return cookie_parser(value.decode("latin-1"))
+    return {}
+
+
+class AuthGate:
+    """ASGI middleware; see the module docstring. Installed by `launch_options`."""
+
+    def __init__(self, app: Any, users: UserStore, throttle: LoginThrottle, title: str) -> None:
+        self.app = app
+        self.users = users
+        self.throttle = throttle
+        self.title = title
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        user = self._session_user(scope)
+        if user is not None:
+            scope.setdefault("state", {})[ROLE_STATE_KEY] = user.role
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "not signed in"})
+            return
+        path, method = scope["path"], scope["method"]
+        if path in LOGIN_PATHS and method == "POST":
+            await self._login(scope, receive, send)
+        elif path == "/logout" or self._is_launch_probe(scope):
+            await self.app(scope, receive, send)
+        elif path == "/" and method in ("GET", "HEAD"):
+            page = login_page(self.title).encode()
+            await _send_bytes(send, 200, b"" if method == "HEAD" else page, "text/html")
+        else:
+            await _send_json(send, 401, "Not signed in. Sign in at / first.")
+
+    @staticmethod
+    def _is_launch_probe(scope: Scope) -> bool:
+        """`launch()` itself calls startup-events once, without a session; after that the
+        route is closed like every other."""
+        gradio_app = scope.get("app")
+        return scope["path"] == STARTUP_PATH and not getattr(
+            gradio_app, "startup_events_triggered", True
+        )
+
+    def _session_user(self, scope: Scope) -> User | None:
+        gradio_app = scope.get("app")
+        cookie_id = getattr(gradio_app, "cookie_id", None)
+        if cookie_id is None:
+            return None
+        cookies = _cookies(scope)
+        # Same precedence as Gradio's get_current_user, so both agree on who is signed in.
+        token = cookies.get(f"access-token-{cookie_id}") or cookies.get(
+            f"access-token-unsecure-{cookie_id}"
+        )
+        username = gradio_app.tokens.get(token) if token else None
+        if username is None:
+            return None
+        user = self.users.get(username)
+        if user is None:  # removed from the users file since signing in
+            gradio_app.tokens.pop(token, None)
+        return user
+
+    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > MAX_LOGIN_BODY:
+                await _send_json(send, 413, "Sign-in request too large.")
+                return
+            if not message.get("more_body", False):
+                break
+        username = parse_qs(body.decode("latin-1")).get("username", [""])[0].strip()
+        ip = (scope.get("client") or ("unknown", 0))[0]
+        wait = self.throttle.wait_seconds(ip, username)
+        if wait > 0:
+            secs = math.ceil(wait)
+            logger.warning("sign-in throttled for %r from %s (%d s)", username, ip, secs)
+            await _send_json(
+                send,
+                429,
+                f"Too many failed sign-ins. Try again in {secs} s.",
+                [(b"retry-after", str(secs).encode())],
+            )
+            return
+        self.throttle.attempt(ip, username)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        status = 0
+
+        async def capture(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, replay, capture)
+        if status == 200:
+            self.throttle.success(ip, username)
+        else:
+            logger.warning("failed sign-in for %r from %s", username, ip)
+
+
+def login_page(title: str) -> str:
+    """A self-contained sign-in form (no API description, no component tree)."""
+    t = html.escape(title)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{t}: sign in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{{font-family:system-ui,sans-serif;display:flex;justify-content:center;margin-top:12vh}}
+form{{display:flex;flex-direction:column;gap:.6em;width:18em}}
+input,button{{font-size:1em;padding:.45em}} #msg{{color:#b00020;min-height:1.2em}}
+</style></head><body>
+<form id="login"><h1>{t}</h1><p>Sign in to continue.</p>
+<label>User name <input name="username" autocomplete="username" required autofocus></label>
+<label>Password <input name="password" type="password" autocomplete="current-password"
+ required></label>
+<button type="submit">Sign in</button><div id="msg" role="alert"></div></form>
+<script>
+document.getElementById("login").addEventListener("submit", async (e) => {{
+  e.preventDefault();
+  const msg = document.getElementById("msg");
+  msg.textContent = "";
+  const r = await fetch("./login", {{method: "POST",
+    body: new URLSearchParams(new FormData(e.target))}});
+  if (r.ok) {{ location.reload(); return; }}
+  let detail = "Wrong user name or password.";
+  if (r.status === 429) {{ try {{ detail = (await r.json()).detail; }} catch (_) {{}} }}
+  msg.textContent = detail;
+}});
+</script></body></html>
+"""
+
+
+def launch_options(users: UserStore, title: str = "DPO Studio") -> dict[str, Any]:
+    """Keyword arguments for `Blocks.launch` that turn sign-in on for every route."""
+    from starlette.middleware import Middleware
+
+    async def authenticate(username: str, password: str) -> bool:
+        # scrypt takes ~0.25 s of CPU: keep it off the event loop.
+        return await asyncio.to_thread(users.check, username, password) is not None
+
+    gate = Middleware(AuthGate, users=users, throttle=LoginThrottle(), title=title)
+    return {
+        "auth": authenticate,
+        "app_kwargs": {"middleware": [gate]},
+        # With SSR a Node server would sit in front of the gate; keep Python in front.
+        "ssr_mode": False,
+    }
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(host: str, auth_enabled: bool) -> bool:
+    """Log a loud warning when serving beyond this machine with no sign-in; True if warned."""
+    if auth_enabled or is_loopback(host):
+        return False
+    bar = "!" * 78
+    logger.warning(
+        "\n%s\n!! DPO Studio is listening on %s WITHOUT SIGN-IN.\n"
+        "!! Anyone who can reach this address can label, export your data and start training.\n"
+        "!! Create users with `python -m app users add NAME --role admin` and pass\n"
+        "!! `--auth-file users.toml`, or bind to 127.0.0.1.\n%s",
+        bar,
+        host,
+        bar,
+    )
+    return True
+
+
+def sign_in_options(auth_file: Path | None, host: str, title: str = "DPO Studio") -> dict[str, Any]:
+    """`launch` kwargs for `--auth-file` ({} with sign-in off, after warning if exposed).
+
+    Raises `AuthFileError` when the file is missing, malformed or has no users.
+    """
+    if auth_file is None:
+        warn_if_exposed(host, auth_enabled=False)
+        return {}
+    if not Path(auth_file).is_file():
+        raise AuthFileError(
+            f"users file {auth_file} not found; create it with "
+            f"`python -m app users --auth-file {auth_file} add NAME --role admin`"
+        )
+    users = UserStore(Path(auth_file))
+    if not users.users():
+        raise AuthFileError(
+            f"users file {auth_file} has no users; add one with "
+            f"`python -m app users --auth-file {auth_file} add NAME --role admin`"
+        )
+    logger.info("sign-in on: %d users from %s", len(users.users()), auth_file)
+    return launch_options(users, title)
