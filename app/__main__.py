@@ -22,7 +22,11 @@ class AppState:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        default=os.environ.get("DPO_STUDIO_HOST", "127.0.0.1"),
+        help="bind address (default $DPO_STUDIO_HOST or 127.0.0.1)",
+    )
     p.add_argument("--port", type=int, default=7860)
     p.add_argument(
         "--model",
