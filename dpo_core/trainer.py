@@ -1,0 +1,405 @@
+"""The DPO training loop: LoRA policy, base-model reference, TRL-named metrics.
+
+`train` is the entry point. The reference is the same model with the adapter disabled; its
+log-probs are computed once, before the first step, and reused every epoch. Each optimiser
+step runs one `[chosen; rejected]` forward per micro-batch (see `dpo_core.data.PairBatch`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dpo_core import data
+from dpo_core.config import TrainConfig
+from dpo_core.logprobs import completion_logps
+from dpo_core.losses import preference_loss
+from dpo_core.modeling import DTYPES, LoadedModel, attach_lora, load_adapter, save_adapter
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[dict[str, float]], None]
+StopCheck = Callable[[], bool]
+REWARD_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                  "rewards/margins", "logps/chosen", "logps/rejected")  # fmt: skip
+
+
+class TrainingCancelled(Exception):
+    """Raised inside the loop when `should_stop()` says so; `train` turns it into a result."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. `adapter_dir` is None when the run was cancelled."""
+
+    adapter_dir: Path | None
+    metrics: dict[str, float]  # final: last-epoch train means, last evaluation, summary
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per step
+    cancelled: bool = False
+    config: TrainConfig | None = None  # resolved (model fields from the loaded model)
+
+
+@dataclass
+class Dataset:
+    """Tokenized pairs plus their reference log-probs (filled once, before training)."""
+
+    pairs: list[data.TokenizedPair]
+    reference_chosen_logps: Tensor | None = None  # (n,)
+    reference_rejected_logps: Tensor | None = None
+
+    @property
+    def lengths(self) -> list[int]:
+        return [p.length for p in self.pairs]
+
+
+def load_pairs_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read one JSON pair per line (blank lines skipped); errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read pairs ({err})") from err
+    pairs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            pairs.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+    if not pairs:
+        raise ValueError(f"{path}: no pairs (expected one JSON object per line)")
+    return pairs
+
+
+def train(
+    lm: LoadedModel,
+    pairs: list[dict[str, Any]],
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    heldout: list[dict[str, Any]] | None = None,
+    on_step: StepCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on `pairs` with DPO and save it atomically to `out_dir`.
+
+    `on_step` gets each step's metrics (TRL names plus `step`, `total_steps`, `epoch`, and
+    `eval/...` at evaluation points). `should_stop` is polled between optimiser steps; when it
+    returns True the run ends, nothing is saved and the result is marked cancelled. `lm.model`
+    is left as it was (the adapter is removed from it at the end).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; adapter versions are immutable")
+    if _is_peft(lm.model):
+        raise ValueError("pass the base model; to continue an adapter set config.init_adapter")
+    config = resolved_config(config, lm)
+    train_set = prepare_dataset(lm.tokenizer, pairs, config, "training")
+    eval_set = prepare_dataset(lm.tokenizer, heldout, config, "held-out") if heldout else None
+    torch.manual_seed(config.seed)
+    model = prepare_policy(lm, config)
+    try:
+        return _run(lm, model, train_set, eval_set, config, out_dir, on_step, should_stop)
+    except TrainingCancelled:
+        logger.info("training cancelled; nothing saved")
+        return TrainResult(adapter_dir=None, metrics={}, cancelled=True, config=config)
+    finally:
+        release_policy(lm, model)
+
+
+def _is_peft(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _run(
+    lm: LoadedModel,
+    model: Any,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    config: TrainConfig,
+    out_dir: Path,
+    on_step: StepCallback | None,
+    should_stop: StopCheck | None,
+) -> TrainResult:
+    stop = should_stop or (lambda: False)
+    for dataset in (train_set, eval_set):
+        if dataset is not None:
+            fill_reference_logps(model, dataset, lm, config, stop)
+    optimizer = make_optimizer(model, config)
+    total_steps = config.epochs * steps_per_epoch(len(train_set.pairs), config)
+    scheduler = make_scheduler(optimizer, config, total_steps)
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    for step, epoch, micro_batches in iterate_steps(train_set, config):
+        if stop():
+            raise TrainingCancelled
+        metrics = train_step(model, micro_batches, train_set, optimizer, scheduler, lm, config)
+        metrics.update(step=step, total_steps=total_steps, epoch=epoch)
+        if eval_set is not None and is_eval_step(step, total_steps, config):
+            metrics.update(evaluate(model, eval_set, lm, config))
+        history.append(metrics)
+        logger.info("step %d/%d loss %.4f", step, total_steps, metrics["loss"])
+        if on_step is not None:
+            on_step(dict(metrics))
+    if stop():
+        raise TrainingCancelled
+    final = final_metrics(history, len(train_set.pairs), time.perf_counter() - t0)
+    adapter = save_result(model, out_dir, config, final)
+    return TrainResult(adapter_dir=adapter, metrics=final, history=history, config=config)
+
+
+def resolved_config(config: TrainConfig, lm: LoadedModel) -> TrainConfig:
+    """The config as run: model fields describe the model actually loaded."""
+    dtype = {v: k for k, v in DTYPES.items()}[lm.dtype]
+    return replace(
+        config, model=lm.source, dtype=dtype, load_in_4bit=lm.load_in_4bit, device=str(lm.device)
+    )
+
+
+def prepare_dataset(
+    tokenizer: Any, pairs: list[dict[str, Any]], config: TrainConfig, name: str
+) -> Dataset:
+    """Normalise and tokenize pairs; raise ValueError when none is usable."""
+    normalised = data.normalise_pairs(pairs)
+    tokenized = data.tokenize_pairs(
+        tokenizer, normalised, config.max_length, config.max_prompt_length
+    )
+    if not tokenized.pairs:
+        reasons = ", ".join(f"{n} {why}" for why, n in tokenized.dropped.items())
+        raise ValueError(f"no usable {name} pairs: all {len(pairs)} were dropped ({reasons})")
+    return Dataset(tokenized.pairs)
+
+
+def prepare_policy(lm: LoadedModel, config: TrainConfig) -> Any:
+    """Wrap the base model in a trainable LoRA adapter (new, or `config.init_adapter`)."""
+    if config.init_adapter:
+        model = load_adapter(lm.model, config.init_adapter, is_trainable=True)
+    else:
+        model = attach_lora(lm.model, config.lora_settings())
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def release_policy(lm: LoadedModel, model: Any) -> None:
+    """Remove the adapter layers so `lm.model` is the plain base model again."""
+    if model.is_gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    lm.model = model.unload()
+    lm.model.eval()
+
+
+@contextmanager
+def autocast(lm: LoadedModel) -> Iterator[None]:
+    """bf16/fp16 compute for the fp32 LoRA weights when the base runs in half precision."""
+    half = lm.dtype in (torch.bfloat16, torch.float16)
+    with torch.autocast(lm.device.type, dtype=lm.dtype) if half else nullcontext():
+        yield
+
+
+def policy_logps(model: Any, batch: data.PairBatch, lm: LoadedModel) -> tuple[Tensor, Tensor]:
+    """Summed completion log-probs and lengths of a `[chosen; rejected]` batch, each (2B,)."""
+    batch = batch.to(lm.device)
+    with autocast(lm):
+        return completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+
+
+@torch.no_grad()
+def fill_reference_logps(
+    model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig, stop: StopCheck
+) -> None:
+    """Reference (= base, adapter disabled) log-probs of every pair, computed once."""
+    n = len(dataset.pairs)
+    chosen, rejected = torch.zeros(n), torch.zeros(n)
+    batches = data.step_batches(dataset.lengths, config.batch_size, config.batch_size,
+                                seed=0, shuffle=False)  # fmt: skip
+    with model.disable_adapter():
+        for (indices,) in batches:
+            if stop():
+                raise TrainingCancelled
+            logps, _ = policy_logps(model, _collate(dataset, indices, lm), lm)
+            chosen[indices], rejected[indices] = logps.float().cpu().chunk(2)
+    dataset.reference_chosen_logps, dataset.reference_rejected_logps = chosen, rejected
+
+
+def _collate(dataset: Dataset, indices: list[int], lm: LoadedModel) -> data.PairBatch:
+    pad = lm.tokenizer.pad_token_id
+    return data.collate([dataset.pairs[i] for i in indices], indices, pad)
+
+
+def batch_losses(
+    model: Any, batch: data.PairBatch, dataset: Dataset, lm: LoadedModel, config: TrainConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair losses (B,) and the per-pair tensors the metrics are built from."""
+    logps, lengths = policy_logps(model, batch, lm)
+    chosen_logps, rejected_logps = logps.chunk(2)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
+    assert dataset.reference_chosen_logps is not None
+    assert dataset.reference_rejected_logps is not None
+    idx = torch.tensor(batch.indices)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        chosen_logps,
+        rejected_logps,
+        dataset.reference_chosen_logps[idx].to(logps.device),
+        dataset.reference_rejected_logps[idx].to(logps.device),
+        loss_type=config.loss_type,
+        beta=config.beta,
+        label_smoothing=config.label_smoothing,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        simpo_gamma=config.simpo_gamma,
+    )
+    parts = {
+        "loss": losses.detach(),
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+    }
+    return losses, parts
+
+
+def reward_metrics(parts: list[dict[str, Tensor]], prefix: str = "") -> dict[str, float]:
+    """TRL's metrics, averaged over pairs: loss, rewards/*, logps/*."""
+    cat = {k: torch.cat([p[k].float().cpu() for p in parts]) for k in parts[0]}
+    margins = cat["rewards/chosen"] - cat["rewards/rejected"]
+    out = {k: v.mean().item() for k, v in cat.items()}
+    out["rewards/accuracies"] = (margins > 0).float().mean().item()
+    out["rewards/margins"] = margins.mean().item()
+    return {prefix + k: out[k] for k in REWARD_METRICS}
+
+
+def train_step(
+    model: Any,
+    micro_batches: list[list[int]],
+    dataset: Dataset,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    lm: LoadedModel,
+    config: TrainConfig,
+) -> dict[str, float]:
+    """One optimiser step over `micro_batches` (pair indices); the loss is the mean over all
+    pairs of the step, whatever the split into micro-batches."""
+    t0 = time.perf_counter()
+    n_pairs = sum(len(m) for m in micro_batches)
+    parts = []
+    for indices in micro_batches:
+        losses, part = batch_losses(model, _collate(dataset, indices, lm), dataset, lm, config)
+        (losses.sum() / n_pairs).backward()
+        parts.append(part)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    learning_rate = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    metrics = reward_metrics(parts)
+    metrics.update(
+        learning_rate=learning_rate,
+        grad_norm=grad_norm.item(),
+        pairs_per_second=n_pairs / (time.perf_counter() - t0),
+    )
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig
+) -> dict[str, float]:
+    """Loss and implicit-reward metrics of the current policy on held-out pairs (`eval/...`)."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    for (indices,) in data.step_batches(dataset.lengths, config.batch_size, config.batch_size,
+                                        seed=0, shuffle=False):  # fmt: skip
+        parts.append(batch_losses(model, _collate(dataset, indices, lm), dataset, lm, config)[1])
+    model.train(was_training)
+    return reward_metrics(parts, prefix="eval/")
+
+
+def iterate_steps(dataset: Dataset, config: TrainConfig) -> Iterator[tuple[int, float, list]]:
+    """(step, fractional epoch, micro-batches of pair indices) for the whole run."""
+    per_epoch = steps_per_epoch(len(dataset.pairs), config)
+    step = 0
+    for epoch in range(config.epochs):
+        steps = data.step_batches(
+            dataset.lengths,
+            config.batch_size * config.grad_accum,
+            config.batch_size,
+            seed=config.seed + epoch,
+        )
+        for i, micro_batches in enumerate(steps, 1):
+            step += 1
+            yield step, epoch + i / per_epoch, micro_batches
+
+
+def steps_per_epoch(num_pairs: int, config: TrainConfig) -> int:
+    return math.ceil(num_pairs / (config.batch_size * config.grad_accum))
+
+
+def is_eval_step(step: int, total_steps: int, config: TrainConfig) -> bool:
+    return step == total_steps or (config.eval_every > 0 and step % config.eval_every == 0)
+
+
+def make_optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_ratio` of the steps, then cosine / linear decay to 0."""
+    warmup = math.ceil(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if config.lr_scheduler == "linear":
+            return 1 - progress
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def final_metrics(history: list[dict[str, float]], num_pairs: int, seconds: float) -> dict:
+    """Means over the last epoch's steps, the last evaluation, and run totals."""
+    last_epoch = math.ceil(history[-1]["epoch"]) - 1
+    steps = [h for h in history if h["epoch"] > last_epoch]
+    out = {k: sum(h[k] for h in steps) / len(steps) for k in REWARD_METRICS}
+    out.update({k: v for k, v in history[-1].items() if k.startswith("eval/")})
+    out.update(
+        num_pairs=num_pairs,
+        steps=len(history),
+        epochs=history[-1]["epoch"],
+        train_runtime_s=seconds,
+        pairs_per_second=num_pairs * history[-1]["epoch"] / seconds,
+    )
+    return out
+
+
+def save_result(model: Any, out_dir: Path, config: TrainConfig, metrics: dict) -> Path:
+    """The adapter plus `train_config.json` and `metrics.json`, written atomically."""
+    extra = {"train_config.json": config.to_dict(), "metrics.json": metrics}
+    path = save_adapter(model, out_dir, extra=extra)
+    logger.info("adapter saved to %s", path)
+    return path
