@@ -1,0 +1,539 @@
+"""Training runs as the app sees them: start (validated), cancel, live status, history.
+
+The run itself executes in a separate worker process (`app.worker`); this module creates the
+queued run, launches the worker with `subprocess`, watches it, marks runs whose worker died as
+failed, and tells the model service when a new version became active.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.heldout import MAX_HELDOUT_FRACTION, split_pairs
+from app.worker import log_file, pid_file
+from storage import repo, runs
+from storage.runs import RunStateError
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ACTIVE_STATES = ("queued", "running")
+# A worker that wrote no heartbeat for this long is dead (it beats every 2 s, even mid-step).
+STALE_AFTER_S = 60.0
+# A queued run whose worker never started (e.g. it failed to import) is dead after this long.
+START_TIMEOUT_S = 120.0
+# Metric names beyond TRL's: the run's planned number of optimizer steps, held-out accuracy.
+TOTAL_STEPS = "total_steps"
+EVAL_ACCURACY = "eval/rewards/accuracies"
+
+
+def _default(name: str) -> Any:
+    """A TrainConfig field's default: the Train tab's defaults are dpo_core's."""
+    from dpo_core.config import TrainConfig
+
+    return {f.name: f.default for f in fields(TrainConfig)}[name]
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What the person chooses in the Train tab (defaults come from dpo_core's TrainConfig)."""
+
+    loss_type: str = _default("loss_type")
+    beta: float = _default("beta")
+    label_smoothing: float = _default("label_smoothing")
+    learning_rate: float = _default("learning_rate")
+    epochs: int = _default("epochs")
+    batch_size: int = _default("batch_size")
+    grad_accum: int = _default("grad_accum")
+    lora_r: int = _default("lora_r")
+    lora_alpha: int = _default("lora_alpha")
+    max_length: int = _default("max_length")
+    heldout_fraction: float = 0.1
+    continue_from_active: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for a value no run could use."""
+        if not 0.0 <= self.heldout_fraction <= MAX_HELDOUT_FRACTION:
+            raise ValueError(
+                f"held-out fraction must be between 0 and {MAX_HELDOUT_FRACTION}, "
+                f"got {self.heldout_fraction}"
+            )
+        for name in ("epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length"):
+            value = getattr(self, name)
+            if value != int(value) or value < 1:
+                raise ValueError(f"{name.replace('_', ' ')} must be a positive integer: {value}")
+
+
+@dataclass(frozen=True)
+class StartResult:
+    ok: bool
+    message: str
+    run_id: int | None = None
+
+
+@dataclass
+class RunStatus:
+    """One run's live state for the progress bar (and the `train_status` API)."""
+
+    run_id: int | None = None
+    status: str = "idle"
+    step: int = 0
+    total_steps: int | None = None
+    elapsed_s: float | None = None
+    eta_s: float | None = None
+    num_pairs: int | None = None
+    version: str | None = None
+    error: str | None = None
+    message: str = "No training run yet."
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATES
+
+    def to_dict(self, with_metrics: bool = False) -> dict[str, Any]:
+        out = asdict(self)
+        if not with_metrics:
+            out.pop("metrics")
+        return out
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _age_s(when: datetime | None) -> float | None:
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - when).total_seconds()
+
+
+class TrainingService:
+    """Starts and watches training workers; one training job at a time.
+
+    `on_version_change(name, adapter_path)` is called (from the watcher thread) whenever the
+    database's active version differs from the one the app serves, e.g. after a run succeeded.
+    """
+
+    def __init__(
+        self,
+        sm: sessionmaker[Session],
+        *,
+        db_url: str,
+        data_dir: Path,
+        base_model: str,
+        model_settings: dict[str, Any],
+        on_version_change: Callable[[str, str | None], None] | None = None,
+        poll_interval_s: float = 1.0,
+    ) -> None:
+        self.sm = sm
+        self.db_url = db_url
+        self.data_dir = Path(data_dir).resolve()
+        self.base_model = base_model
+        self.model_settings = model_settings
+        self.on_version_change = on_version_change
+        self.poll_interval_s = poll_interval_s
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+        self._served_version: str | None = None
+        self._watcher: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def recover(self) -> list[int]:
+        """At app start: fail runs whose worker is gone (pid dead, or heartbeat stale)."""
+        failed = self.check_workers()
+        with self.sm.begin() as s:
+            failed += [run.id for run in runs.fail_dead_runs(s, timeout_s=STALE_AFTER_S)]
+            self._served_version = self._active(s).name
+        if failed:
+            logger.warning("marked dead training runs as failed: %s", failed)
+        return failed
+
+    def start_watcher(self) -> None:
+        """Poll workers in the background, so a finished run switches the served model even
+        when no browser is open."""
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="train-watcher", daemon=True)
+            self._watcher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.check_workers()
+                self.sync_active_version()
+            except Exception:
+                logger.exception("training watcher")
+
+    def _active(self, s: Session) -> Any:
+        return runs.active_version(s, self.base_model) or runs.ensure_base_version(
+            s, self.base_model
+        )
+
+    # --- actions -----------------------------------------------------------------------------
+
+    def start(self, request: TrainRequest) -> StartResult:
+        """Validate, create a queued run and launch its worker. Never raises for user errors."""
+        try:
+            request.validate()
+            build_train_config(request, self.model_settings, None)
+        except (ValueError, TypeError) as err:
+            return StartResult(False, f"Invalid settings: {err}")
+        with self._lock:
+            stopping = [run_id for run_id, p in self._procs.items() if p.poll() is None]
+            if stopping:
+                return StartResult(
+                    False, f"Run #{stopping[0]} is still stopping; try again in a moment."
+                )
+            with self.sm.begin() as s:
+                live = runs.live_run(s)
+                if live is not None:
+                    return StartResult(False, busy_message(live.id, live.status), live.id)
+                counts = pair_counts(s, request.heldout_fraction)
+                if counts["usable"] == 0:
+                    return StartResult(False, no_pairs_message(counts))
+                parent = (
+                    self._active(s)
+                    if request.continue_from_active
+                    else runs.ensure_base_version(s, self.base_model)
+                )
+                config = {
+                    "base_model": self.base_model,
+                    "train": build_train_config(request, self.model_settings, parent.adapter_path),
+                    "heldout_fraction": request.heldout_fraction,
+                    "continue_from_active": request.continue_from_active,
+                    "parent_version": parent.name,
+                    "parent_adapter": parent.adapter_path,
+                    "num_train_pairs": counts["train"],
+                    "num_heldout_pairs": counts["heldout"],
+                }
+                try:
+                    run = runs.create_run(
+                        s,
+                        base_model=self.base_model,
+                        config=config,
+                        num_pairs=counts["usable"],
+                        parent_version_id=parent.id,
+                    )
+                except RunStateError as err:
+                    return StartResult(False, f"{err}. Wait for it to finish or cancel it.")
+                run_id = run.id
+            self._launch(run_id)
+        return StartResult(
+            True,
+            f"Run #{run_id} started on {counts['train']} pairs ({counts['heldout']} held out).",
+            run_id,
+        )
+
+    def _launch(self, run_id: int) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "app.worker",
+            "--db",
+            self.db_url,
+            "--run-id",
+            str(run_id),
+            "--data-dir",
+            str(self.data_dir),
+        ]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        log_path = log_file(self.data_dir, run_id)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(log_path, "ab") as log:
+                # Own session: the worker survives a restart of the app (and its Ctrl-C).
+                proc = subprocess.Popen(
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    cwd=REPO_ROOT,
+                    env=env,
+                    start_new_session=True,
+                )
+        except OSError as err:
+            with self.sm.begin() as s:
+                runs.fail_run(s, run_id, f"could not start the training worker: {err}")
+            return
+        self._procs[run_id] = proc
+        logger.info("run %d: worker pid %d, log %s", run_id, proc.pid, log_path)
+
+    def cancel(self) -> str:
+        with self.sm.begin() as s:
+            run = runs.live_run(s)
+            if run is None:
+                return "No training run is in progress."
+            runs.cancel_run(s, run.id)
+            return (
+                f"Run #{run.id} cancelled: the worker stops after the current step; "
+                "the previous version stays active."
+            )
+
+    # --- watching ----------------------------------------------------------------------------
+
+    def check_workers(self) -> list[int]:
+        """Fail the live run when its worker process is gone; reap finished workers."""
+        failed = []
+        with self._lock, self.sm.begin() as s:
+            live = runs.live_run(s)
+            for run_id, proc in list(self._procs.items()):
+                if proc.poll() is None:
+                    continue
+                del self._procs[run_id]
+                if live is not None and live.id == run_id:
+                    runs.fail_run(s, run_id, self._exit_error(run_id, proc.returncode))
+                    failed.append(run_id)
+                    live = None
+            if live is not None and live.id not in self._procs and self._worker_gone(live):
+                pid = read_pid(self.data_dir, live.id)
+                runs.fail_run(
+                    s,
+                    live.id,
+                    f"the training worker (pid {pid}) is gone: it was killed or crashed. "
+                    "The previous version stays active.",
+                )
+                failed.append(live.id)
+        return failed
+
+    def _worker_gone(self, run: Any) -> bool:
+        pid = read_pid(self.data_dir, run.id)
+        if pid is not None:
+            return not pid_alive(pid)
+        age = _age_s(run.created_at)
+        return age is not None and age > START_TIMEOUT_S
+
+    def _exit_error(self, run_id: int, code: int) -> str:
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        tail = _tail(log_file(self.data_dir, run_id))
+        return f"the training worker {how}. The previous version stays active.\n{tail}".strip()
+
+    def sync_active_version(self) -> None:
+        """Tell the model service when the active version changed in the database."""
+        with self.sm.begin() as s:
+            active = self._active(s)
+            name, path = active.name, active.adapter_path
+        if name != self._served_version:
+            logger.info("active version is now %s", name)
+            if self.on_version_change is not None:
+                self.on_version_change(name, path)
+            self._served_version = name
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def status(self, run_id: int | None = None) -> RunStatus:
+        """The live run, else the given or latest one (what a refreshed page re-attaches to)."""
+        with self.sm.begin() as s:
+            run = runs.live_run(s)
+            if run is None and run_id:
+                run = runs.get_run(s, run_id)
+            if run is None:
+                latest = runs.list_runs(s)
+                run = latest[0] if latest else None
+            if run is None:
+                return RunStatus()
+            return run_status(run, steps_table(runs.run_metrics(s, run.id)), _version_name(s, run))
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and versions for the Train tab's summary line."""
+        with self.sm.begin() as s:
+            train_set = repo.preference_pairs(s, split="train")
+            heldout_set = repo.preference_pairs(s, split="heldout")
+            return {
+                "usable_pairs": len(train_set.pairs) + len(heldout_set.pairs),
+                "ties": train_set.excluded_ties + heldout_set.excluded_ties,
+                "both_bad": train_set.excluded_both_bad + heldout_set.excluded_both_bad,
+                "base_model": self.base_model,
+                "active_version": self._active(s).name,
+            }
+
+    def history(self) -> list[dict[str, Any]]:
+        with self.sm.begin() as s:
+            return [
+                history_row(run, steps_table(runs.run_metrics(s, run.id)), _version_name(s, run))
+                for run in runs.list_runs(s)
+            ]
+
+
+def _version_name(s: Session, run: Any) -> str | None:
+    version = runs.output_version(s, run.id) if run.status == "succeeded" else None
+    return version.name if version is not None else None
+
+
+def pair_counts(s: Session, heldout_fraction: float) -> dict[str, int]:
+    """Usable pairs, how a run would split them, and the excluded ties / both-bad votes."""
+    train_set = repo.preference_pairs(s, split="train")
+    heldout_set = repo.preference_pairs(s, split="heldout")
+    pairs = [{"prompt": p.prompt} for p in train_set.pairs]
+    train, heldout = split_pairs(pairs, heldout_fraction)
+    return {
+        "usable": len(train_set.pairs) + len(heldout_set.pairs),
+        "train": len(train),
+        "heldout": len(heldout) + len(heldout_set.pairs),
+        "ties": train_set.excluded_ties + heldout_set.excluded_ties,
+        "both_bad": train_set.excluded_both_bad + heldout_set.excluded_both_bad,
+    }
+
+
+def steps_table(series: dict[str, list[tuple[int, float | None]]]) -> list[dict[str, Any]]:
+    """`{name: [(step, value)]}` -> one dict per step: `[{"step": 1, "loss": 0.69, ...}]`."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for name, points in series.items():
+        for step, value in points:
+            by_step.setdefault(step, {"step": step})[name] = value
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def run_status(run: Any, metrics: list[dict[str, Any]], version: str | None) -> RunStatus:
+    step = max((m["step"] for m in metrics), default=0)
+    total = _last(metrics, TOTAL_STEPS)
+    total = int(total) if total else None
+    elapsed = _elapsed_s(run)
+    eta = None
+    if run.status == "running" and total and step and elapsed is not None:
+        eta = elapsed / step * max(total - step, 0)
+    return RunStatus(
+        run_id=run.id,
+        status=run.status,
+        step=step,
+        total_steps=total,
+        elapsed_s=elapsed,
+        eta_s=eta,
+        num_pairs=run.num_pairs,
+        version=version,
+        error=run.error,
+        message=status_message(run.status, run.id, version, run.error, step),
+        metrics=metrics,
+    )
+
+
+def _last(metrics: list[dict[str, Any]], name: str) -> float | None:
+    values = [m[name] for m in metrics if m.get(name) is not None]
+    return values[-1] if values else None
+
+
+def _elapsed_s(run: Any) -> float | None:
+    if run.started_at is None:
+        return None
+    if run.finished_at is None:
+        return _age_s(run.started_at)
+    return (run.finished_at - run.started_at).total_seconds()
+
+
+def busy_message(run_id: int, status: str) -> str:
+    return (
+        f"Run #{run_id} is {status}: one training job at a time. "
+        "Wait for it to finish or cancel it."
+    )
+
+
+def status_message(
+    status: str, run_id: int, version: str | None, error: str | None, step: int = 0
+) -> str:
+    if status == "queued":
+        return f"Run #{run_id} is starting…"
+    if status == "running" and step == 0:
+        return f"Run #{run_id} is preparing (loading the model, scoring pairs with the base)…"
+    if status == "running":
+        return f"Run #{run_id} is training."
+    if status == "succeeded":
+        return f"Run #{run_id} succeeded: {version} is the new version."
+    if status == "cancelled":
+        return f"Run #{run_id} was cancelled; the previous version stays active."
+    first_line = (error or "unknown error").splitlines()[0]
+    return f"Run #{run_id} failed: {first_line}"
+
+
+def history_row(run: Any, metrics: list[dict[str, Any]], version: str | None) -> dict[str, Any]:
+    train = (run.config or {}).get("train", {})
+    return {
+        "run": run.id,
+        "status": run.status,
+        "version": version or "",
+        "pairs": run.num_pairs,
+        "loss": train.get("loss_type", ""),
+        "beta": train.get("beta", ""),
+        "lr": train.get("learning_rate", ""),
+        "epochs": train.get("epochs", ""),
+        "final loss": _fmt(_last(metrics, "loss")),
+        "reward acc": _fmt(_last(metrics, "rewards/accuracies")),
+        "eval acc": _fmt(_last(metrics, EVAL_ACCURACY)),
+        "duration": format_duration(_elapsed_s(run)),
+        "started": run.started_at.strftime("%Y-%m-%d %H:%M") if run.started_at else "",
+        "error": run.error or "",
+    }
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else ""
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    h, rest = divmod(round(seconds), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def no_pairs_message(counts: dict[str, int]) -> str:
+    ties, bad = counts.get("ties", 0), counts.get("both_bad", 0)
+    extra = f" ({ties} ties and {bad} both-bad votes are not usable for DPO)" if ties or bad else ""
+    return (
+        "No usable preference pairs yet" + extra + ". Label some pairs in the Label tab "
+        "(pick A or B, or write a better answer), or import pairs with "
+        "`python -m storage import-pairs FILE`, then click Train again."
+    )
+
+
+def read_pid(data_dir: Path, run_id: int) -> int | None:
+    try:
+        return int(pid_file(data_dir, run_id).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def build_train_config(
+    request: TrainRequest, model_settings: dict[str, Any], init_adapter: str | None
+) -> dict[str, Any]:
+    """The resolved dpo_core TrainConfig for a request, as a dict (validated by TrainConfig)."""
+    from dpo_core.config import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in asdict(request).items() if k in names}
+    values.update({k: v for k, v in model_settings.items() if k in names})
+    return TrainConfig(**values, init_adapter=init_adapter).to_dict()
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])

@@ -1,0 +1,211 @@
+"""The training worker: `python -m app.worker --db URL --run-id N --data-dir DIR`.
+
+Runs one queued training run in its own process, so a page refresh or an app restart does not
+stop it and a crash in training cannot take the app down. It reads the run's resolved config and
+the preference pairs from storage, trains with dpo_core, and writes status, a heartbeat and step
+metrics back. Between steps it polls the database for a cancel request. On success it registers
+the new immutable model version (adapter under <data-dir>/adapters/vN) and makes it active; on an
+exception it fails the run with the error text and the previous version stays active.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.heldout import split_pairs
+from storage import repo, runs
+from storage.db import open_db
+from storage.runs import RunStateError
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 2.0
+
+
+def pid_file(data_dir: Path, run_id: int) -> Path:
+    """Where a run's worker pid is kept, so an app restart can tell a dead worker at once."""
+    return data_dir / "runs" / f"run-{run_id}.pid"
+
+
+def log_file(data_dir: Path, run_id: int) -> Path:
+    return data_dir / "runs" / f"run-{run_id}.log"
+
+
+class Heartbeat(threading.Thread):
+    """Writes the run's heartbeat every few seconds while the process is alive, including the
+    long phases without steps (model loading, reference log-probs, saving)."""
+
+    def __init__(self, sm: sessionmaker[Session], run_id: int, interval_s: float) -> None:
+        super().__init__(name=f"heartbeat-run-{run_id}", daemon=True)
+        self.sm, self.run_id, self.interval_s = sm, run_id, interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                with self.sm.begin() as s:
+                    runs.heartbeat(s, self.run_id)
+            except Exception:  # a missed beat is harmless; the next one retries
+                logger.warning("heartbeat for run %d failed", self.run_id, exc_info=True)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class RunCallbacks:
+    """The trainer's hooks: step metrics into the database, a cancel (the run no longer
+    `running`) out of it."""
+
+    def __init__(self, sm: sessionmaker[Session], run_id: int) -> None:
+        self.sm, self.run_id = sm, run_id
+        self.stopped = False
+
+    def on_step(self, metrics: dict[str, float]) -> None:
+        """Store one step's metrics (TRL names, plus `total_steps` and `epoch`)."""
+        metrics = dict(metrics)
+        step = int(metrics.pop("step"))
+        with self.sm.begin() as s:
+            runs.append_metrics(s, self.run_id, step, metrics)
+            self.stopped = runs.heartbeat(s, self.run_id).status != "running"
+
+    def should_stop(self) -> bool:
+        if not self.stopped:
+            with self.sm.begin() as s:
+                self.stopped = runs.get_run(s, self.run_id).status != "running"
+        return self.stopped
+
+
+def run_job(sm: sessionmaker[Session], run_id: int, data_dir: Path) -> int:
+    """Execute run `run_id` to its end; returns the process exit code (0 unless it failed)."""
+    pid_path = pid_file(data_dir, run_id)
+    pid_path.parent.mkdir(parents=True, exist_ok=True)
+    pid_path.write_text(str(os.getpid()))
+    try:
+        with sm.begin() as s:
+            config = dict(runs.start_run(s, run_id).config)
+    except RunStateError as err:  # cancelled (or declared dead) before the worker got going
+        logger.info("run %d not started: %s", run_id, err)
+        return 0
+    beat = Heartbeat(sm, run_id, HEARTBEAT_INTERVAL_S)
+    beat.start()
+    try:
+        outcome = train_and_register(sm, run_id, config, data_dir)
+    except Exception as err:
+        logger.exception("run %d failed", run_id)
+        _fail(sm, run_id, f"{type(err).__name__}: {err}")
+        return 1
+    finally:
+        beat.stop()
+    logger.info("run %d %s", run_id, outcome)
+    return 0
+
+
+def _fail(sm: sessionmaker[Session], run_id: int, error: str) -> None:
+    try:
+        with sm.begin() as s:
+            runs.fail_run(s, run_id, error)
+    except RunStateError:  # already cancelled or failed by the app: keep that outcome
+        pass
+
+
+def load_pairs(
+    sm: sessionmaker[Session], heldout_fraction: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, heldout) pairs: the `heldout` split plus a stable share of the `train` split."""
+    with sm.begin() as s:
+        train_set = repo.preference_pairs(s, split="train")
+        heldout_set = repo.preference_pairs(s, split="heldout")
+    train, heldout = split_pairs([as_pair(p) for p in train_set.pairs], heldout_fraction)
+    return train, heldout + [as_pair(p) for p in heldout_set.pairs]
+
+
+def as_pair(pair: Any) -> dict[str, Any]:
+    return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+
+
+def train_and_register(
+    sm: sessionmaker[Session], run_id: int, config: dict[str, Any], data_dir: Path
+) -> str:
+    """Train on the stored pairs; register and activate the new version. Returns the outcome."""
+    from dpo_core.config import TrainConfig
+    from dpo_core.modeling import load_model
+    from dpo_core.trainer import steps_per_epoch, train
+
+    train_config = TrainConfig.from_dict(config["train"])
+    train_pairs, heldout = load_pairs(sm, config["heldout_fraction"])
+    logger.info("run %d: %d training pairs, %d held out", run_id, len(train_pairs), len(heldout))
+    with sm.begin() as s:  # the planned length, for the progress bar until the first step
+        planned = train_config.epochs * steps_per_epoch(len(train_pairs), train_config)
+        runs.append_metrics(s, run_id, 0, {"total_steps": planned})
+    lm = load_model(
+        train_config.model,
+        dtype=train_config.dtype,
+        load_in_4bit=train_config.load_in_4bit,
+        device=train_config.device,
+    )
+    callbacks = RunCallbacks(sm, run_id)
+    out_dir = adapter_dir(sm, data_dir / "adapters", config["base_model"], run_id)
+    result = train(
+        lm,
+        train_pairs,
+        train_config,
+        out_dir,
+        heldout=heldout or None,
+        on_step=callbacks.on_step,
+        should_stop=callbacks.should_stop,
+    )
+    if result.cancelled or result.adapter_dir is None:
+        return "cancelled"
+    try:
+        with sm.begin() as s:
+            name = runs.finish_run(s, run_id, adapter_path=str(result.adapter_dir.resolve())).name
+    except RunStateError:  # cancelled while the adapter was being saved
+        _discard(result.adapter_dir)
+        return "cancelled"
+    return f"succeeded: {name} at {result.adapter_dir}"
+
+
+def adapter_dir(sm: sessionmaker[Session], adapters: Path, base_model: str, run_id: int) -> Path:
+    """adapters/vN for the version this run will register (one run at a time makes N safe);
+    adapters/vN-runM when that directory is taken (another base model, or a crashed run)."""
+    with sm.begin() as s:
+        names = [v.name for v in runs.list_versions(s, base_model) if v.name != runs.BASE]
+    path = adapters / f"v{1 + max((int(n[1:]) for n in names), default=0)}"
+    return path if not path.exists() else path.with_name(f"{path.name}-run{run_id}")
+
+
+def _discard(out_dir: Path) -> None:
+    """A cancelled run leaves no version behind."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app.worker", description=__doc__)
+    p.add_argument("--db", required=True, help="SQLAlchemy URL of the studio database")
+    p.add_argument("--run-id", type=int, required=True, help="the queued training run to execute")
+    p.add_argument("--data-dir", type=Path, required=True, help="holds adapters/")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run_job(open_db(args.db), args.run_id, args.data_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The training service on a real SQLite store: refusals, cancel, dead-worker recovery, status."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.training import TrainingService, TrainRequest, pid_alive, steps_table
+from app.worker import pid_file
+from storage import repo, runs
+from storage.db import open_db
+
+
+@pytest.fixture
+def sm(tmp_path: Path):
+    return open_db(f"sqlite:///{tmp_path / 'studio.db'}")
+
+
+@pytest.fixture
+def service(sm, tmp_path: Path) -> TrainingService:
+    svc = TrainingService(
+        sm,
+        db_url=f"sqlite:///{tmp_path / 'studio.db'}",
+        data_dir=tmp_path,
+        base_model="tiny",
+        model_settings={"model": "tiny", "dtype": "fp32", "device": "cpu"},
+    )
+    svc.recover()
+    return svc
+
+
+def _vote(sm, prompt: str, choice: str) -> None:
+    with sm.begin() as s:
+        prompt_id = repo.add_prompt(s, prompt).id
+        a, b = (
+            repo.record_response(s, prompt_id=prompt_id, model_version_id=None, text=text)
+            for text in (f"first answer to {prompt}", f"second answer to {prompt}")
+        )
+        repo.record_preference(
+            s, response_a_id=a.id, response_b_id=b.id, choice=choice, annotator="ann"
+        )
+
+
+def _run_count(sm) -> int:
+    with sm.begin() as s:
+        return len(runs.list_runs(s))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_zero_usable_pairs_is_refused_with_a_clear_message(service, sm):
+    _vote(sm, "Is water wet?", "tie")
+    _vote(sm, "Name a colour.", "both_bad")
+    result = service.start(TrainRequest())
+    assert not result.ok
+    assert "No usable preference pairs" in result.message
+    assert "1 ties and 1 both-bad" in result.message
+    assert _run_count(sm) == 0
+    assert service.summary()["usable_pairs"] == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"beta": 0.0}, "beta"),
+        ({"learning_rate": -1.0}, "learning"),
+        ({"heldout_fraction": 0.9}, "held-out fraction"),
+        ({"epochs": 0}, "epochs"),
+        ({"loss_type": "nope"}, "nope"),
+    ],
+)
+def test_invalid_settings_are_refused_before_any_run(service, sm, settings, needle):
+    _vote(sm, "Name a planet.", "a")
+    result = service.start(TrainRequest(**settings))
+    assert not result.ok
+    assert result.message.startswith("Invalid settings")
+    assert needle in result.message
+    assert _run_count(sm) == 0
+
+
+def test_one_job_at_a_time(service, sm):
+    _vote(sm, "Name a planet.", "a")
+    with sm.begin() as s:
+        live = runs.create_run(s, base_model="tiny", config={}, num_pairs=1)
+        runs.start_run(s, live.id)
+    pid_file(service.data_dir, live.id).parent.mkdir(parents=True, exist_ok=True)
+    pid_file(service.data_dir, live.id).write_text(str(os.getpid()))
+    result = service.start(TrainRequest())
+    assert not result.ok
+    assert f"Run #{live.id} is running: one training job at a time" in result.message
+    assert _run_count(sm) == 1
+
+
+def test_cancel_marks_the_live_run_cancelled(service, sm):
+    assert service.cancel() == "No training run is in progress."
+    with sm.begin() as s:
+        run_id = runs.create_run(s, base_model="tiny", config={}, num_pairs=1).id
+    assert f"Run #{run_id} cancelled" in service.cancel()
+    assert service.status().status == "cancelled"
+
+
+def test_recover_fails_a_run_whose_worker_is_gone(service, sm):
+    with sm.begin() as s:
+        run_id = runs.create_run(s, base_model="tiny", config={}, num_pairs=1).id
+        runs.start_run(s, run_id)
+    pid = _dead_pid()
+    assert not pid_alive(pid)
+    pid_file(service.data_dir, run_id).parent.mkdir(parents=True, exist_ok=True)
+    pid_file(service.data_dir, run_id).write_text(str(pid))
+    assert service.recover() == [run_id]
+    status = service.status()
+    assert status.status == "failed"
+    assert f"pid {pid}" in status.error and "gone" in status.error
+    assert status.message.startswith(f"Run #{run_id} failed")
+
+
+def test_recover_keeps_a_run_whose_worker_is_alive(service, sm):
+    with sm.begin() as s:
+        run_id = runs.create_run(s, base_model="tiny", config={}, num_pairs=1).id
+        runs.start_run(s, run_id)
+    pid_file(service.data_dir, run_id).parent.mkdir(parents=True, exist_ok=True)
+    pid_file(service.data_dir, run_id).write_text(str(os.getpid()))
+    assert service.recover() == []
+    assert service.status().status == "running"
+
+
+def test_status_reports_step_total_and_eta(service, sm):
+    with sm.begin() as s:
+        run_id = runs.create_run(s, base_model="tiny", config={}, num_pairs=8).id
+        runs.start_run(s, run_id)
+        for step in (1, 2):
+            runs.append_metrics(s, run_id, step, {"loss": 0.7 - 0.1 * step, "total_steps": 8})
+    pid_file(service.data_dir, run_id).parent.mkdir(parents=True, exist_ok=True)
+    pid_file(service.data_dir, run_id).write_text(str(os.getpid()))
+    status = service.status()
+    assert (status.run_id, status.status, status.step, status.total_steps) == (
+        run_id,
+        "running",
+        2,
+        8,
+    )
+    assert status.eta_s is not None and status.eta_s >= 0
+    assert [m["loss"] for m in status.metrics] == pytest.approx([0.6, 0.5])
+
+
+def test_steps_table_pivots_series_by_step():
+    series = {"loss": [(1, 0.7), (2, 0.6)], "rewards/margins": [(2, 0.1)]}
+    assert steps_table(series) == [
+        {"step": 1, "loss": 0.7},
+        {"step": 2, "loss": 0.6, "rewards/margins": 0.1},
+    ]
