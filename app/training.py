@@ -71,7 +71,7 @@ class TrainRequest:
             )
         for name in ("epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length"):
             value = getattr(self, name)
-            if value != int(value) or value < 1:
+            if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be a positive integer: {value}")
 
 
