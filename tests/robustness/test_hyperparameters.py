@@ -31,7 +31,6 @@ BAD = [
     ("epochs", -3, "epochs must be a positive integer"),
     ("epochs", 2.5, "epochs must be a whole number"),
     ("epochs", NAN, "epochs must be a whole number"),
-    ),
     ("batch_size", None, "batch size is empty"),
     ("batch_size", "four", "could not convert"),
     ("lora_r", 0, "lora r must be a positive integer"),
