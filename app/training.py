@@ -36,6 +36,9 @@ START_TIMEOUT_S = 120.0
 # Metric names beyond TRL's: the run's planned number of optimizer steps, held-out accuracy.
 TOTAL_STEPS = "total_steps"
 EVAL_ACCURACY = "eval/rewards/accuracies"
+EVAL_POINTS = 8
+# How long Train waits for the previous worker to exit (it stops within one step of a cancel).
+STOP_GRACE_S = 10.0
 
 
 def _default(name: str) -> Any:
@@ -205,10 +208,10 @@ class TrainingService:
         except (ValueError, TypeError) as err:
             return StartResult(False, f"Invalid settings: {err}")
         with self._lock:
-            stopping = [run_id for run_id, p in self._procs.items() if p.poll() is None]
+            stopping = self._wait_for_workers(STOP_GRACE_S)
             if stopping:
                 return StartResult(
-                    False, f"Run #{stopping[0]} is still stopping; try again in a moment."
+                    False, f"Run #{stopping[0]}'s worker is still stopping; try again in a moment."
                 )
             with self.sm.begin() as s:
                 live = runs.live_run(s)
@@ -222,16 +225,7 @@ class TrainingService:
                     if request.continue_from_active
                     else runs.ensure_base_version(s, self.base_model)
                 )
-                config = {
-                    "base_model": self.base_model,
-                    "train": build_train_config(request, self.model_settings, parent.adapter_path),
-                    "heldout_fraction": request.heldout_fraction,
-                    "continue_from_active": request.continue_from_active,
-                    "parent_version": parent.name,
-                    "parent_adapter": parent.adapter_path,
-                    "num_train_pairs": counts["train"],
-                    "num_heldout_pairs": counts["heldout"],
-                }
+                config = self._run_config(request, counts, parent)
                 try:
                     run = runs.create_run(
                         s,
@@ -249,6 +243,35 @@ class TrainingService:
             f"Run #{run_id} started on {counts['train']} pairs ({counts['heldout']} held out).",
             run_id,
         )
+
+    def _wait_for_workers(self, timeout_s: float) -> list[int]:
+        """Give workers that are finishing (after success or a cancel) a moment to exit, so two
+        never hold the model at once. Returns the runs whose worker is still alive."""
+        alive = []
+        for run_id, proc in self._procs.items():
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                alive.append(run_id)
+        return alive
+
+    def _run_config(
+        self, request: TrainRequest, counts: dict[str, int], parent: Any
+    ) -> dict[str, Any]:
+        """Everything the worker needs, saved with the run: the resolved TrainConfig (model,
+        hyperparameters, the adapter to continue from), the held-out split, provenance."""
+        every = eval_every(request, counts["train"]) if counts["heldout"] else 0
+        return {
+            "base_model": self.base_model,
+            "train": build_train_config(
+                request, self.model_settings, parent.adapter_path, eval_every=every
+            ),
+            "heldout_fraction": request.heldout_fraction,
+            "continue_from_active": request.continue_from_active,
+            "parent_version": parent.name,
+            "num_train_pairs": counts["train"],
+            "num_heldout_pairs": counts["heldout"],
+        }
 
     def _launch(self, run_id: int) -> None:
         cmd = [
@@ -520,7 +543,10 @@ def read_pid(data_dir: Path, run_id: int) -> int | None:
 
 
 def build_train_config(
-    request: TrainRequest, model_settings: dict[str, Any], init_adapter: str | None
+    request: TrainRequest,
+    model_settings: dict[str, Any],
+    init_adapter: str | None,
+    eval_every: int = 0,
 ) -> dict[str, Any]:
     """The resolved dpo_core TrainConfig for a request, as a dict (validated by TrainConfig)."""
     from dpo_core.config import TrainConfig
@@ -528,7 +554,14 @@ def build_train_config(
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in asdict(request).items() if k in names}
     values.update({k: v for k, v in model_settings.items() if k in names})
-    return TrainConfig(**values, init_adapter=init_adapter).to_dict()
+    return TrainConfig(**values, init_adapter=init_adapter, eval_every=eval_every).to_dict()
+
+
+def eval_every(request: TrainRequest, num_train_pairs: int) -> int:
+    """Evaluate the held-out pairs about EVAL_POINTS times per run, so the curve has points."""
+    step_pairs = request.batch_size * request.grad_accum
+    total = request.epochs * -(-num_train_pairs // step_pairs)
+    return max(1, total // EVAL_POINTS)
 
 
 def _tail(path: Path, lines: int = 8) -> str:
