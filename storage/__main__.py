@@ -1,0 +1,115 @@
+"""`python -m storage`: create the database, import prompts and preference pairs, export, stats.
+
+Every command takes `--db URL` (default: sqlite in $DPO_STUDIO_DATA, else ./data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from sqlalchemy import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import StorageError, default_url, open_db
+from storage.io import EXPORT_FORMATS, export_preferences, import_pairs, import_prompts
+from storage.models import SCHEMA_VERSION, SPLITS
+from storage.repo import store_stats
+
+
+def cmd_init(db: sessionmaker[Session], args: argparse.Namespace) -> int:
+    where = make_url(args.db).render_as_string(hide_password=True)
+    print(f"database ready: {where} (schema version {SCHEMA_VERSION})")
+    return 0
+
+
+def cmd_import_prompts(db: sessionmaker[Session], args: argparse.Namespace) -> int:
+    with db.begin() as session:
+        result = import_prompts(session, args.file, split=args.split)
+    print(
+        f"{args.file}: {result.added} prompts added, {result.duplicates} already there or "
+        f"repeated, {result.blank} blank skipped"
+    )
+    return 0
+
+
+def cmd_import_pairs(db: sessionmaker[Session], args: argparse.Namespace) -> int:
+    with db.begin() as session:
+        result = import_pairs(session, args.file, annotator=args.annotator, split=args.split)
+    print(
+        f"{args.file}: {result.pairs} pairs read, {result.new_votes} new, "
+        f"{result.pairs - result.new_votes - result.identical} already there, "
+        f"{result.identical} skipped (chosen == rejected)"
+    )
+    return 0
+
+
+def cmd_export(db: sessionmaker[Session], args: argparse.Namespace) -> int:
+    split = None if args.split == "all" else args.split
+    with db.begin() as session:
+        n = export_preferences(session, args.file, fmt=args.format, split=split)
+    print(f"{args.file}: {n} pairs written ({args.format} format)")
+    return 0
+
+
+def cmd_stats(db: sessionmaker[Session], args: argparse.Namespace) -> int:
+    with db.begin() as session:
+        stats = store_stats(session)
+    prompts = ", ".join(f"{n} {split}" for split, n in stats.prompts.items())
+    print(f"prompts:   {sum(stats.prompts.values())} ({prompts})")
+    print(f"responses: {stats.responses}")
+    for who, counts in [("all", stats.overall), *stats.by_annotator.items()]:
+        choices = ", ".join(f"{c} {n}" for c, n in counts.by_choice.items())
+        print(
+            f"votes {who}: {counts.votes} ({choices}); usable training pairs {counts.usable_pairs}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=None, help="SQLAlchemy URL (default: %(default)s)")
+    parser = argparse.ArgumentParser(prog="python -m storage", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("init", parents=[common], help="create the database").set_defaults(func=cmd_init)
+    p = sub.add_parser("import-prompts", parents=[common], help="add prompts from a file")
+    p.add_argument("file", help=".txt (one per line), .jsonl/.json/.csv/.parquet, or a directory")
+    p.add_argument("--split", choices=SPLITS, default="train")
+    p.set_defaults(func=cmd_import_prompts)
+    p = sub.add_parser("import-pairs", parents=[common], help="add TRL-format preference pairs")
+    p.add_argument("file", help="prompt/chosen/rejected, standard or conversational")
+    p.add_argument("--annotator", default="import", help="recorded as the pairs' annotator")
+    p.add_argument("--split", choices=SPLITS, default="train")
+    p.set_defaults(func=cmd_import_pairs)
+    p = sub.add_parser("export", parents=[common], help="write preferences for TRL / datasets")
+    p.add_argument("file", help=".jsonl, .json, .parquet, or a new directory (save_to_disk)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="standard")
+    p.add_argument("--split", choices=(*SPLITS, "all"), default="all")
+    p.set_defaults(func=cmd_export)
+    sub.add_parser(
+        "stats", parents=[common], help="counts per split, choice, annotator"
+    ).set_defaults(func=cmd_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    args.db = args.db or default_url()
+    if not args.verbose:  # no progress bars on a CLI that prints one line of results
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return args.func(open_db(args.db), args)
+    except (StorageError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Import and export through Hugging Face `datasets`, in the formats TRL reads.
+
+Prompts come from `.txt` (one per line) or `.jsonl`/`.json`/`.csv`/`.parquet` with a `prompt`
+column, or a `datasets.save_to_disk` directory. Preference pairs come in TRL's *standard*
+format (`prompt`/`chosen`/`rejected` strings) or its *conversational* one (lists of
+`{role, content}` messages, prompt explicit or implicit, e.g. UltraFeedback binarized); every row
+is normalised here, at the edge, into `{prompt, chosen, rejected}` strings and checked once.
+Exports write the same two formats with provenance columns, loadable by
+`datasets.load_dataset` and accepted by TRL's `DPOTrainer` as they are.
+
+A bad file raises one `ImportFileError` naming the file and the problem, before anything is
+written; the caller's transaction makes an import all or nothing.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from storage.db import StorageError
+from storage.repo import AddPromptsResult, add_imported_pairs, add_prompts, preference_pairs
+
+MAX_FILE_BYTES = 1 << 30
+TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
+EXPORT_FORMATS = ("standard", "conversational")
+
+
+class ImportFileError(StorageError):
+    """A file that cannot be imported; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ImportPairsResult:
+    pairs: int  # rows read from the file
+    new_votes: int  # rows not already in the database
+    identical: int  # rows skipped because chosen == rejected
+
+
+def import_prompts(
+    session: Session, path: str | Path, *, split: str = "train", source: str | None = None
+) -> AddPromptsResult:
+    """Add the prompts of a file or dataset directory (deduplicated; blank ones skipped)."""
+    path = Path(path)
+    return add_prompts(session, read_prompts(path), source=source or path.name, split=split)
+
+
+def import_pairs(
+    session: Session,
+    path: str | Path,
+    *,
+    annotator: str = "import",
+    split: str = "train",
+    source: str | None = None,
+) -> ImportPairsResult:
+    """Add the preference pairs of a TRL-format file: each becomes a vote for `chosen`.
+
+    Importing the same file twice adds nothing the second time.
+    """
+    path = Path(path)
+    pairs = read_pairs(path)
+    distinct = [
+        (p["prompt"], p["chosen"], p["rejected"]) for p in pairs if p["chosen"] != p["rejected"]
+    ]
+    new_votes = add_imported_pairs(
+        session, distinct, annotator=annotator, source=source or path.name, split=split
+    )
+    return ImportPairsResult(len(pairs), new_votes, len(pairs) - len(distinct))
+
+
+def export_preferences(
+    session: Session, path: str | Path, *, fmt: str = "standard", split: str | None = None
+) -> int:
+    """Write the training pairs to `.jsonl`/`.json`/`.parquet`, or a `save_to_disk` directory
+    (any other name). Returns the number of rows. The file appears whole or not at all."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {EXPORT_FORMATS}")
+    pairs = preference_pairs(session, split=split).pairs
+    if not pairs:
+        raise StorageError("there are no usable preference pairs to export yet")
+    rows = [
+        {
+            **_trl_columns(p.prompt, p.chosen, p.rejected, fmt),
+            "annotator": p.annotator,
+            "chosen_model_version": p.chosen_model_version,
+            "rejected_model_version": p.rejected_model_version,
+        }
+        for p in pairs
+    ]
+    try:
+        _write_dataset(rows, Path(path))
+    except OSError as err:
+        raise StorageError(f"{path}: cannot write the export: {err}") from err
+    return len(rows)
+
+
+def _trl_columns(prompt: str, chosen: str, rejected: str, fmt: str) -> dict[str, Any]:
+    if fmt == "standard":
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def _write_dataset(rows: list[dict[str, Any]], path: Path) -> None:
+    import datasets
+
+    dataset = datasets.Dataset.from_list(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".parquet"):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        os.close(fd)
+        try:
+            if suffix == ".parquet":
+                dataset.to_parquet(tmp)
+            else:
+                dataset.to_json(tmp, lines=True, force_ascii=False)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return
+    if path.exists():
+        raise StorageError(f"{path}: already exists; choose a new directory for the export")
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        dataset.save_to_disk(str(tmp_dir))
+        os.rename(tmp_dir, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompt texts of a file or dataset directory, in file order (blank ones included)."""
+    if path.suffix.lower() == ".txt" and path.is_file():
+        _check_file(path)
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    rows = _load_rows(path, required=("prompt",))
+    prompts = []
+    for n, row in enumerate(rows, 1):
+        value = row["prompt"]
+        if value is not None and not isinstance(value, str):
+            raise ImportFileError(f"{path}: row {n}: 'prompt' is not text ({_kind(value)})")
+        prompts.append(value or "")
+    return prompts
+
+
+def read_pairs(path: Path) -> list[dict[str, str]]:
+    """The rows of a TRL preference file, each normalised to {prompt, chosen, rejected}."""
+    rows = _load_rows(path, required=("chosen", "rejected"))
+    pairs = []
+    for n, row in enumerate(rows, 1):
+        try:
+            pair = normalise_pair(row.get("prompt"), row["chosen"], row["rejected"])
+        except ValueError as err:
+            raise ImportFileError(f"{path}: row {n}: {err}") from None
+        pairs.append(pair)
+    return pairs
+
+
+def normalise_pair(prompt: Any, chosen: Any, rejected: Any) -> dict[str, str]:
+    """One TRL row (standard or conversational) as three non-empty strings; ValueError if not."""
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if not isinstance(prompt, str):
+            raise ValueError("the standard format needs a 'prompt' string")
+        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    elif isinstance(chosen, list) and isinstance(rejected, list):
+        pair = _pair_from_messages(prompt, chosen, rejected)
+    else:
+        raise ValueError(
+            "'chosen' and 'rejected' must both be strings (standard format) or both lists of "
+            f"messages (conversational format), got {_kind(chosen)} and {_kind(rejected)}"
+        )
+    for key, value in pair.items():
+        if not value.strip():
+            raise ValueError(f"'{key}' is empty")
+    return pair
+
+
+def _pair_from_messages(prompt: Any, chosen: list[Any], rejected: list[Any]) -> dict[str, str]:
+    chosen_turns, rejected_turns = _turns(chosen, "chosen"), _turns(rejected, "rejected")
+    if prompt is None:  # implicit prompt: the turns both conversations start with
+        k = 0
+        while k < min(len(chosen_turns), len(rejected_turns)) and (
+            chosen_turns[k] == rejected_turns[k]
+        ):
+            k += 1
+        prompt_turns = chosen_turns[:k]
+    elif isinstance(prompt, str):
+        prompt_turns = [("user", prompt)]
+    elif isinstance(prompt, list):
+        prompt_turns = _turns(prompt, "prompt")
+    else:
+        raise ValueError(f"'prompt' must be text or a list of messages, got {_kind(prompt)}")
+    # UltraFeedback-style rows repeat the prompt at the start of chosen and rejected.
+    for turns in (chosen_turns, rejected_turns):
+        if turns[: len(prompt_turns)] == prompt_turns:
+            del turns[: len(prompt_turns)]
+    roles = [role for role, _ in prompt_turns + chosen_turns[:1]]
+    if roles != ["user", "assistant"] or len(chosen_turns) != 1 or len(rejected_turns) != 1:
+        raise ValueError(
+            "only single-turn conversations are supported (one user message, then one "
+            "assistant answer in 'chosen' and in 'rejected'); found roles "
+            f"{[r for r, _ in prompt_turns]} + {[r for r, _ in chosen_turns]}"
+        )
+    if rejected_turns[0][0] != "assistant":
+        raise ValueError("'rejected' must end with an assistant answer")
+    return {
+        "prompt": prompt_turns[0][1],
+        "chosen": chosen_turns[0][1],
+        "rejected": rejected_turns[0][1],
+    }
+
+
+def _turns(messages: list[Any], column: str) -> list[tuple[str, str]]:
+    turns = []
+    for message in messages:
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise ValueError(f"'{column}' holds something other than {{role, content}} messages")
+        turns.append((message["role"], message["content"]))
+    return turns
+
+
+def _load_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every row of a table file or dataset directory, checked for the required columns."""
+    if path.is_dir():
+        return _checked_rows(path, _load_from_disk(path), required)
+    _check_file(path)
+    builder = TABLE_FORMATS.get(path.suffix.lower())
+    if builder is None:
+        raise ImportFileError(
+            f"{path}: unsupported file type; use .txt, {', '.join(TABLE_FORMATS)} or a "
+            "datasets directory"
+        )
+    # A throw-away cache: no stale copy is reused, nothing piles up in ~/.cache. The rows are
+    # read out before it goes (the dataset maps its files).
+    with tempfile.TemporaryDirectory() as cache_dir:
+        return _checked_rows(path, _load_file(path, builder, cache_dir), required)
+
+
+def _load_file(path: Path, builder: str, cache_dir: str) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(
+            builder, data_files=str(path), split="train", cache_dir=cache_dir
+        )
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # datasets' way of saying "zero rows"
+            raise ImportFileError(f"{path}: has no rows") from err
+        raise ImportFileError(f"{path}: not a readable {builder} file: {_root(err)}") from err
+    except Exception as err:  # the readers raise many kinds; every one means a bad file
+        raise ImportFileError(f"{path}: not a readable {builder} file: {_root(err)}") from err
+
+
+def _load_from_disk(path: Path) -> Any:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise ImportFileError(f"{path}: not a datasets directory: {_root(err)}") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded and len(loaded) != 1:
+            raise ImportFileError(
+                f"{path}: has splits {list(loaded)}; save the one to import on its own"
+            )
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    return loaded
+
+
+def _checked_rows(path: Path, dataset: Any, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise ImportFileError(
+            f"{path}: missing column(s) {', '.join(missing)}; found "
+            f"{', '.join(dataset.column_names) or 'none'}"
+        )
+    if dataset.num_rows == 0:
+        raise ImportFileError(f"{path}: has no rows")
+    return dataset.to_list()
+
+
+def _check_file(path: Path) -> None:
+    """Exists, not empty, not huge, and (for text formats) valid UTF-8."""
+    if not path.is_file():
+        raise ImportFileError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ImportFileError(f"{path}: the file is empty")
+    if size > MAX_FILE_BYTES:
+        raise ImportFileError(
+            f"{path}: the file is {_size(size)}; the limit is {_size(MAX_FILE_BYTES)} "
+            "(split it into smaller files)"
+        )
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        _check_utf8(path)
+
+
+def _check_utf8(path: Path) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = line = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                at = offset + err.start
+                line += chunk[: err.start].count(b"\n")
+                raise ImportFileError(
+                    f"{path}: not UTF-8 text (byte {at}, line {line + 1}); save it as UTF-8"
+                ) from None
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ImportFileError(f"{path}: not UTF-8 text (it ends mid-character)") from None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def _root(err: BaseException) -> str:
+    """The innermost cause's message: datasets wraps the reader's real error."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return f"{type(err).__name__}: {err}".rstrip(": ")
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__

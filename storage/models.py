@@ -1,0 +1,274 @@
+"""The preference store's tables: SQLAlchemy 2 typed models.
+
+Constraints carry the rules, so a bad state cannot be written by any caller:
+foreign keys, enums as CHECK constraints, a prompt's text unique by hash, one vote per
+(annotator, response pair), at most one active version per base model, and at most one live
+(queued or running) training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+SCHEMA_VERSION = 1
+
+SPLITS = ("train", "heldout")
+VERSION_KINDS = ("base", "adapter")
+CHOICES = ("a", "b", "tie", "both_bad")
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+LIVE_RUN_STATUSES = ("queued", "running")
+WINNERS = ("left", "right", "tie")
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def text_hash(value: str) -> str:
+    """SHA-256 hex digest of the text: the deduplication key of prompts and imported answers."""
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every back end (SQLite stores them naive, in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("timestamps must be timezone-aware")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _enum(values: tuple[str, ...], name: str) -> Enum:
+    """A string column limited to `values` by a CHECK constraint (portable, no native enum)."""
+    return Enum(*values, name=name, native_enum=False, create_constraint=True, length=16)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime()}
+
+
+class SchemaInfo(Base):
+    """One row: the schema version this database was written with."""
+
+    __tablename__ = "schema_info"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=now_utc)
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    __table_args__ = (CheckConstraint("length(text) > 0", name="text_not_empty"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    text_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    source: Mapped[str] = mapped_column(String(200), default="")
+    split: Mapped[str] = mapped_column(_enum(SPLITS, "prompt_split"), default="train")
+    created_at: Mapped[datetime] = mapped_column(default=now_utc)
+
+
+class ModelVersion(Base):
+    """`base` or an immutable adapter directory (`v1`, `v2`, ...) on top of one base model."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("base_model", "name"),
+        CheckConstraint(
+            "(kind = 'base') = (adapter_path IS NULL)", name="adapter_path_iff_adapter"
+        ),
+        # At most one active version per base model.
+        Index(
+            "uq_model_versions_one_active",
+            "base_model",
+            unique=True,
+            sqlite_where=text("is_active"),
+            postgresql_where=text("is_active"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    base_model: Mapped[str] = mapped_column(String(500))
+    name: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(_enum(VERSION_KINDS, "version_kind"))
+    adapter_path: Mapped[str | None] = mapped_column(Text)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    # The run that produced this adapter (its run's output version). use_alter: the two
+    # tables refer to each other.
+    training_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("training_runs.id", use_alter=True), unique=True
+    )
+    is_active: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=now_utc)
+
+    parent: Mapped[ModelVersion | None] = relationship(remote_side=[id])
+
+
+class Response(Base):
+    """One answer to one prompt. `model_version_id` is NULL for imported answers."""
+
+    __tablename__ = "responses"
+    __table_args__ = (
+        CheckConstraint("temperature >= 0", name="temperature_non_negative"),
+        CheckConstraint("top_p > 0 AND top_p <= 1", name="top_p_range"),
+        CheckConstraint("num_tokens >= 0", name="num_tokens_non_negative"),
+        CheckConstraint("latency_s >= 0", name="latency_non_negative"),
+        # An imported answer (no model version) is stored once per prompt.
+        Index(
+            "uq_responses_imported_text",
+            "prompt_id",
+            "text_hash",
+            unique=True,
+            sqlite_where=text("model_version_id IS NULL"),
+            postgresql_where=text("model_version_id IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    text: Mapped[str] = mapped_column(Text)
+    text_hash: Mapped[str] = mapped_column(String(64))
+    temperature: Mapped[float | None]
+    top_p: Mapped[float | None]
+    max_new_tokens: Mapped[int | None]
+    seed: Mapped[int | None]
+    num_tokens: Mapped[int | None]
+    latency_s: Mapped[float | None]
+    created_at: Mapped[datetime] = mapped_column(default=now_utc)
+
+    prompt: Mapped[Prompt] = relationship()
+    model_version: Mapped[ModelVersion | None] = relationship()
+
+
+class Preference(Base):
+    """One person's vote on two answers to one prompt. The same vote twice is one row."""
+
+    __tablename__ = "preferences"
+    __table_args__ = (
+        UniqueConstraint("annotator", "response_a_id", "response_b_id"),
+        CheckConstraint("response_a_id <> response_b_id", name="two_different_responses"),
+        CheckConstraint("length(annotator) > 0", name="annotator_not_empty"),
+        CheckConstraint("seconds_spent >= 0", name="seconds_spent_non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    response_a_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    response_b_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    choice: Mapped[str] = mapped_column(_enum(CHOICES, "preference_choice"))
+    rewrite: Mapped[str | None] = mapped_column(Text)
+    annotator: Mapped[str] = mapped_column(String(200), index=True)
+    seconds_spent: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=now_utc)
+
+    prompt: Mapped[Prompt] = relationship()
+    response_a: Mapped[Response] = relationship(foreign_keys=[response_a_id])
+    response_b: Mapped[Response] = relationship(foreign_keys=[response_b_id])
+
+
+class TrainingRun(Base):
+    __tablename__ = "training_runs"
+    __table_args__ = (
+        CheckConstraint("num_pairs >= 0", name="num_pairs_non_negative"),
+        # At most one live run: a second Train click cannot queue a second job.
+        Index(
+            "uq_training_runs_one_live",
+            text("(1)"),
+            unique=True,
+            sqlite_where=text("status IN ('queued', 'running')"),
+            postgresql_where=text("status IN ('queued', 'running')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(_enum(RUN_STATUSES, "run_status"), default="queued")
+    base_model: Mapped[str] = mapped_column(String(500))
+    parent_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    num_pairs: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=now_utc)
+    started_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class RunMetric(Base):
+    """One scalar of one training step, named as TRL names it (`loss`, `rewards/margins`, ...).
+
+    `value` is NULL where the step produced NaN or infinity.
+    """
+
+    __tablename__ = "run_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "step", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id"))
+    step: Mapped[int]
+    name: Mapped[str] = mapped_column(String(100))
+    value: Mapped[float | None] = mapped_column(Float)
+
+
+class ComparisonVote(Base):
+    """A blind vote between two versions' answers to one prompt, shown in random order."""
+
+    __tablename__ = "comparison_votes"
+    __table_args__ = (
+        UniqueConstraint("annotator", "response_left_id", "response_right_id"),
+        CheckConstraint("response_left_id <> response_right_id", name="two_different_responses"),
+        CheckConstraint("length(annotator) > 0", name="annotator_not_empty"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    response_left_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    response_right_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    winner: Mapped[str] = mapped_column(_enum(WINNERS, "comparison_winner"))
+    annotator: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=now_utc)
+
+    response_left: Mapped[Response] = relationship(foreign_keys=[response_left_id])
+    response_right: Mapped[Response] = relationship(foreign_keys=[response_right_id])
