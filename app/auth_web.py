@@ -247,6 +247,7 @@ def login_page(title: str) -> str:
 <style>
 body{{font-family:system-ui,sans-serif;display:flex;justify-content:center;margin-top:12vh}}
 form{{display:flex;flex-direction:column;gap:.6em;width:18em}}
+label{{display:flex;flex-direction:column;gap:.2em}}
 input,button{{font-size:1em;padding:.45em}} #msg{{color:#b00020;min-height:1.2em}}
 </style></head><body>
 <form id="login"><h1>{t}</h1><p>Sign in to continue.</p>
