@@ -25,7 +25,13 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from storage.db import StorageError
-from storage.repo import AddPromptsResult, add_imported_pairs, add_prompts, preference_pairs
+from storage.repo import (
+    AddPromptsResult,
+    add_imported_pairs,
+    add_prompts,
+    check_storable,
+    preference_pairs,
+)
 
 MAX_FILE_BYTES = 1 << 30
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -143,14 +149,19 @@ def read_prompts(path: Path) -> list[str]:
     """The prompt texts of a file or dataset directory, in file order (blank ones included)."""
     if path.suffix.lower() == ".txt" and path.is_file():
         _check_file(path)
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    rows = _load_rows(path, required=("prompt",))
-    prompts = []
-    for n, row in enumerate(rows, 1):
-        value = row["prompt"]
-        if value is not None and not isinstance(value, str):
-            raise ImportFileError(f"{path}: row {n}: 'prompt' is not text ({_kind(value)})")
-        prompts.append(value or "")
+        prompts, unit = path.read_text(encoding="utf-8-sig").splitlines(), "line"
+    else:
+        prompts, unit = [], "row"
+        for n, row in enumerate(_load_rows(path, required=("prompt",)), 1):
+            value = row["prompt"]
+            if value is not None and not isinstance(value, str):
+                raise ImportFileError(f"{path}: row {n}: 'prompt' is not text ({_kind(value)})")
+            prompts.append(value or "")
+    for n, prompt in enumerate(prompts, 1):
+        try:
+            check_storable(prompt, "the prompt")
+        except ValueError as err:
+            raise ImportFileError(f"{path}: {unit} {n}: {err}") from None
     return prompts
 
 
@@ -181,7 +192,7 @@ def normalise_pair(prompt: Any, chosen: Any, rejected: Any) -> dict[str, str]:
             f"messages (conversational format), got {_kind(chosen)} and {_kind(rejected)}"
         )
     for key, value in pair.items():
-        if not value.strip():
+        if not check_storable(value, f"'{key}'").strip():
             raise ValueError(f"'{key}' is empty")
     return pair
 

@@ -85,6 +85,13 @@ class Matchup:
     y_wins: int
 
 
+def check_storable(text: str, what: str) -> str:
+    """`text`, unless it holds U+0000: PostgreSQL cannot store it, so no back end takes it."""
+    if "\x00" in text:
+        raise ValueError(f"{what} contains a NUL character (U+0000), which cannot be stored")
+    return text
+
+
 def add_prompts(
     session: Session, texts: Iterable[str], *, source: str = "", split: str = "train"
 ) -> AddPromptsResult:
@@ -96,7 +103,7 @@ def add_prompts(
     by_hash: dict[str, str] = {}
     blank = non_blank = 0
     for raw in texts:
-        stripped = raw.strip()
+        stripped = check_storable(raw, "a prompt").strip()
         if stripped:
             non_blank += 1
             by_hash.setdefault(text_hash(stripped), stripped)
@@ -180,7 +187,7 @@ def record_response(
     response = Response(
         prompt_id=prompt_id,
         model_version_id=model_version_id,
-        text=text,
+        text=check_storable(text, "the response"),
         text_hash=text_hash(text),
         temperature=temperature,
         top_p=top_p,
@@ -221,7 +228,7 @@ def record_preference(
         **key,
         "prompt_id": prompt_id,
         "choice": choice,
-        "rewrite": (rewrite or "").strip() or None,
+        "rewrite": check_storable(rewrite or "", "the rewrite").strip() or None,
         "seconds_spent": seconds_spent,
         "created_at": now_utc(),
     }
@@ -293,7 +300,12 @@ def _imported_answers(
     imported = Response.model_version_id.is_(None)
     now = now_utc()
     rows = [
-        {"prompt_id": pid, "text": text, "text_hash": text_hash(text), "created_at": now}
+        {
+            "prompt_id": pid,
+            "text": check_storable(text, "an answer"),
+            "text_hash": text_hash(text),
+            "created_at": now,
+        }
         for pid, text in answers
     ]
     insert_ignore(session, Response, rows, ["prompt_id", "text_hash"], imported)

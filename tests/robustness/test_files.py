@@ -152,12 +152,9 @@ def test_unusual_text_round_trips_verbatim(text, db_url, tmp_path, capsys):
     assert (row["prompt"], row["chosen"]) == (text.strip(), text + "!")
 
 
-def test_nul_character_in_a_file_is_stored_or_refused_cleanly(request, db_url, tmp_path, capsys):
+def test_nul_character_in_a_file_is_stored_or_refused_cleanly(db_url, tmp_path, capsys):
     """PostgreSQL text cannot hold U+0000: the import must refuse it with a message (or store
     it), never crash with a driver traceback."""
-    if db_url.startswith("postgresql"):
-        reason = "known gap: U+0000 reaches PostgreSQL and fails in the driver (reported)"
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     path = _jsonl(tmp_path / "nul.jsonl", [{"prompt": "a\x00b", "chosen": "x", "rejected": "y"}])
     rc, _, err = _run(capsys, "import-pairs", str(path), "--db", db_url)
     assert "Traceback" not in err

@@ -85,9 +85,12 @@ def test_import_prompts_txt_details(session: Session, tmp_path: Path):
 
 
 def bad_prompt_file(tmp_path: Path, case: str) -> Path:
-    path = tmp_path / {"no-rows": "p.csv", "binary-txt": "p.txt", "unsupported": "p.xlsx"}.get(
-        case, "p.jsonl"
-    )
+    path = tmp_path / {
+        "no-rows": "p.csv",
+        "binary-txt": "p.txt",
+        "nul-txt": "p.txt",
+        "unsupported": "p.xlsx",
+    }.get(case, "p.jsonl")
     content = {
         "empty": b"",
         "wrong-columns": b'{"question": "a", "text": "b"}\n',
@@ -97,6 +100,8 @@ def bad_prompt_file(tmp_path: Path, case: str) -> Path:
         "not-json": b'{"prompt": "ok"}\nthis is not json\n',
         "not-text": b'{"prompt": "ok"}\n{"prompt": 42}\n',
         "unsupported": b"PK\x03\x04",
+        "nul-txt": b"fine\nnot\x00fine\n",
+        "nul-jsonl": b'{"prompt": "a\\u0000b"}\n',
     }.get(case, b"")
     path.write_bytes(content)
     return path
@@ -113,6 +118,8 @@ def bad_prompt_file(tmp_path: Path, case: str) -> Path:
         ("not-json", "not a readable json file"),
         ("not-text", r"row 2: 'prompt' is not text \(int\)"),
         ("unsupported", "unsupported file type"),
+        ("nul-txt", r"line 2: the prompt contains a NUL character \(U\+0000\)"),
+        ("nul-jsonl", r"row 1: the prompt contains a NUL character \(U\+0000\)"),
     ],
 )
 def test_bad_prompt_files_get_one_clear_error(
@@ -242,6 +249,10 @@ def test_imported_pairs_share_prompts_with_labeling(session: Session, tmp_path: 
             "only single-turn conversations",
         ),
         ({"prompt": "p", "chosen": [{"text": "a"}], "rejected": [assistant("b")]}, "messages"),
+        (
+            {"prompt": "p", "chosen": "a\x00", "rejected": "b"},
+            r"'chosen' contains a NUL character .U\+0000.",
+        ),
     ],
 )
 def test_bad_pair_rows_name_the_row(session: Session, tmp_path: Path, row: dict, message: str):

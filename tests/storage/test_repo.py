@@ -75,6 +75,8 @@ def test_add_prompts_in_bulk(session: Session):
 def test_bad_prompt_input(session: Session):
     with pytest.raises(ValueError, match="empty"):
         add_prompt(session, "  \n ")
+    with pytest.raises(ValueError, match=r"NUL character \(U\+0000\)"):
+        add_prompt(session, "a\x00b")
     with pytest.raises(ValueError, match="unknown split"):
         add_prompts(session, ["x"], split="test")
 
@@ -108,6 +110,12 @@ def test_record_response_keeps_how_it_was_made(session: Session):
     assert response.model_version.name == "base"
     assert (response.temperature, response.top_p, response.seed) == (0.8, 0.95, 0)
     assert (response.num_tokens, response.latency_s, response.max_new_tokens) == (3, 0.5, 64)
+
+
+def test_a_response_with_a_nul_character_is_refused(session: Session):
+    prompt = add_prompt(session, "p")
+    with pytest.raises(ValueError, match="the response contains a NUL character"):
+        record_response(session, prompt_id=prompt.id, model_version_id=None, text="a\x00")
 
 
 def test_a_vote_twice_is_one_vote(session: Session):
@@ -152,6 +160,7 @@ def test_swapped_display_order_keeps_the_meaning_of_the_vote(session: Session):
         ({"response_b_id": "same"}, "two different responses"),
         ({"response_b_id": 999_999}, "no response with id 999999"),
         ({"response_b_id": "other prompt"}, "different prompts"),
+        ({"rewrite": "nul\x00"}, "the rewrite contains a NUL character"),
     ],
 )
 def test_bad_votes_are_refused(session: Session, change: dict, message: str):
