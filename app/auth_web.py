@@ -6,8 +6,9 @@ without a session (`/gradio_api/heartbeat/...`, `/gradio_api/cancel`, `/gradio_a
 `AuthGate` is an ASGI middleware that sees every request before Gradio does: without a valid
 session only the sign-in form (`GET /`), `POST /login` and `/logout` answer (plus the one
 startup-events call `launch()` makes before anyone can connect); everything else gets 401.
-It also attaches the user's role to the request for `require_role`, and refuses a session
-whose user was removed from the users file.
+It also attaches the user's role to the request for `require_role`, refuses a session whose
+user was removed from the users file, and refuses cross-site POSTs (CSRF: another site making
+a signed-in admin's browser start training).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from app.auth import ROLE_STATE_KEY, AuthFileError, User, UserStore
 
@@ -34,6 +35,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 LOGIN_PATHS = ("/login", "/login/")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 STARTUP_PATH = "/gradio_api/startup-events"
 MAX_LOGIN_BODY = 64 * 1024
 
@@ -122,6 +124,19 @@ async def _send_json(send: Send, status: int, detail: str, headers: list | None 
     await _send_bytes(send, status, body, "application/json", headers)
 
 
+def _cross_site(scope: Scope) -> bool:
+    """A state-changing request that a browser sent from another site (CSRF): its Origin
+    names a different host than the one it was sent to. Scripts send no Origin."""
+    if scope["type"] != "http" or scope["method"] in SAFE_METHODS:
+        return False
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    origin = headers.get("origin")
+    if origin is None:
+        return False
+    hosts = {headers.get("host", ""), headers.get("x-forwarded-host", "").split(",")[0].strip()}
+    return urlsplit(origin).netloc not in hosts - {""}
+
+
 def _cookies(scope: Scope) -> dict[str, str]:
     from starlette.requests import cookie_parser
 
@@ -146,6 +161,9 @@ class AuthGate:
             return
         user = self._session_user(scope)
         if user is not None:
+            if _cross_site(scope):
+                await _send_json(send, 403, "Cross-site request refused.")
+                return
             scope.setdefault("state", {})[ROLE_STATE_KEY] = user.role
             await self.app(scope, receive, send)
             return

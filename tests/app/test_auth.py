@@ -362,6 +362,23 @@ def test_annotator_is_the_signed_in_user_and_admin_actions_are_refused(server):
     assert downloaded.read_text() == "exported"  # fetched through /gradio_api/file= with a session
 
 
+def test_cross_site_posts_are_refused(server):
+    _, url, _ = server
+    cookies = _login(url, "alice")
+    host = url.split("//", 1)[1]
+    body = {"data": ["go"]}
+    with httpx.Client(base_url=url, cookies=cookies) as client:
+        evil = client.post(
+            "/gradio_api/call/start_training", json=body, headers={"Origin": "https://evil.example"}
+        )
+        assert evil.status_code == 403 and "Cross-site" in evil.json()["detail"]
+        same = client.post(
+            "/gradio_api/call/start_training", json=body, headers={"Origin": f"http://{host}"}
+        )
+        assert same.status_code == 200
+        assert client.get("/config", headers={"Origin": "https://evil.example"}).status_code == 200
+
+
 def test_removed_user_loses_their_session(server):
     _, url, store = server
     cookies = _login(url, "carol")
