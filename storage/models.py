@@ -75,6 +75,13 @@ def _enum(values: tuple[str, ...], name: str) -> Enum:
     return Enum(*values, name=name, native_enum=False, create_constraint=True, length=16)
 
 
+def _partial_unique(name: str, *columns: Any, where: str) -> Index:
+    """A unique index over the rows that match `where` (same SQL on SQLite and PostgreSQL)."""
+    return Index(
+        name, *columns, unique=True, sqlite_where=text(where), postgresql_where=text(where)
+    )
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(
         naming_convention={
@@ -120,13 +127,7 @@ class ModelVersion(Base):
             "(kind = 'base') = (adapter_path IS NULL)", name="adapter_path_iff_adapter"
         ),
         # At most one active version per base model.
-        Index(
-            "uq_model_versions_one_active",
-            "base_model",
-            unique=True,
-            sqlite_where=text("is_active"),
-            postgresql_where=text("is_active"),
-        ),
+        _partial_unique("uq_model_versions_one_active", "base_model", where="is_active"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -156,13 +157,8 @@ class Response(Base):
         CheckConstraint("num_tokens >= 0", name="num_tokens_non_negative"),
         CheckConstraint("latency_s >= 0", name="latency_non_negative"),
         # An imported answer (no model version) is stored once per prompt.
-        Index(
-            "uq_responses_imported_text",
-            "prompt_id",
-            "text_hash",
-            unique=True,
-            sqlite_where=text("model_version_id IS NULL"),
-            postgresql_where=text("model_version_id IS NULL"),
+        _partial_unique(
+            "uq_responses_imported_text", "prompt_id", "text_hash", where="model_version_id IS NULL"
         ),
     )
 
@@ -214,12 +210,8 @@ class TrainingRun(Base):
     __table_args__ = (
         CheckConstraint("num_pairs >= 0", name="num_pairs_non_negative"),
         # At most one live run: a second Train click cannot queue a second job.
-        Index(
-            "uq_training_runs_one_live",
-            text("(1)"),
-            unique=True,
-            sqlite_where=text("status IN ('queued', 'running')"),
-            postgresql_where=text("status IN ('queued', 'running')"),
+        _partial_unique(
+            "uq_training_runs_one_live", text("(1)"), where="status IN ('queued', 'running')"
         ),
     )
 
