@@ -18,6 +18,7 @@ class AppState:
     config: AppConfig
     lm: Any
     model_name: str
+    services: Any = None  # app.services.Services: database, model versions, training, compare
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    state = AppState(config=config, lm=lm, model_name=config.model)
+    from app.services import open_services
+    from storage.db import StorageError
+
+    try:
+        services = open_services(config, lm)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    state = AppState(config=config, lm=lm, model_name=config.model, services=services)
     demo = build_ui(state)
     demo.queue().launch(server_name=config.host, server_port=config.port, **sign_in)
     return 0

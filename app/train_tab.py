@@ -122,6 +122,8 @@ def summary_markdown(info: dict[str, Any]) -> str:
         f"({info['ties']} ties and {info['both_bad']} both-bad votes are not used).",
         f"Base model: **{info['base_model']}** · active version: **{info['active_version']}**",
     ]
+    if info.get("version_error"):
+        lines.append(f"⚠️ {html.escape(info['version_error'])}")
     if 0 < info["usable_pairs"] < 20:
         lines.append("_With fewer than ~20 pairs, expect only a small change in the answers._")
     return "  \n".join(lines)
@@ -157,8 +159,8 @@ def _label(name: str) -> str:
 # --- handlers --------------------------------------------------------------------------------
 
 
-def make_handlers(service: TrainingService, summary_info: Any, tab: TrainTab) -> dict[str, Any]:
-    """Handlers bound to the service. `summary_info()` returns the counts for the summary line."""
+def make_handlers(service: TrainingService, tab: TrainTab) -> dict[str, Any]:
+    """Handlers bound to the training service."""
 
     def refresh(seen: dict[str, Any] | None) -> dict[Any, Any]:
         status = service.status()
@@ -174,7 +176,7 @@ def make_handlers(service: TrainingService, summary_info: Any, tab: TrainTab) ->
             out.update({tab.plots[t]: frames[t] for t in PLOTS})
         if seen.get("run") != [status.run_id, status.status]:
             out[tab.history] = history_frame(service.history())
-            out[tab.summary] = summary_markdown(summary_info())
+            out[tab.summary] = summary_markdown(service.summary())
         seen.update(metrics=key, run=[status.run_id, status.status])
         out[tab.seen] = seen
         return out
@@ -220,12 +222,20 @@ def register_api(service: TrainingService) -> None:
         Returns {ok, message, run_id}; `ok` is false with a message for bad settings, zero
         usable pairs, or a run already in progress."""
         require_role(request, ADMIN, "start training")
-        values = dict(locals())
-        values.pop("request")
-        try:
-            train_request = TrainRequest(**values)
-        except (TypeError, ValueError) as err:
-            return {"ok": False, "message": f"Invalid settings: {err}", "run_id": None}
+        train_request = TrainRequest(
+            loss_type=loss_type,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            learning_rate=learning_rate,
+            epochs=epochs,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            max_length=max_length,
+            heldout_fraction=heldout_fraction,
+            continue_from_active=continue_from_active,
+        )
         result = service.start(train_request)
         return {"ok": result.ok, "message": result.message, "run_id": result.run_id}
 
@@ -258,10 +268,10 @@ def default_values() -> dict[str, Any]:
 # --- layout ----------------------------------------------------------------------------------
 
 
-def build_train_tab(service: TrainingService, summary_info: Any) -> TrainTab:
-    """Declare the Train tab (inside an open `gr.Tab`) and wire its events."""
+def build_train_tab(service: TrainingService, tab_block: gr.Tab | None = None) -> TrainTab:
+    """Declare the Train tab (inside the open `tab_block`) and wire its events."""
     d = default_values()
-    summary = gr.Markdown(summary_markdown(summary_info()), elem_id="train-summary")
+    summary = gr.Markdown(summary_markdown(service.summary()), elem_id="train-summary")
     with gr.Row():
         train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
         cancel_btn = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel-button")
@@ -320,11 +330,11 @@ def build_train_tab(service: TrainingService, summary_info: Any) -> TrainTab:
     tab = TrainTab(
         summary, message, train_btn, cancel_btn, settings, progress, plots, history, seen, timer
     )
-    _wire(tab, make_handlers(service, summary_info, tab))
+    _wire(tab, make_handlers(service, tab), tab_block)
     return tab
 
 
-def _wire(tab: TrainTab, h: dict[str, Any]) -> None:
+def _wire(tab: TrainTab, h: dict[str, Any], tab_block: gr.Tab | None) -> None:
     refresh_outputs = [
         tab.progress,
         tab.train_btn,
@@ -336,6 +346,8 @@ def _wire(tab: TrainTab, h: dict[str, Any]) -> None:
     ]
     poll = {"show_progress": "hidden", "queue": False, "api_visibility": "private"}
     tab.timer.tick(h["refresh"], inputs=tab.seen, outputs=refresh_outputs, **poll)
+    if tab_block is not None:  # pairs labeled since the page loaded: recount on opening the tab
+        tab_block.select(h["refresh"], inputs=gr.State({}), outputs=refresh_outputs, **poll)
     tab.train_btn.click(
         h["start"],
         inputs=set(tab.settings.values()),

@@ -160,6 +160,7 @@ class TrainingService:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
         self._served_version: str | None = None
+        self.version_error: str | None = None
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -170,14 +171,14 @@ class TrainingService:
         failed = self.check_workers()
         with self.sm.begin() as s:
             failed += [run.id for run in runs.fail_dead_runs(s, timeout_s=STALE_AFTER_S)]
-            self._served_version = self._active(s).name
         if failed:
             logger.warning("marked dead training runs as failed: %s", failed)
         return failed
 
     def start_watcher(self) -> None:
-        """Poll workers in the background, so a finished run switches the served model even
-        when no browser is open."""
+        """Serve the active version now, then poll workers in the background, so a finished
+        run switches the served model even when no browser is open."""
+        self.sync_active_version()
         if self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="train-watcher", daemon=True)
             self._watcher.start()
@@ -208,15 +209,16 @@ class TrainingService:
         except (ValueError, TypeError) as err:
             return StartResult(False, f"Invalid settings: {err}")
         with self._lock:
+            with self.sm.begin() as s:
+                live = runs.live_run(s)
+                if live is not None:
+                    return StartResult(False, busy_message(live.id, live.status), live.id)
             stopping = self._wait_for_workers(STOP_GRACE_S)
             if stopping:
                 return StartResult(
                     False, f"Run #{stopping[0]}'s worker is still stopping; try again in a moment."
                 )
             with self.sm.begin() as s:
-                live = runs.live_run(s)
-                if live is not None:
-                    return StartResult(False, busy_message(live.id, live.status), live.id)
                 counts = pair_counts(s, request.heldout_fraction)
                 if counts["usable"] == 0:
                     return StartResult(False, no_pairs_message(counts))
@@ -362,11 +364,18 @@ class TrainingService:
         with self.sm.begin() as s:
             active = self._active(s)
             name, path = active.name, active.adapter_path
-        if name != self._served_version:
-            logger.info("active version is now %s", name)
-            if self.on_version_change is not None:
-                self.on_version_change(name, path)
-            self._served_version = name
+        if name == self._served_version:
+            return
+        self._served_version = name  # tried once; a broken version is not retried every second
+        self.version_error = None
+        logger.info("active version is now %s", name)
+        if self.on_version_change is None:
+            return
+        try:
+            self.on_version_change(name, path)
+        except (OSError, ValueError) as err:  # e.g. its adapter directory was deleted
+            self.version_error = f"version {name} could not be loaded: {err}"
+            logger.error("%s", self.version_error)
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -394,6 +403,7 @@ class TrainingService:
                 "both_bad": train_set.excluded_both_bad + heldout_set.excluded_both_bad,
                 "base_model": self.base_model,
                 "active_version": self._active(s).name,
+                "version_error": self.version_error,
             }
 
     def history(self) -> list[dict[str, Any]]:

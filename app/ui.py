@@ -6,6 +6,11 @@ from typing import Any
 
 import gradio as gr
 
+from app.compare_tab import build_compare_tab
+from app.compare_tab import register_api as register_compare_api
+from app.train_tab import build_train_tab
+from app.train_tab import register_api as register_train_api
+
 TITLE = "DPO Studio"
 
 
@@ -15,4 +20,10 @@ def build_ui(state: Any) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\nLabel answer pairs, train DPO, compare versions.")
         with gr.Tab("Label"):
             gr.Markdown(f"Model: **{state.model_name}**. The Label tab is being built.")
+        with gr.Tab("Train") as train_tab:
+            build_train_tab(state.services.training, train_tab)
+        with gr.Tab("Compare") as compare_tab:
+            build_compare_tab(state.services.compare, compare_tab)
+        register_train_api(state.services.training)
+        register_compare_api(state.services.compare)
     return demo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -37,6 +38,12 @@ class AppProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
+        """Stop the app, and any training worker it left running (they outlive the app)."""
+        for pid_path in (self.data_dir / "runs").glob("run-*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_path.read_text())
+                if b"app.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():  # not a reused pid
+                    os.kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:

@@ -1,0 +1,78 @@
+"""Model versions in the one in-memory model: the base plus named LoRA adapters (`v1`, ...).
+
+Adapters load lazily into one PEFT wrapper around the shared base weights, so any version (or
+two at once, one per batch row) can answer without a second copy of the model. A lock
+serialises everything that touches the model (generation, loading, scoring).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from dpo_core.generation import AnswerGenerator, AnswerSpec, GenerationUpdate, SamplingParams
+from dpo_core.modeling import LoadedModel, ModelLoadError
+from dpo_core.reward_eval import RewardAccuracy, implicit_reward_accuracy
+
+logger = logging.getLogger(__name__)
+
+BASE = "base"
+
+
+class VersionedModel:
+    """The served model and its loaded versions; `active` answers when no version is named."""
+
+    def __init__(self, lm: LoadedModel, generator: AnswerGenerator | None = None) -> None:
+        self.lm = lm
+        self.lock = threading.RLock()
+        self.generator = generator or AnswerGenerator(lm)
+        self.active = BASE
+
+    def loaded(self) -> list[str]:
+        return [BASE, *self.generator.adapters()]
+
+    def ensure_loaded(self, name: str, adapter_path: str | None) -> None:
+        """Load adapter version `name` from `adapter_path` unless it is already there."""
+        if name == BASE or name in self.generator.adapters():
+            return
+        if not adapter_path:
+            raise ModelLoadError(f"version {name} has no adapter directory")
+        from peft import PeftModel
+
+        with self.lock:
+            model = self.lm.model
+            if isinstance(model, PeftModel):
+                model.load_adapter(adapter_path, adapter_name=name)
+                self.generator.rebind(model)
+            else:
+                # The first adapter wraps the projections in LoRA layers: re-pack the generator
+                # so it sees the wrapped modules (later adapters load into the same layers).
+                self.lm.model = PeftModel.from_pretrained(model, adapter_path, adapter_name=name)
+                self.lm.model.eval()
+                self.generator = AnswerGenerator(self.lm)
+            logger.info("loaded version %s from %s", name, adapter_path)
+
+    def activate(self, name: str, adapter_path: str | None) -> None:
+        """Make `name` the version that answers by default (e.g. after a training run)."""
+        self.ensure_loaded(name, adapter_path)
+        with self.lock:
+            if name != BASE:
+                self.lm.model.set_adapter(name)
+            self.active = name
+        logger.info("serving version %s", name)
+
+    def generate(
+        self, prompt: str, versions: list[str], *, seed: int, params: SamplingParams
+    ) -> GenerationUpdate:
+        """One answer per version to `prompt`, all in one batch, every row with the same seed."""
+        specs = [AnswerSpec(params, seed=seed, adapter=v) for v in versions]
+        with self.lock:
+            return self.generator.generate(prompt, specs)
+
+    def reward_accuracy(
+        self, pairs: list[dict[str, Any]], versions: list[str], *, max_length: int = 512
+    ) -> dict[str, RewardAccuracy]:
+        adapters = [v for v in versions if v != BASE]
+        with self.lock:
+            return implicit_reward_accuracy(self.lm, pairs, adapters, max_length=max_length)
