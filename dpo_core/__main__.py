@@ -8,6 +8,7 @@ import sys
 import time
 
 from dpo_core.modeling import EMBEDDED, ModelLoadError, load_model
+from dpo_core.train_cli import add_train_parser
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+    add_train_parser(sub, add_model_args)
     return parser
 
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ModelLoadError, ValueError, FileNotFoundError) as err:
+    except (ModelLoadError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

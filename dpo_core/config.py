@@ -12,8 +12,7 @@ from typing import Any
 
 from dpo_core.losses import LOSS_TYPES, check_loss_args
 from dpo_core.modeling import DTYPES, LORA_TARGETS, LoraSettings
-
-SCHEDULERS = ("cosine", "linear", "constant")
+from dpo_core.optim import SCHEDULERS
 
 
 def _f(default: Any, help: str, group: str) -> Any:
@@ -36,6 +35,12 @@ class TrainConfig:
     max_length: int = _f(512, "max tokens of prompt + completion", "data")
     max_prompt_length: int | None = _f(
         None, "max prompt tokens; a longer prompt keeps its end (default: max_length / 2)", "data"
+    )
+    share_prompt: bool = _f(
+        True, "run prompt + chosen + rejected as one row, the prompt computed once", "data"
+    )
+    max_forward_tokens: int = _f(
+        1024, "split forward passes above this many tokens (bounds memory, same gradient)", "data"
     )
     # loss
     loss_type: str = _f("sigmoid", f"one of {', '.join(LOSS_TYPES)}", "loss")
@@ -83,6 +88,10 @@ class TrainConfig:
 
     def _check_data(self) -> None:
         _require(self.max_length >= 2, f"max_length must be at least 2, got {self.max_length}")
+        _require(
+            self.max_forward_tokens >= 1,
+            f"max_forward_tokens must be a positive integer, got {self.max_forward_tokens}",
+        )
         if self.max_prompt_length is None:
             self.max_prompt_length = self.max_length // 2
         _require(

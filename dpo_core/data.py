@@ -2,7 +2,8 @@
 
 Pipeline: `normalise_pairs` (checked once, at the edge) -> `tokenize_pairs` (chat template,
 truncation, drops with a count in the log) -> `step_batches` (length-grouped) -> `collate`
-(one right-padded `[chosen; rejected]` batch).
+(one right-padded `[chosen; rejected]` batch) or `collate_shared_prompt` (the same sequences,
+the prompt computed once per pair).
 """
 
 from __future__ import annotations
@@ -101,10 +102,11 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
 
-    @property
-    def length(self) -> int:
-        """Length of the longer of the two sequences (what the pair costs in a batch)."""
-        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+    def cost(self, share_prompt: bool) -> int:
+        """Tokens per row: prompt + chosen + rejected in the shared-prompt layout, else the
+        longer of the two sequences (used to group pairs of similar length)."""
+        n, c, r = len(self.prompt_ids), len(self.chosen_ids), len(self.rejected_ids)
+        return n + c + r if share_prompt else n + max(c, r)
 
 
 @dataclass
@@ -216,47 +218,134 @@ def step_batches(
     return [[step[i : i + micro_size] for i in range(0, len(step), micro_size)] for step in steps]
 
 
+def split_by_tokens(
+    indices: list[int], costs: list[int], rows_per_pair: int, max_tokens: int
+) -> list[list[int]]:
+    """Split a micro-batch into consecutive chunks whose padded size (rows x longest row)
+    stays within `max_tokens`; a pair larger than that goes alone. Bounds activation memory
+    whatever the batch size: the gradient of the step is the same, only accumulated."""
+    chunks: list[list[int]] = []
+    for i in indices:
+        chunk = chunks[-1] if chunks else []
+        width = max([costs[j] for j in chunk] + [costs[i]])
+        if chunk and (len(chunk) + 1) * rows_per_pair * width <= max_tokens:
+            chunk.append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
 @dataclass
 class PairBatch:
-    """One `[chosen; rejected]` batch of B pairs, right-padded to the longest sequence T.
+    """B pairs ready for one forward pass, plus where each completion token is scored.
 
-    Layout (B = 2 pairs, prompt p, chosen c, rejected r, padding 0):
-        input_ids       [[p p c c c], [p c c 0 0], [p p r 0 0], [p r r r 0]]   (2B, T)
-        attention_mask  [[1 1 1 1 1], [1 1 1 0 0], [1 1 1 0 0], [1 1 1 1 0]]
-        completion_mask [[0 0 1 1 1], [0 1 1 0 0], [0 0 1 0 0], [0 1 1 1 0]]
-    Rows [:B] are the chosen sequences, rows [B:] the rejected ones (split with `.chunk(2)`).
+    The model sees `input_ids` (R, L) with `attention_mask` and `position_ids`; the token with
+    label `score_labels[k]` is predicted by the hidden state at (`score_rows[k]`,
+    `score_cols[k]`) and counts towards sequence `score_seqs[k]`. Sequences are numbered in
+    the `[chosen; rejected]` layout: pair i's chosen is sequence i, its rejected B + i, so
+    per-sequence results (2B,) split into chosen and rejected with `.chunk(2)`.
     """
 
-    input_ids: Tensor
-    attention_mask: Tensor
-    completion_mask: Tensor
+    input_ids: Tensor  # (R, L)
+    attention_mask: Tensor  # (R, L) padding mask, or (R, 1, L, L) bool
+    position_ids: Tensor  # (R, L)
+    score_rows: Tensor  # (M,)
+    score_cols: Tensor  # (M,)
+    score_labels: Tensor  # (M,)
+    score_seqs: Tensor  # (M,) in [0, 2B)
     indices: list[int]  # dataset index of each pair
 
     def to(self, device: torch.device) -> PairBatch:
-        return PairBatch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.completion_mask.to(device),
-            self.indices,
-        )
+        tensors = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
+        return PairBatch(**tensors, indices=self.indices)
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+    def num_sequences(self) -> int:
+        return 2 * len(self.indices)
+
+
+class _Scores:
+    """Accumulates the scoring index of a batch."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.cols: list[int] = []
+        self.labels: list[int] = []
+        self.seqs: list[int] = []
+
+    def add(self, row: int, cols: list[int], labels: list[int], seq: int) -> None:
+        self.rows += [row] * len(labels)
+        self.cols += cols
+        self.labels += labels
+        self.seqs += [seq] * len(labels)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {
+            "score_rows": torch.tensor(self.rows),
+            "score_cols": torch.tensor(self.cols),
+            "score_labels": torch.tensor(self.labels),
+            "score_seqs": torch.tensor(self.seqs),
+        }
 
 
 def collate(pairs: list[TokenizedPair], indices: list[int], pad_token_id: int) -> PairBatch:
-    """Stack chosen then rejected sequences, right-padded with `pad_token_id`."""
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [
-        (p.prompt_ids, p.rejected_ids) for p in pairs
-    ]
+    """The `[chosen; rejected]` layout: 2B right-padded rows (B = 2, prompt p, chosen c,
+    rejected r, padding 0):
+
+        input_ids       [[p p c c c], [p c c 0 0], [p p r 0 0], [p r r r 0]]   (2B, T)
+        attention_mask  [[1 1 1 1 1], [1 1 1 0 0], [1 1 1 0 0], [1 1 1 1 0]]
+        completion      [[0 0 1 1 1], [0 1 1 0 0], [0 0 1 0 0], [0 1 1 1 0]]
+
+    Rows [:B] hold the chosen sequences, rows [B:] the rejected ones.
+    """
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs]
+    rows += [(p.prompt_ids, p.rejected_ids) for p in pairs]
     width = max(len(a) + len(b) for a, b in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    scores = _Scores()
     for i, (prompt, completion) in enumerate(rows):
         n, m = len(prompt), len(completion)
         input_ids[i, : n + m] = torch.tensor(prompt + completion)
         attention_mask[i, : n + m] = 1
-        completion_mask[i, n : n + m] = 1
-    return PairBatch(input_ids, attention_mask, completion_mask, list(indices))
+        scores.add(i, list(range(n - 1, n + m - 1)), completion, seq=i)
+    positions = torch.arange(width).expand(len(rows), width)
+    return PairBatch(input_ids, attention_mask, positions, **scores.tensors(), indices=indices)
+
+
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+
+
+def collate_shared_prompt(
+    pairs: list[TokenizedPair], indices: list[int], pad_token_id: int
+) -> PairBatch:
+    """The shared-prompt layout: one row per pair, `prompt + chosen + rejected`, so the prompt
+    is computed once. A tree-shaped mask keeps the branches apart and position ids restart
+    the rejected branch where the chosen one started, which gives every completion token
+    exactly the context it has in the `[chosen; rejected]` layout:
+
+        input_ids     p p c c c r r 0        a rejected token attends to the prompt
+        position_ids  0 1 2 3 4 2 3 0        and to earlier rejected tokens only
+        branch        P P C C C R R pad
+
+    The first chosen and first rejected tokens are both scored from the last prompt position.
+    attention_mask is (B, 1, L, L) bool, True where a query may attend to a key.
+    """
+    width = max(p.cost(share_prompt=True) for p in pairs)
+    b = len(pairs)
+    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
+    positions = torch.zeros((b, width), dtype=torch.long)
+    branch = torch.full((b, width), PAD, dtype=torch.long)
+    scores = _Scores()
+    for i, p in enumerate(pairs):
+        n, c, r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        input_ids[i, : n + c + r] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+        positions[i, : n + c] = torch.arange(n + c)
+        positions[i, n + c : n + c + r] = torch.arange(n, n + r)
+        branch[i, :n], branch[i, n : n + c], branch[i, n + c : n + c + r] = PROMPT, CHOSEN, REJECTED
+        scores.add(i, [n - 1, *range(n, n + c - 1)], p.chosen_ids, seq=i)
+        scores.add(i, [n - 1, *range(n + c, n + c + r - 1)], p.rejected_ids, seq=b + i)
+    query, key = branch[:, :, None], branch[:, None, :]  # (B, L, 1), (B, 1, L)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = causal & ((key == PROMPT) | (key == query))  # (B, L, L)
+    return PairBatch(input_ids, mask[:, None], positions, **scores.tensors(), indices=indices)

@@ -2,9 +2,9 @@
 
 A causal LM's logits tensor is (N, T, V); with Llama 3's V = 128k and T = 1024 that is 0.5 GB
 per sequence in fp32. Only completion positions are ever needed, so the backbone's hidden
-states are gathered at those positions first and the LM head is applied to them in chunks of
-rows. `_TokenLogps` also computes d logp / d hidden while each chunk's logits are at hand, so
-the backward pass needs neither the logits nor a second head matmul.
+states are gathered at the positions a `PairBatch` scores and the LM head is applied to them
+in chunks of rows. `_TokenLogps` also computes d logp / d hidden while each chunk's logits
+are at hand, so the backward pass needs neither the logits nor a second head matmul.
 """
 
 from __future__ import annotations
@@ -14,45 +14,36 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpo_core.data import PairBatch
+
 CHUNK_ELEMENTS = 1 << 23  # logits held at once: 8 M floats (32 MB), e.g. 170 rows of 49k
 
 
-def completion_logps(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Summed log-probs of the completion tokens of each row, and how many there are.
+def completion_logps(model: Any, batch: PairBatch) -> tuple[Tensor, Tensor]:
+    """Summed log-probs of each sequence's completion tokens, and how many there are.
 
     Args:
-        model: a causal LM (`transformers` or a `peft` wrapper) whose head is a plain linear.
-        input_ids, attention_mask, completion_mask: (N, T), right padded.
+        model: a causal LM (`transformers`, or a `peft` wrapper) whose head is a plain linear.
+        batch: either layout of `dpo_core.data`, already on the model's device.
     Returns:
-        (logps, lengths), each (N,); logps is float32 and differentiable.
+        (logps, lengths), each (2B,) in the `[chosen; rejected]` order; logps is float32 and
+        differentiable.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-    ).last_hidden_state  # (N, T, H)
-    return sequence_logps(hidden, base.get_output_embeddings(), input_ids, completion_mask)
-
-
-def sequence_logps(
-    hidden: Tensor, head: torch.nn.Linear, input_ids: Tensor, completion_mask: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Per-row summed log-probs of the completion tokens given final hidden states.
-
-    Token t is scored from the hidden state at t - 1, so the masks are shifted by one.
-    hidden (N, T, H); input_ids, completion_mask (N, T). Returns (logps, lengths), each (N,).
-    """
-    target = completion_mask[:, 1:].bool()  # (N, T-1): position t-1 predicts a completion token
-    rows = torch.nonzero(target)[:, 0]  # (M,) row of each scored token
-    token_logps = token_logps_from_hidden(
-        hidden[:, :-1][target], head.weight, input_ids[:, 1:][target], head.bias
-    )  # (M,)
-    n = input_ids.shape[0]
-    logps = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(
-        0, rows, token_logps
-    )
-    return logps, target.sum(dim=1)
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state  # (R, L, H)
+    head = base.get_output_embeddings()
+    scored = hidden[batch.score_rows, batch.score_cols]  # (M, H)
+    token_logps = token_logps_from_hidden(scored, head.weight, batch.score_labels, head.bias)
+    n = batch.num_sequences
+    logps = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    logps = logps.index_add(0, batch.score_seqs, token_logps)
+    lengths = torch.bincount(batch.score_seqs, minlength=n)
+    return logps, lengths
 
 
 def token_logps_from_hidden(

@@ -34,15 +34,13 @@ def pair_logps(lm: LoadedModel, model: Any, tokenized: list[data.TokenizedPair],
     """Summed completion log-probs of chosen and rejected, each (n,), in the pairs' order."""
     n = len(tokenized)
     chosen, rejected = torch.zeros(n), torch.zeros(n)
-    lengths = [p.length for p in tokenized]
+    lengths = [p.cost(share_prompt=False) for p in tokenized]
     half = lm.dtype in (torch.bfloat16, torch.float16)
     for (indices,) in data.step_batches(lengths, batch_size, batch_size, seed=0, shuffle=False):
         batch = data.collate([tokenized[i] for i in indices], indices, lm.tokenizer.pad_token_id)
         batch = batch.to(lm.device)
         with torch.autocast(lm.device.type, dtype=lm.dtype, enabled=half):
-            logps, _ = completion_logps(
-                model, batch.input_ids, batch.attention_mask, batch.completion_mask
-            )
+            logps, _ = completion_logps(model, batch)
         chosen[indices], rejected[indices] = logps.float().cpu().chunk(2)
     return chosen, rejected
 

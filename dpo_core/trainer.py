@@ -1,8 +1,10 @@
 """The DPO training loop: LoRA policy, base-model reference, TRL-named metrics.
 
 `train` is the entry point. The reference is the same model with the adapter disabled; its
-log-probs are computed once, before the first step, and reused every epoch. Each optimiser
-step runs one `[chosen; rejected]` forward per micro-batch (see `dpo_core.data.PairBatch`).
+log-probs are computed once, before the first step, and reused every epoch. Chosen and
+rejected go through the model in one forward pass per micro-batch (see `dpo_core.data`).
+The whole forward/backward runs in the base model's dtype (bf16 where fast); only the
+optimiser keeps fp32 copies of the LoRA weights (`dpo_core.optim.MasterWeights`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from dpo_core.config import TrainConfig
 from dpo_core.logprobs import completion_logps
 from dpo_core.losses import preference_loss
 from dpo_core.modeling import DTYPES, LoadedModel, attach_lora, load_adapter, save_adapter
+from dpo_core.optim import MasterWeights, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +45,10 @@ class TrainResult:
     """What a run produced. `adapter_dir` is None when the run was cancelled."""
 
     adapter_dir: Path | None
-    metrics: dict[str, float]  # final: last-epoch train means, last evaluation, summary
+    metrics: dict[str, float]  # final: last-epoch train means, last evaluation, totals
     history: list[dict[str, float]] = field(default_factory=list)  # one dict per step
     cancelled: bool = False
-    config: TrainConfig | None = None  # resolved (model fields from the loaded model)
+    config: TrainConfig | None = None  # as run (model fields describe the loaded model)
 
 
 @dataclass
@@ -54,12 +56,19 @@ class Dataset:
     """Tokenized pairs plus their reference log-probs (filled once, before training)."""
 
     pairs: list[data.TokenizedPair]
+    costs: list[int]  # tokens per pair in the batch layout, for length grouping
     reference_chosen_logps: Tensor | None = None  # (n,)
     reference_rejected_logps: Tensor | None = None
 
-    @property
-    def lengths(self) -> list[int]:
-        return [p.length for p in self.pairs]
+
+@dataclass
+class Policy:
+    """The trainable model and what updates it."""
+
+    model: Any  # peft.PeftModel
+    masters: MasterWeights
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
 
 
 def load_pairs_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -99,7 +108,7 @@ def train(
     `on_step` gets each step's metrics (TRL names plus `step`, `total_steps`, `epoch`, and
     `eval/...` at evaluation points). `should_stop` is polled between optimiser steps; when it
     returns True the run ends, nothing is saved and the result is marked cancelled. `lm.model`
-    is left as it was (the adapter is removed from it at the end).
+    must be the base model; it is left as it was (the adapter is removed at the end).
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -109,26 +118,21 @@ def train(
     config = resolved_config(config, lm)
     train_set = prepare_dataset(lm.tokenizer, pairs, config, "training")
     eval_set = prepare_dataset(lm.tokenizer, heldout, config, "held-out") if heldout else None
+    total_steps = config.epochs * steps_per_epoch(len(train_set.pairs), config)
     torch.manual_seed(config.seed)
-    model = prepare_policy(lm, config)
+    policy = prepare_policy(lm, config, total_steps)
     try:
-        return _run(lm, model, train_set, eval_set, config, out_dir, on_step, should_stop)
+        return _run(lm, policy, train_set, eval_set, config, out_dir, on_step, should_stop)
     except TrainingCancelled:
         logger.info("training cancelled; nothing saved")
         return TrainResult(adapter_dir=None, metrics={}, cancelled=True, config=config)
     finally:
-        release_policy(lm, model)
-
-
-def _is_peft(model: Any) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
+        release_policy(lm, policy.model, config)
 
 
 def _run(
     lm: LoadedModel,
-    model: Any,
+    policy: Policy,
     train_set: Dataset,
     eval_set: Dataset | None,
     config: TrainConfig,
@@ -137,21 +141,19 @@ def _run(
     should_stop: StopCheck | None,
 ) -> TrainResult:
     stop = should_stop or (lambda: False)
+    t0 = time.perf_counter()
     for dataset in (train_set, eval_set):
         if dataset is not None:
-            fill_reference_logps(model, dataset, lm, config, stop)
-    optimizer = make_optimizer(model, config)
+            fill_reference_logps(policy.model, dataset, lm, config, stop)
     total_steps = config.epochs * steps_per_epoch(len(train_set.pairs), config)
-    scheduler = make_scheduler(optimizer, config, total_steps)
     history: list[dict[str, float]] = []
-    t0 = time.perf_counter()
     for step, epoch, micro_batches in iterate_steps(train_set, config):
         if stop():
             raise TrainingCancelled
-        metrics = train_step(model, micro_batches, train_set, optimizer, scheduler, lm, config)
+        metrics = train_step(policy, micro_batches, train_set, lm, config)
         metrics.update(step=step, total_steps=total_steps, epoch=epoch)
         if eval_set is not None and is_eval_step(step, total_steps, config):
-            metrics.update(evaluate(model, eval_set, lm, config))
+            metrics.update(evaluate(policy.model, eval_set, lm, config))
         history.append(metrics)
         logger.info("step %d/%d loss %.4f", step, total_steps, metrics["loss"])
         if on_step is not None:
@@ -159,12 +161,19 @@ def _run(
     if stop():
         raise TrainingCancelled
     final = final_metrics(history, len(train_set.pairs), time.perf_counter() - t0)
-    adapter = save_result(model, out_dir, config, final)
+    policy.masters.restore_fp32()
+    adapter = save_result(policy.model, out_dir, config, final)
     return TrainResult(adapter_dir=adapter, metrics=final, history=history, config=config)
 
 
+def _is_peft(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
 def resolved_config(config: TrainConfig, lm: LoadedModel) -> TrainConfig:
-    """The config as run: model fields describe the model actually loaded."""
+    """The config as run: the model fields describe the model actually loaded."""
     dtype = {v: k for k, v in DTYPES.items()}[lm.dtype]
     return replace(
         config, model=lm.source, dtype=dtype, load_in_4bit=lm.load_in_4bit, device=str(lm.device)
@@ -182,42 +191,64 @@ def prepare_dataset(
     if not tokenized.pairs:
         reasons = ", ".join(f"{n} {why}" for why, n in tokenized.dropped.items())
         raise ValueError(f"no usable {name} pairs: all {len(pairs)} were dropped ({reasons})")
-    return Dataset(tokenized.pairs)
+    costs = [p.cost(config.share_prompt) for p in tokenized.pairs]
+    return Dataset(tokenized.pairs, costs)
 
 
-def prepare_policy(lm: LoadedModel, config: TrainConfig) -> Any:
-    """Wrap the base model in a trainable LoRA adapter (new, or `config.init_adapter`)."""
+def prepare_policy(lm: LoadedModel, config: TrainConfig, total_steps: int) -> Policy:
+    """A trainable LoRA adapter (new, or `config.init_adapter`) on the base model, its LoRA
+    weights in the compute dtype, and AdamW on their fp32 masters."""
     if config.init_adapter:
         model = load_adapter(lm.model, config.init_adapter, is_trainable=True)
     else:
         model = attach_lora(lm.model, config.lora_settings())
+    params = [p for p in model.parameters() if p.requires_grad]
+    if lm.dtype == torch.bfloat16:  # fp16 keeps fp32 LoRA weights: no loss scaling here
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
+    masters = MasterWeights(params)
+    optimizer, scheduler = make_optimizer(
+        masters,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        total_steps=total_steps,
+        warmup_ratio=config.warmup_ratio,
+        schedule=config.lr_scheduler,
+    )
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    return model
+    return Policy(model, masters, optimizer, scheduler)
 
 
-def release_policy(lm: LoadedModel, model: Any) -> None:
+def release_policy(lm: LoadedModel, model: Any, config: TrainConfig) -> None:
     """Remove the adapter layers so `lm.model` is the plain base model again."""
-    if model.is_gradient_checkpointing:
+    if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     lm.model = model.unload()
     lm.model.eval()
 
 
-@contextmanager
-def autocast(lm: LoadedModel) -> Iterator[None]:
-    """bf16/fp16 compute for the fp32 LoRA weights when the base runs in half precision."""
-    half = lm.dtype in (torch.bfloat16, torch.float16)
-    with torch.autocast(lm.device.type, dtype=lm.dtype) if half else nullcontext():
-        yield
+def make_batch(
+    dataset: Dataset, indices: list[int], lm: LoadedModel, config: TrainConfig
+) -> data.PairBatch:
+    pairs = [dataset.pairs[i] for i in indices]
+    collate = data.collate_shared_prompt if config.share_prompt else data.collate
+    return collate(pairs, indices, lm.tokenizer.pad_token_id).to(lm.device)
 
 
-def policy_logps(model: Any, batch: data.PairBatch, lm: LoadedModel) -> tuple[Tensor, Tensor]:
-    """Summed completion log-probs and lengths of a `[chosen; rejected]` batch, each (2B,)."""
-    batch = batch.to(lm.device)
-    with autocast(lm):
-        return completion_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+def forward_chunks(dataset: Dataset, indices: list[int], config: TrainConfig) -> list[list[int]]:
+    """A micro-batch split so that no forward pass exceeds `max_forward_tokens`."""
+    rows_per_pair = 1 if config.share_prompt else 2
+    return data.split_by_tokens(indices, dataset.costs, rows_per_pair, config.max_forward_tokens)
+
+
+def eval_batches(dataset: Dataset, config: TrainConfig) -> list[list[int]]:
+    """Pair indices in length-grouped forward passes, in a fixed order."""
+    steps = data.step_batches(
+        dataset.costs, config.batch_size, config.batch_size, seed=0, shuffle=False
+    )
+    return [chunk for step in steps for chunk in forward_chunks(dataset, step[0], config)]
 
 
 @torch.no_grad()
@@ -227,27 +258,20 @@ def fill_reference_logps(
     """Reference (= base, adapter disabled) log-probs of every pair, computed once."""
     n = len(dataset.pairs)
     chosen, rejected = torch.zeros(n), torch.zeros(n)
-    batches = data.step_batches(dataset.lengths, config.batch_size, config.batch_size,
-                                seed=0, shuffle=False)  # fmt: skip
     with model.disable_adapter():
-        for (indices,) in batches:
+        for indices in eval_batches(dataset, config):
             if stop():
                 raise TrainingCancelled
-            logps, _ = policy_logps(model, _collate(dataset, indices, lm), lm)
-            chosen[indices], rejected[indices] = logps.float().cpu().chunk(2)
+            logps, _ = completion_logps(model, make_batch(dataset, indices, lm, config))
+            chosen[indices], rejected[indices] = logps.cpu().chunk(2)
     dataset.reference_chosen_logps, dataset.reference_rejected_logps = chosen, rejected
 
 
-def _collate(dataset: Dataset, indices: list[int], lm: LoadedModel) -> data.PairBatch:
-    pad = lm.tokenizer.pad_token_id
-    return data.collate([dataset.pairs[i] for i in indices], indices, pad)
-
-
 def batch_losses(
-    model: Any, batch: data.PairBatch, dataset: Dataset, lm: LoadedModel, config: TrainConfig
+    model: Any, batch: data.PairBatch, dataset: Dataset, config: TrainConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-pair losses (B,) and the per-pair tensors the metrics are built from."""
-    logps, lengths = policy_logps(model, batch, lm)
+    logps, lengths = completion_logps(model, batch)
     chosen_logps, rejected_logps = logps.chunk(2)
     chosen_lengths, rejected_lengths = lengths.chunk(2)
     assert dataset.reference_chosen_logps is not None
@@ -286,29 +310,30 @@ def reward_metrics(parts: list[dict[str, Tensor]], prefix: str = "") -> dict[str
 
 
 def train_step(
-    model: Any,
+    policy: Policy,
     micro_batches: list[list[int]],
     dataset: Dataset,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     lm: LoadedModel,
     config: TrainConfig,
 ) -> dict[str, float]:
-    """One optimiser step over `micro_batches` (pair indices); the loss is the mean over all
-    pairs of the step, whatever the split into micro-batches."""
+    """One optimiser step over `micro_batches` (pair indices). The loss is the mean over all
+    pairs of the step, however they are split into micro-batches."""
     t0 = time.perf_counter()
     n_pairs = sum(len(m) for m in micro_batches)
     parts = []
-    for indices in micro_batches:
-        losses, part = batch_losses(model, _collate(dataset, indices, lm), dataset, lm, config)
+    chunks = [c for indices in micro_batches for c in forward_chunks(dataset, indices, config)]
+    for indices in chunks:
+        batch = make_batch(dataset, indices, lm, config)
+        losses, part = batch_losses(policy.model, batch, dataset, config)
         (losses.sum() / n_pairs).backward()
         parts.append(part)
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-    learning_rate = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    policy.masters.grads_to_masters()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.masters.masters, config.max_grad_norm)
+    learning_rate = policy.scheduler.get_last_lr()[0]
+    policy.optimizer.step()
+    policy.scheduler.step()
+    policy.optimizer.zero_grad(set_to_none=True)
+    policy.masters.masters_to_params()
     metrics = reward_metrics(parts)
     metrics.update(
         learning_rate=learning_rate,
@@ -319,16 +344,14 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(
-    model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig
-) -> dict[str, float]:
+def evaluate(model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig) -> dict:
     """Loss and implicit-reward metrics of the current policy on held-out pairs (`eval/...`)."""
     was_training = model.training
     model.eval()
     parts = []
-    for (indices,) in data.step_batches(dataset.lengths, config.batch_size, config.batch_size,
-                                        seed=0, shuffle=False):  # fmt: skip
-        parts.append(batch_losses(model, _collate(dataset, indices, lm), dataset, lm, config)[1])
+    for indices in eval_batches(dataset, config):
+        batch = make_batch(dataset, indices, lm, config)
+        parts.append(batch_losses(model, batch, dataset, config)[1])
     model.train(was_training)
     return reward_metrics(parts, prefix="eval/")
 
@@ -339,7 +362,7 @@ def iterate_steps(dataset: Dataset, config: TrainConfig) -> Iterator[tuple[int, 
     step = 0
     for epoch in range(config.epochs):
         steps = data.step_batches(
-            dataset.lengths,
+            dataset.costs,
             config.batch_size * config.grad_accum,
             config.batch_size,
             seed=config.seed + epoch,
@@ -355,30 +378,6 @@ def steps_per_epoch(num_pairs: int, config: TrainConfig) -> int:
 
 def is_eval_step(step: int, total_steps: int, config: TrainConfig) -> bool:
     return step == total_steps or (config.eval_every > 0 and step % config.eval_every == 0)
-
-
-def make_optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup_ratio` of the steps, then cosine / linear decay to 0."""
-    warmup = math.ceil(config.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if config.lr_scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        if config.lr_scheduler == "linear":
-            return 1 - progress
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def final_metrics(history: list[dict[str, float]], num_pairs: int, seconds: float) -> dict:
