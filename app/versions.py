@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 from dpo_core.generation import AnswerGenerator, AnswerSpec, GenerationUpdate, SamplingParams
@@ -36,8 +37,11 @@ class VersionedModel:
         """Load adapter version `name` from `adapter_path` unless it is already there."""
         if name == BASE or name in self.generator.adapters():
             return
-        if not adapter_path:
-            raise ModelLoadError(f"version {name} has no adapter directory")
+        if not adapter_path or not (Path(adapter_path) / "adapter_config.json").is_file():
+            raise ModelLoadError(
+                f"version {name}: its adapter directory {adapter_path} is missing or incomplete "
+                "(was it moved or deleted?)"
+            )
         from peft import PeftModel
 
         with self.lock:
