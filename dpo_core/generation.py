@@ -338,7 +338,8 @@ class _AnswerStream:
             self.ids.append(token)
             if len(self.ids) >= self.max_new_tokens:
                 self.finish_reason = "length"
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # A NUL character is never meaningful in an answer and no database text column takes it.
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).replace("\x00", "\ufffd")
         if self.finish_reason:
             self.text, self.latency_s = text.strip(), now
         elif not text.endswith("\ufffd"):  # hold back a half-decoded multi-byte character

@@ -1,0 +1,303 @@
+"""Labeling: pick a prompt, stream two answers from the served version, record them and the vote.
+
+The service owns the rules; the Label tab (`app.label_tab`) and the API endpoints are thin
+wrappers around it. Each answer gets its own temperature and a random seed; which one appears
+as A is random. Both answers are stored (with version, sampling parameters, seed, token count
+and latency) once both are complete; a vote refers to the two stored responses, so recording it
+twice (double click, retry) is one vote.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Collection, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.model_service import ModelService, Waiting
+from dpo_core.generation import AnswerSpec, GenerationUpdate, SamplingParams
+from storage import repo, runs
+from storage.models import Prompt
+
+logger = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parent
+DEFAULT_PROMPTS = APP_DIR / "default_prompts.txt"
+DEFAULT_GUIDELINES = APP_DIR / "guidelines.md"
+CHOICES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
+SEED_RANGE = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """Sampling for the two answers: one temperature each (diverse pairs teach DPO more)."""
+
+    temperatures: tuple[float, float] = (0.7, 1.0)
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+
+    def params(self) -> list[SamplingParams]:
+        """Validated SamplingParams for the two answers (ValueError with the field's name)."""
+        return [SamplingParams(t, self.top_p, int(self.max_new_tokens)) for t in self.temperatures]
+
+
+@dataclass(frozen=True)
+class PairAnswer:
+    """One answer as shown (A or B); `response_id` is set once the pair is stored."""
+
+    text: str
+    num_tokens: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    finished: bool = False
+    latency_s: float | None = None
+    response_id: int | None = None
+
+
+@dataclass(frozen=True)
+class PairProgress:
+    """A pair on its way: waiting in line, streaming, or done (stored, ready for a vote)."""
+
+    prompt_id: int
+    prompt: str
+    version: str
+    answers: tuple[PairAnswer, ...] = ()  # (A, B) in display order, once generation starts
+    waiting: int | None = None  # position in line while the model is busy
+    notice: str | None = None
+    done: bool = False
+    ready_at: float | None = None  # time.time() when both answers were complete
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Progress:
+    mine: int
+    everyone: int
+    usable_pairs: int
+    by_choice: dict[str, int] = field(default_factory=dict)
+    prompts: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    preference_id: int
+    new: bool  # False: the same vote was already recorded (double click, retry)
+    progress: Progress
+
+
+class LabelService:
+    def __init__(
+        self,
+        sm: sessionmaker[Session],
+        models: ModelService,
+        base_model: str,
+        *,
+        settings: LabelSettings | None = None,
+        guidelines_path: Path | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.sm = sm
+        self.models = models
+        self.base_model = base_model
+        self.settings = settings or LabelSettings()
+        self.guidelines_path = guidelines_path
+        self.rng = rng or random.Random()
+
+    # --- start-up and reading ---------------------------------------------------------------
+
+    def import_default_prompts(self, path: Path = DEFAULT_PROMPTS) -> int:
+        """On first start (no prompts at all), fill the queue with the prompts shipped with the
+        app, so a new user can label at once. Returns how many were added."""
+        with self.sm.begin() as s:
+            if sum(repo.store_stats(s).prompts.values()):
+                return 0
+            texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+            added = repo.add_prompts(s, texts, source="default").added
+        logger.info("imported %d default prompts from %s", added, path)
+        return added
+
+    def guidelines(self) -> str:
+        """The guidelines Markdown: the data directory's `guidelines.md` if there is one."""
+        for path in (self.guidelines_path, DEFAULT_GUIDELINES):
+            if path is not None and path.is_file():
+                return path.read_text(encoding="utf-8")
+        return ""
+
+    def progress(self, annotator: str) -> Progress:
+        with self.sm.begin() as s:
+            stats = repo.store_stats(s)
+        mine = stats.by_annotator.get(annotator.strip())
+        return Progress(
+            mine=mine.votes if mine else 0,
+            everyone=stats.overall.votes,
+            usable_pairs=stats.overall.usable_pairs,
+            by_choice=dict(stats.overall.by_choice),
+            prompts=sum(stats.prompts.values()),
+        )
+
+    # --- generating a pair ------------------------------------------------------------------
+
+    def pick_prompt(
+        self,
+        annotator: str,
+        typed: str | None,
+        skipped: Collection[int] = (),
+        prompt_id: int | None = None,
+    ) -> tuple[int, str]:
+        """(prompt id, text): prompt `prompt_id` (regenerate), else the typed prompt, else the
+        next from the queue (prompts this annotator has labeled least first, skipped ones
+        passed over)."""
+        with self.sm.begin() as s:
+            if prompt_id is not None:
+                prompt = s.get(Prompt, int(prompt_id))
+                if prompt is None:
+                    raise ValueError(f"no prompt with id {prompt_id}")
+            elif typed is not None:
+                if not typed.strip():
+                    raise ValueError("The prompt is empty: type a question or an instruction.")
+                prompt = repo.add_prompt(s, typed, source="typed")
+            else:
+                prompt = repo.next_prompt(s, annotator.strip(), exclude=skipped)
+                if prompt is None and skipped:
+                    prompt = repo.next_prompt(s, annotator.strip())
+                if prompt is None:
+                    raise ValueError(
+                        "The prompt queue is empty: type a prompt, or import some with "
+                        "`python -m storage import-prompts FILE`."
+                    )
+            return prompt.id, prompt.text
+
+    def generate_pair(
+        self,
+        annotator: str,
+        typed: str | None = None,
+        skipped: Collection[int] = (),
+        settings: LabelSettings | None = None,
+        prompt_id: int | None = None,
+    ) -> Iterator[PairProgress]:
+        """Stream a pair for `annotator`; the last PairProgress is done and stored.
+
+        Raises ValueError (before anything is yielded) for an empty prompt, an empty queue or
+        invalid settings; errors of the model come out of the iteration as ValueError too.
+        """
+        params = (settings or self.settings).params()
+        prompt_id, prompt = self.pick_prompt(annotator, typed, skipped, prompt_id)
+        version = self.models.active_version
+        seeds = [self.rng.randrange(SEED_RANGE) for _ in params]
+        order = [0, 1]
+        self.rng.shuffle(order)  # which answer is shown as A
+        specs = [AnswerSpec(params[i], seeds[i], adapter=version) for i in order]
+        stream = self.models.stream(prompt, specs)
+        return self._pairs(stream, PairProgress(prompt_id, prompt, version), specs)
+
+    def _pairs(
+        self, stream: Iterator[Waiting | GenerationUpdate], pair: PairProgress, specs: list
+    ) -> Iterator[PairProgress]:
+        yield pair
+        for event in stream:
+            if isinstance(event, Waiting):
+                yield replace(pair, waiting=event.position)
+                continue
+            answers = tuple(_answer(spec, a) for spec, a in zip(specs, event.answers, strict=True))
+            pair = replace(pair, answers=answers, waiting=None, notice=event.notice)
+            if event.done:
+                pair = self._store(pair)
+            yield pair
+
+    def _store(self, pair: PairProgress) -> PairProgress:
+        """Record both answers; the pair is then ready for a vote."""
+        with self.sm.begin() as s:
+            version_id = self._version_id(s, pair.version)
+            stored = []
+            for answer in pair.answers:
+                row = repo.record_response(
+                    s,
+                    prompt_id=pair.prompt_id,
+                    model_version_id=version_id,
+                    text=answer.text,
+                    temperature=answer.temperature,
+                    top_p=answer.top_p,
+                    max_new_tokens=answer.max_new_tokens,
+                    seed=answer.seed,
+                    num_tokens=answer.num_tokens,
+                    latency_s=answer.latency_s,
+                )
+                stored.append(replace(answer, response_id=row.id))
+        return replace(pair, answers=tuple(stored), done=True, ready_at=time.time())
+
+    def _version_id(self, s: Session, name: str) -> int:
+        if name == runs.BASE:
+            return runs.ensure_base_version(s, self.base_model).id
+        for version in runs.list_versions(s, self.base_model):
+            if version.name == name:
+                return version.id
+        raise ValueError(f"model version {name!r} is not in the database")
+
+    # --- voting -------------------------------------------------------------------------------
+
+    def vote(
+        self,
+        annotator: str,
+        response_a_id: int,
+        response_b_id: int,
+        choice: str,
+        *,
+        rewrite: str | None = None,
+        seconds_spent: float | None = None,
+    ) -> VoteResult:
+        """Record a vote on the answers shown as A and B. Idempotent per annotator and pair."""
+        if choice not in CHOICES:
+            raise ValueError(f"unknown choice {choice!r}; use one of {', '.join(CHOICES)}")
+        if not annotator or not annotator.strip():
+            raise ValueError("Type your name before voting: votes are recorded per annotator.")
+        with self.sm.begin() as s:
+            preference, new = repo.record_preference(
+                s,
+                response_a_id=int(response_a_id),
+                response_b_id=int(response_b_id),
+                choice=choice,
+                annotator=annotator,
+                rewrite=rewrite,
+                seconds_spent=seconds_spent,
+            )
+            preference_id = preference.id
+        if not new:
+            logger.info("vote %d was already recorded (double click or retry)", preference_id)
+        return VoteResult(preference_id, new, self.progress(annotator))
+
+
+def _answer(spec: AnswerSpec, progress: Any) -> PairAnswer:
+    return PairAnswer(
+        text=progress.text,
+        num_tokens=progress.token_count,
+        temperature=spec.params.temperature,
+        top_p=spec.params.top_p,
+        max_new_tokens=spec.params.max_new_tokens,
+        seed=spec.seed,
+        finished=progress.finished,
+        latency_s=progress.latency_s,
+    )
+
+
+def open_label_service(
+    sm: sessionmaker[Session], versions: Any, base_model: str, data_dir: Path
+) -> LabelService:
+    """The Label tab's service on the app's shared model (`app.versions.VersionedModel`); fills
+    an empty prompt queue with the default prompts."""
+    service = LabelService(
+        sm, ModelService(versions), base_model, guidelines_path=data_dir / "guidelines.md"
+    )
+    service.import_default_prompts()
+    return service
