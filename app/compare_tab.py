@@ -13,7 +13,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from app.auth import annotator_name
 from app.compare import CompareService, write_csv
+from app.safe_text import safe_markdown
 
 WIN_COLUMNS = ["version", "vs", "wins", "ties", "losses", "votes", "win rate", "95% CI"]
 ACCURACY_COLUMNS = ["version", "held-out pairs", "reward accuracy", "mean margin"]
@@ -61,23 +63,17 @@ def make_handlers(service: CompareService, tab: CompareTab) -> dict[str, Any]:
         }
 
     def side_by_side(a: str, b: str, prompt: str, seed: float) -> dict[Any, Any]:
-        try:
-            answers = service.side_by_side(a, b, prompt, int(seed or 0))
-        except ValueError as err:
-            raise gr.Error(str(err)) from err
+        answers = _user_errors(service.side_by_side, a, b, prompt, int(seed or 0))
         return {
-            tab.answer_a: f"**{answers[0].version}**\n\n{answers[0].text}",
-            tab.answer_b: f"**{answers[1].version}**\n\n{answers[1].text}",
+            tab.answer_a: f"**{answers[0].version}**\n\n{safe_markdown(answers[0].text)}",
+            tab.answer_b: f"**{answers[1].version}**\n\n{safe_markdown(answers[1].text)}",
         }
 
     def blind_round(a: str, b: str, prompt: str, seed: float) -> dict[Any, Any]:
-        try:
-            rnd = service.blind_round(a, b, prompt, int(seed or 0), rng)
-        except ValueError as err:
-            raise gr.Error(str(err)) from err
+        rnd = _user_errors(service.blind_round, a, b, prompt, int(seed or 0), rng)
         out = {
-            tab.blind_left: rnd.left.text,
-            tab.blind_right: rnd.right.text,
+            tab.blind_left: safe_markdown(rnd.left.text),
+            tab.blind_right: safe_markdown(rnd.right.text),
             tab.blind_state: rnd.public(),
             tab.reveal: "Which answer is better? The versions are shown after your vote.",
         }
@@ -88,17 +84,13 @@ def make_handlers(service: CompareService, tab: CompareTab) -> dict[str, Any]:
         def handler(state: dict[str, Any] | None, annotator: str, request: gr.Request) -> Any:
             if not state:
                 raise gr.Error("Generate a blind pair first.")
-            from app.auth import annotator_name
-
-            try:
-                reveal = service.blind_vote(
-                    state["left_response_id"],
-                    state["right_response_id"],
-                    BLIND_WINNERS[label],
-                    annotator_name(request, annotator),
-                )
-            except ValueError as err:
-                raise gr.Error(str(err)) from err
+            reveal = _user_errors(
+                service.blind_vote,
+                state["left_response_id"],
+                state["right_response_id"],
+                BLIND_WINNERS[label],
+                annotator_name(request, annotator),
+            )
             out = {
                 tab.reveal: f"Vote recorded. {reveal}",
                 tab.blind_state: None,
@@ -110,14 +102,11 @@ def make_handlers(service: CompareService, tab: CompareTab) -> dict[str, Any]:
         return handler
 
     def batch(a: str, b: str, n: float, seed: float) -> dict[Any, Any]:
-        try:
-            rows = service.batch(a, b, int(n), int(seed or 0))
-        except ValueError as err:
-            raise gr.Error(str(err)) from err
+        rows = _user_errors(service.batch, a, b, int(n), int(seed or 0))
         return {tab.batch_table: pd.DataFrame(rows), tab.batch_file: str(write_csv(rows))}
 
     def accuracy(a: str, b: str) -> dict[Any, Any]:
-        rows = service.reward_accuracy([a, b])
+        rows = _user_errors(service.reward_accuracy, [a, b])
         return {tab.accuracy_table: pd.DataFrame(rows, columns=ACCURACY_COLUMNS)}
 
     return {
@@ -152,8 +141,6 @@ def register_api(service: CompareService) -> None:
         request: gr.Request = None,  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """Record a blind vote (`left`, `right` or `tie`); returns the reveal and the table."""
-        from app.auth import annotator_name
-
         reveal = _user_errors(
             service.blind_vote,
             left_response_id,
