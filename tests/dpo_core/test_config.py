@@ -1,0 +1,60 @@
+"""TrainConfig: defaults, validation with actionable messages, dict round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpo_core.config import TrainConfig
+
+
+def test_defaults_are_the_documented_ones():
+    c = TrainConfig()
+    assert (c.beta, c.learning_rate, c.batch_size, c.loss_type) == (0.1, 5e-5, 4, "sigmoid")
+    assert 1 <= c.epochs <= 3
+    assert c.max_prompt_length == c.max_length // 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"beta": 0}, "beta must be a positive number"),
+        ({"label_smoothing": 0.7}, "label_smoothing must be in"),
+        ({"loss_type": "kto"}, "unknown loss_type 'kto'"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"batch_size": -4}, "batch_size must be a positive integer"),
+        ({"grad_accum": 1.5}, "grad_accum must be a positive integer"),
+        ({"learning_rate": 0.0}, "learning_rate must be in"),
+        ({"learning_rate": float("inf")}, "learning_rate must be in"),
+        ({"lr_scheduler": "step"}, "lr_scheduler must be one of cosine"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio must be in"),
+        ({"weight_decay": -1.0}, "weight_decay must be"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be"),
+        ({"max_length": 1}, "max_length must be at least 2"),
+        ({"max_length": 64, "max_prompt_length": 64}, "max_prompt_length must be between 1"),
+        ({"max_forward_tokens": 0}, "max_forward_tokens must be a positive integer"),
+        ({"lora_r": 0}, "LoRA rank r must be a positive integer"),
+        ({"lora_dropout": 1.0}, "LoRA dropout"),
+        ({"lora_target_modules": ()}, "target_modules must name"),
+        ({"lora_target_modules": ("q_proj", "lm_head")}, "LoRA on lm_head is not supported"),
+        ({"dtype": "int8"}, "dtype must be auto or one of"),
+        ({"model": " "}, "model must name a model"),
+        ({"eval_every": -1}, "eval_every must be >= 0"),
+    ],
+)
+def test_invalid_values_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_round_trips_through_json():
+    c = TrainConfig(loss_type="ipo", beta=0.5, lora_target_modules=("q_proj", "v_proj"))
+    again = TrainConfig.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert again == c
+    assert again.lora_target_modules == ("q_proj", "v_proj")
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ValueError, match=r"field.*: lr; valid: .*learning_rate"):
+        TrainConfig.from_dict({"lr": 1e-4})
