@@ -349,6 +349,7 @@ def build_label_tab(service: LabelService, demo: gr.Blocks) -> LabelTab:
         everything,
         show_progress="hidden",
         concurrency_limit=None,  # the model service queues requests and shows the position
+        trigger_mode="multiple",  # a request that follows a cancelled one must still start
         api_visibility="private",
     )
     for choice, button in tab.votes.items():
