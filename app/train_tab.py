@@ -30,6 +30,7 @@ PLOTS = {
     "Loss": ("loss", "eval/loss"),
     "Rewards": ("rewards/margins", "rewards/chosen", "rewards/rejected"),
     "Reward accuracy": ("rewards/accuracies", "eval/rewards/accuracies"),
+    "KL to base": ("eval/kl",),  # held-out, nats per sampled answer
 }
 HISTORY_COLUMNS = [
     "run",
@@ -45,7 +46,7 @@ HISTORY_COLUMNS = [
     "eval acc",
     "duration",
     "started",
-    "error",
+    "note",
 ]
 INIT_CHOICES = {
     "Continue from the active adapter": True,
@@ -297,13 +298,14 @@ def build_train_tab(service: TrainingService, tab_block: gr.Tab | None = None) -
             list(INIT_CHOICES), value=d["continue_from_active"], label="Start from"
         )
     progress = gr.HTML(elem_id="train-progress")
-    with gr.Row():
-        plots = {
-            title: gr.LinePlot(
-                x="step", y="value", color="metric", title=title, height=260, elem_id=_id(title)
-            )
-            for title in PLOTS
-        }
+    plots = {}
+    titles = list(PLOTS)
+    for row in (titles[:2], titles[2:]):  # a 2 x 2 grid
+        with gr.Row():
+            for title in row:
+                plots[title] = gr.LinePlot(
+                    x="step", y="value", color="metric", title=title, height=260, elem_id=_id(title)
+                )
     history = gr.Dataframe(
         headers=HISTORY_COLUMNS,
         label="Run history",

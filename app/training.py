@@ -7,6 +7,7 @@ failed, and tells the model service when a new version became active.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -161,6 +162,7 @@ class TrainingService:
         self._lock = threading.Lock()
         self._served_version: str | None = None
         self.version_error: str | None = None
+        self._sync_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -361,6 +363,10 @@ class TrainingService:
 
     def sync_active_version(self) -> None:
         """Tell the model service when the active version changed in the database."""
+        with self._sync_lock:
+            self._sync_active_version()
+
+    def _sync_active_version(self) -> None:
         with self.sm.begin() as s:
             active = self._active(s)
             name, path = active.name, active.adapter_path
@@ -380,7 +386,10 @@ class TrainingService:
     # --- reading -----------------------------------------------------------------------------
 
     def status(self, run_id: int | None = None) -> RunStatus:
-        """The live run, else the given or latest one (what a refreshed page re-attaches to)."""
+        """The live run, else the given or latest one (what a refreshed page re-attaches to).
+
+        A run reported as succeeded is already serving: the model switch happens first."""
+        self.sync_active_version()
         with self.sm.begin() as s:
             run = runs.live_run(s)
             if run is None and run_id:
@@ -390,7 +399,7 @@ class TrainingService:
                 run = latest[0] if latest else None
             if run is None:
                 return RunStatus()
-            return run_status(run, steps_table(runs.run_metrics(s, run.id)), _version_name(s, run))
+            return run_status(run, steps_table(runs.run_metrics(s, run.id)), *_output(s, run))
 
     def summary(self) -> dict[str, Any]:
         """Counts and versions for the Train tab's summary line."""
@@ -409,14 +418,22 @@ class TrainingService:
     def history(self) -> list[dict[str, Any]]:
         with self.sm.begin() as s:
             return [
-                history_row(run, steps_table(runs.run_metrics(s, run.id)), _version_name(s, run))
+                history_row(run, steps_table(runs.run_metrics(s, run.id)), *_output(s, run))
                 for run in runs.list_runs(s)
             ]
 
 
-def _version_name(s: Session, run: Any) -> str | None:
+def _output(s: Session, run: Any) -> tuple[str | None, str]:
+    """The version a succeeded run made, and the trainer's note on how it ended (from the
+    `metrics.json` saved beside the adapter, e.g. "stopped early at step 12: ...")."""
     version = runs.output_version(s, run.id) if run.status == "succeeded" else None
-    return version.name if version is not None else None
+    if version is None:
+        return None, ""
+    try:
+        saved = json.loads((Path(version.adapter_path) / "metrics.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return version.name, ""
+    return version.name, str(saved.get("stop_reason") or "")
 
 
 def pair_counts(s: Session, heldout_fraction: float) -> dict[str, int]:
@@ -443,7 +460,9 @@ def steps_table(series: dict[str, list[tuple[int, float | None]]]) -> list[dict[
     return [by_step[step] for step in sorted(by_step)]
 
 
-def run_status(run: Any, metrics: list[dict[str, Any]], version: str | None) -> RunStatus:
+def run_status(
+    run: Any, metrics: list[dict[str, Any]], version: str | None, note: str = ""
+) -> RunStatus:
     step = max((m["step"] for m in metrics), default=0)
     total = _last(metrics, TOTAL_STEPS)
     total = int(total) if total else None
@@ -461,7 +480,7 @@ def run_status(run: Any, metrics: list[dict[str, Any]], version: str | None) -> 
         num_pairs=run.num_pairs,
         version=version,
         error=run.error,
-        message=status_message(run.status, run.id, version, run.error, step),
+        message=status_message(run.status, run.id, version, run.error, step, note),
         metrics=metrics,
     )
 
@@ -487,7 +506,12 @@ def busy_message(run_id: int, status: str) -> str:
 
 
 def status_message(
-    status: str, run_id: int, version: str | None, error: str | None, step: int = 0
+    status: str,
+    run_id: int,
+    version: str | None,
+    error: str | None,
+    step: int = 0,
+    note: str = "",
 ) -> str:
     if status == "queued":
         return f"Run #{run_id} is starting…"
@@ -496,14 +520,16 @@ def status_message(
     if status == "running":
         return f"Run #{run_id} is training."
     if status == "succeeded":
-        return f"Run #{run_id} succeeded: {version} is the new version."
+        return f"Run #{run_id} succeeded: {version} is the new version. {note}".strip()
     if status == "cancelled":
         return f"Run #{run_id} was cancelled; the previous version stays active."
     first_line = (error or "unknown error").splitlines()[0]
     return f"Run #{run_id} failed: {first_line}"
 
 
-def history_row(run: Any, metrics: list[dict[str, Any]], version: str | None) -> dict[str, Any]:
+def history_row(
+    run: Any, metrics: list[dict[str, Any]], version: str | None, note: str = ""
+) -> dict[str, Any]:
     train = (run.config or {}).get("train", {})
     return {
         "run": run.id,
@@ -519,7 +545,7 @@ def history_row(run: Any, metrics: list[dict[str, Any]], version: str | None) ->
         "eval acc": _fmt(_last(metrics, EVAL_ACCURACY)),
         "duration": format_duration(_elapsed_s(run)),
         "started": run.started_at.strftime("%Y-%m-%d %H:%M") if run.started_at else "",
-        "error": run.error or "",
+        "note": run.error or note,
     }
 
 

@@ -122,7 +122,13 @@ def test_run_goes_queued_running_succeeded_and_v1_answers(client, sm, app, tmp_p
     history = client.predict(api_name="/train_history")
     assert history[0]["run"] == run_id and history[0]["status"] == "succeeded"
     assert history[0]["version"] == "v1" and history[0]["final loss"]
-    # The served model switched: v1 answers, next to the base, with the same seed.
+    # The served model switched: the Label tab's answers now come from v1.
+    pair = client.predict("Tell me about jazz.", "tester", api_name="/generate_pair")
+    assert pair["version"] == "v1"
+    with sm.begin() as s:
+        response = s.get(Response, pair["answers"][0]["response_id"])
+        assert response.model_version.name == "v1"
+    # Compare: v1 answers next to the base, with the same seed.
     answers = client.predict("base", "v1", "Tell me about tea.", 3, api_name="/compare")["answers"]
     assert [a["version"] for a in answers] == ["base", "v1"]
     assert all(a["text"] for a in answers)

@@ -17,7 +17,7 @@ from pathlib import Path
 from storage.db import open_db
 from storage.io import import_pairs
 from tests.app.server import start_app
-from tests.browser.test_train_compare_browser import PAIRS
+from tests.browser.test_train_compare_browser import PAIRS, wait_for_run_end
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LONG_MS = 15 * 60 * 1000
@@ -49,7 +49,7 @@ def shoot(page, out_dir: Path) -> None:
     page.get_by_label("Epochs").press("Tab")
     page.get_by_text("Advanced").click()
     page.locator("#train-button").click()
-    expect(page.locator("#train-progress")).to_contain_text("new version", timeout=LONG_MS)
+    wait_for_run_end(page)
     page.wait_for_timeout(2000)  # let the last points reach the plots
     page.screenshot(path=str(out_dir / "train.png"), full_page=True)
 

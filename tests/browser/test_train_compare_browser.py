@@ -4,6 +4,7 @@ import a few preference pairs, click Train, watch the progress bar and a curve, 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.embedded, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TRAIN_TIMEOUT_MS = 15 * 60 * 1000  # a generous ceiling; no timing is asserted
+ENDED = re.compile("succeeded|failed|cancelled")
 PAIRS = [
     ("Name a fruit.", "Apples are a crisp, sweet fruit.", "idk"),
     ("What is the capital of France?", "The capital of France is Paris.", "Some city."),
@@ -59,6 +61,15 @@ def page(app):
         browser.close()
 
 
+def wait_for_run_end(page) -> None:
+    """Wait until the progress block shows a finished run; fail with its message otherwise."""
+    from playwright.sync_api import expect
+
+    block = page.locator("#train-progress .train-progress")
+    expect(block).to_have_attribute("data-status", ENDED, timeout=TRAIN_TIMEOUT_MS)
+    assert block.get_attribute("data-status") == "succeeded", block.inner_text()
+
+
 def test_train_then_compare(page):
     from playwright.sync_api import expect
 
@@ -74,9 +85,8 @@ def test_train_then_compare(page):
     expect(progress).to_be_visible(timeout=60_000)
     # A curve is drawn (Vega renders the line marks into the plot's canvas / svg).
     expect(page.locator("#plot-loss .vega-embed")).to_be_visible(timeout=TRAIN_TIMEOUT_MS)
-    expect(page.locator("#train-progress")).to_contain_text(
-        "v1 is the new version", timeout=TRAIN_TIMEOUT_MS
-    )
+    wait_for_run_end(page)
+    expect(page.locator("#train-progress")).to_contain_text("v1 is the new version")
     expect(page.locator("#train-history")).to_contain_text("succeeded")
 
     page.get_by_role("tab", name="Compare").click()
