@@ -73,6 +73,21 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
     )
 
 
+def data_dir_problem(data_dir: Path) -> str | None:
+    """Why votes and adapters could not be saved in `data_dir`, or None when they can."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot create the data directory {data_dir}: {err.strerror}"
+    if not os.access(data_dir, os.W_OK):
+        return (
+            f"the data directory {data_dir} is read-only (a read-only file system or no write "
+            "permission); the database and adapter versions are written there. Use --data-dir "
+            "(or $DPO_STUDIO_DATA) to point at a writable directory."
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["users"]:
@@ -92,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         sign_in = sign_in_options(config.auth_file, config.host)
     except AuthFileError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    problem = data_dir_problem(config.data_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     from app.ui import build_ui
     from dpo_core.modeling import ModelLoadError, load_model

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -185,7 +186,195 @@ def scenario_train(work: Path) -> None:
     service.close()
 
 
-SCENARIOS = {"train": scenario_train}
+# ---- the app killed during a burst of votes ---------------------------------------------------
+
+
+def _burst(url: str, name: str, password: str, stop: threading.Event, acked: list[str]) -> None:
+    """Generate a pair and vote, as fast as possible, until the app dies or `stop` is set."""
+    from gradio_client import Client
+
+    from bench.label_api import LabelApi
+
+    label = LabelApi(Client(url, auth=(name, password), verbose=False))
+    i = 0
+    while not stop.is_set():
+        prompt = f"[{name} #{i}] burst"
+        i += 1
+        try:
+            pair = label.generate(prompt)
+            label.vote(pair, "a" if i % 2 else "b")
+        except Exception:  # the app is gone: whatever was not acknowledged may be lost
+            return
+        acked.append(prompt)
+
+
+def scenario_votes(work: Path) -> None:
+    print("\n== kill -9 the app during a burst of votes", flush=True)
+    model = str(harness.tiny_model(work / "tiny-model"))
+    accounts = harness.make_users(work / "users.toml", 4)
+    data_dir = work / "votes-data"
+    app = harness.serve(model, data_dir, work / "users.toml")
+    stop = threading.Event()
+    logs: dict[str, list[str]] = {name: [] for name in accounts if name != harness.ADMIN}
+    threads = [
+        threading.Thread(target=_burst, args=(app.url, n, accounts[n], stop, logs[n])) for n in logs
+    ]
+    for t in threads:
+        t.start()
+    wait_for(lambda: sum(map(len, logs.values())) >= 40, 120, "40 acknowledged votes")
+    app.proc.send_signal(signal.SIGKILL)
+    app.proc.wait()
+    acked_at_kill = sum(map(len, logs.values()))
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    acked = {(n, prompt) for n, prompts in logs.items() for prompt in prompts}
+    print(f"  killed the app (pid {app.proc.pid}) after {acked_at_kill} acknowledged votes")
+    again = harness.serve(model, data_dir, work / "users.toml")
+    try:
+        stored = {(v.annotator, v.prompt) for v in harness.stored_votes(again.db_url)}
+        lost = acked - stored
+        check("every acknowledged vote is stored after restart", not lost, f"{len(acked)} "
+              f"acknowledged, {len(stored)} stored, {len(lost)} lost")  # fmt: skip
+        extra = len(stored - acked)
+        print(f"  {extra} vote(s) stored whose answer never reached the client (in flight)")
+        ok_after = []
+        _burst_once(again.url, "ann00", accounts["ann00"], ok_after)
+        check("the restarted app takes votes", bool(ok_after))
+    finally:
+        again.stop()
+
+
+def _burst_once(url: str, name: str, password: str, acked: list[str]) -> None:
+    from gradio_client import Client
+
+    from bench.label_api import LabelApi
+
+    label = LabelApi(Client(url, auth=(name, password), verbose=False))
+    pair = label.generate(f"[{name}] after restart")
+    label.vote(pair, "a")
+    acked.append("after restart")
+
+
+# ---- the data disk fills up / the data directory is read-only --------------------------------
+
+
+def _refusal(call) -> str | None:
+    """The message a failing UI action shows (gradio_client raises AppError with it)."""
+    try:
+        call()
+    except Exception as err:
+        return str(err)
+    return None
+
+
+def _clear(message: str | None, words: tuple[str, ...]) -> bool:
+    """A short message, no traceback, that names the cause (Gradio's generic "the upstream
+    app has raised an exception" does not)."""
+    if not message or "Traceback" in message or len(message) > 400:
+        return False
+    return any(word in message.lower() for word in words)
+
+
+DISK_WORDS = ("disk", "space", "full", "could not be saved", "not saved", "storage")
+
+
+def scenario_diskfull(work: Path) -> None:
+    import resource
+
+    from gradio_client import Client
+
+    from bench.label_api import LabelApi
+
+    print("\n== the data disk fills up under the running app", flush=True)
+    model = str(harness.tiny_model(work / "tiny-model"))
+    accounts = harness.make_users(work / "users.toml", 1)
+    data_dir = work / "full-data"
+    data_dir.mkdir(parents=True)
+    port = harness.free_port()
+    # Output to a pipe: the app's log is not on the data disk (as with docker or journald).
+    cmd = harness.app_command(model, data_dir, port, work / "users.toml")
+    app = harness.launch_piped(cmd, port, data_dir)
+    try:
+        label = LabelApi(Client(app.url, auth=("ann00", accounts["ann00"]), verbose=False))
+        before = []
+        for i in range(5):
+            label.vote(label.generate(f"before the disk filled #{i}"), "a")
+            before.append(f"before the disk filled #{i}")
+        # Every write that would grow a file past 4 KiB now fails with EFBIG, as on a full disk.
+        resource.prlimit(app.proc.pid, resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        big = "x" * 200_000  # a long prompt, so the database must grow
+        message = _refusal(lambda: label.vote(label.generate(big), "a"))
+        clear = _clear(message, DISK_WORDS)
+        check("a vote on a full disk gets a clear message", clear, repr(message))
+        check("the app is still up", app.proc.poll() is None)
+        print("  app log, last lines:\n    " + "\n    ".join(app.output().splitlines()[-3:]))
+        resource.prlimit(
+            app.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        )
+        message = _refusal(lambda: label.vote(label.generate("after space was freed"), "b"))
+        check("voting works again once there is room", message is None, repr(message))
+    finally:
+        app.stop()
+    stored = {v.prompt for v in harness.stored_votes(app.db_url)}
+    kept = all(p in stored for p in before)
+    check("votes from before the disk filled are intact", kept, f"{len(stored)} stored")
+
+
+def scenario_readonly(work: Path) -> None:
+    print("\n== the app on a read-only data directory", flush=True)
+    model = str(harness.tiny_model(work / "tiny-model"))
+    accounts = harness.make_users(work / "users.toml", 1)
+    data_dir = work / "ro-data"
+    app = harness.serve(model, data_dir, work / "users.toml")  # create the database, one vote
+    try:
+        _burst_once(app.url, "ann00", accounts["ann00"], [])
+    finally:
+        app.stop()
+    before = harness.stored_votes(app.db_url)
+    # A private mount namespace: the data directory is read-only for the app alone.
+    port = harness.free_port()
+    serve = " ".join(harness.app_command(model, data_dir, port, work / "users.toml"))
+    ro = f"mount --bind {data_dir} {data_dir} && mount -o remount,bind,ro {data_dir}"
+    cmd = ["unshare", "-m", "sh", "-c", f"{ro} && exec {serve}"]
+    ro_app = harness.launch_piped(cmd, port, data_dir)
+    try:
+        if ro_app.proc.poll() is not None:
+            text = ro_app.output()
+            last = text.strip().splitlines()[-1] if text.strip() else ""
+            code = ro_app.proc.returncode
+            ok = code != 0 and "Traceback" not in text and "read-only" in last.lower()
+            check("refuses to start with a clear message", ok, f"exit {code}: {last}")
+        else:
+            from gradio_client import Client
+
+            from bench.label_api import LabelApi
+
+            label = LabelApi(Client(ro_app.url, auth=("ann00", accounts["ann00"]), verbose=False))
+            message = _refusal(lambda: label.vote(label.generate("read-only"), "a"))
+            check("a vote gets a clear message", _clear(message, ("read-only",)), repr(message))
+    finally:
+        ro_app.stop()
+    after = harness.stored_votes(app.db_url)
+    check("the data is untouched", after == before, f"{len(after)} votes")
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+SCENARIOS = {
+    "votes": scenario_votes,
+    "train": scenario_train,
+    "diskfull": scenario_diskfull,
+    "readonly": scenario_readonly,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,12 @@ votes as the database holds them, and percentiles."""
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
 import sys
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ if str(ROOT) not in sys.path:  # `python bench/load.py` from the repository root
     sys.path.insert(0, str(ROOT))
 
 from app.auth import UserStore  # noqa: E402
-from tests.app.server import AppProcess, start_app  # noqa: E402
+from tests.app.server import AppProcess, free_port, start_app  # noqa: E402, F401
 
 ADMIN = "lead"
 
@@ -150,3 +153,68 @@ def children_peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+@dataclass
+class PipedApp:
+    """An app process whose output goes to a pipe (not a file on the data disk)."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    data_dir: Path
+    lines: deque[str]
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{(self.data_dir / 'studio.db').resolve()}"
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def app_command(model: str, data_dir: Path, port: int, auth_file: Path | None) -> list[str]:
+    cmd = [sys.executable, "-m", "app", "--model", model, "--data-dir", str(data_dir)]
+    cmd += ["--port", str(port)] + (["--auth-file", str(auth_file)] if auth_file else [])
+    return cmd
+
+
+def launch_piped(cmd: list[str], port: int, data_dir: Path, timeout_s: float = 300) -> PipedApp:
+    """Run `cmd` (serving on `port`) with its output drained from a pipe; return once it
+    answers HTTP or has exited (check `proc.poll()`)."""
+    import os
+    import urllib.request
+
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    app = PipedApp(proc, f"http://127.0.0.1:{port}/", data_dir, deque(maxlen=2000))
+
+    def drain() -> None:
+        for raw in proc.stdout:  # type: ignore[union-attr]
+            app.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(app.url, timeout=5) as response:
+                if response.status == 200:
+                    return app
+        except OSError:
+            time.sleep(0.5)
+    if proc.poll() is None:
+        app.stop()
+        raise RuntimeError(f"the app did not answer within {timeout_s} s:\n{app.output()}")
+    proc.wait()
+    time.sleep(0.2)  # let the drain thread read the last lines
+    return app

