@@ -69,6 +69,8 @@ def test_unusual_prompt_is_answered_and_stored_verbatim(app, client, prompt):
     assert pair["done"] and len(pair["answers"]) == 2
     assert all(a["response_id"] for a in pair["answers"])
     assert _stored(app, prompt.strip())
+    if len(prompt) > 50_000:  # the person is told that the model read only the start
+        assert "is longer than the model can read" in pair["notice"]
 
 
 def test_html_in_prompts_and_answers_is_shown_as_text():
