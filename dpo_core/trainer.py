@@ -9,6 +9,7 @@ optimiser keeps fp32 copies of the LoRA weights (`dpo_core.optim.MasterWeights`)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -23,6 +24,9 @@ from torch import Tensor
 
 from dpo_core import data
 from dpo_core.config import TrainConfig
+from dpo_core.guard import EvalPoint, Guard, few_pairs_warning
+from dpo_core.guard import summary as guard_summary
+from dpo_core.kl import kl_from_completions, sample_from_ids
 from dpo_core.logprobs import completion_logps
 from dpo_core.losses import preference_loss
 from dpo_core.modeling import DTYPES, LoadedModel, attach_lora, load_adapter, save_adapter
@@ -32,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[dict[str, float]], None]
 StopCheck = Callable[[], bool]
+EvalHook = Callable[[Any], dict[str, float]]
 REWARD_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                   "rewards/margins", "logps/chosen", "logps/rejected")  # fmt: skip
 
@@ -49,6 +54,9 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one dict per step
     cancelled: bool = False
     config: TrainConfig | None = None  # as run (model fields describe the loaded model)
+    stop_reason: str = ""  # plain words: how the run ended, which checkpoint was kept, why
+    stopped_early: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +67,18 @@ class Dataset:
     costs: list[int]  # tokens per pair in the batch layout, for length grouping
     reference_chosen_logps: Tensor | None = None  # (n,)
     reference_rejected_logps: Tensor | None = None
+
+
+@dataclass
+class Hooks:
+    """The caller's callbacks (see `train`)."""
+
+    on_step: StepCallback | None = None
+    should_stop: StopCheck | None = None
+    on_eval: EvalHook | None = None
+
+    def stop(self) -> bool:
+        return self.should_stop is not None and self.should_stop()
 
 
 @dataclass
@@ -102,13 +122,21 @@ def train(
     heldout: list[dict[str, Any]] | None = None,
     on_step: StepCallback | None = None,
     should_stop: StopCheck | None = None,
+    on_eval: EvalHook | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `pairs` with DPO and save it atomically to `out_dir`.
 
+    `heldout` pairs are evaluated at evaluation points; without them, `config.heldout_fraction`
+    of the prompts are held out when that leaves `config.min_heldout_pairs`. With enough
+    held-out pairs the guard (`dpo_core.guard`) keeps the best checkpoint within the KL
+    ceiling and may stop early; `TrainResult.stop_reason` says what happened.
+
     `on_step` gets each step's metrics (TRL names plus `step`, `total_steps`, `epoch`, and
-    `eval/...` at evaluation points). `should_stop` is polled between optimiser steps; when it
-    returns True the run ends, nothing is saved and the result is marked cancelled. `lm.model`
-    must be the base model; it is left as it was (the adapter is removed at the end).
+    `eval/...` incl. `eval/kl` at evaluation points). `should_stop` is polled between optimiser
+    steps; when it returns True the run ends, nothing is saved and the result is marked
+    cancelled. `on_eval(model)` runs at each evaluation point with the policy (adapter on,
+    eval mode) and returns more `eval/...` metrics. `lm.model` must be the base model; it is
+    left as it was (the adapter is removed at the end).
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -116,13 +144,16 @@ def train(
     if _is_peft(lm.model):
         raise ValueError("pass the base model; to continue an adapter set config.init_adapter")
     config = resolved_config(config, lm)
+    if heldout is None:
+        pairs, heldout = split_heldout(pairs, config)
     train_set = prepare_dataset(lm.tokenizer, pairs, config, "training")
-    eval_set = prepare_dataset(lm.tokenizer, heldout, config, "held-out") if heldout else None
+    eval_set = heldout_dataset(lm.tokenizer, heldout, config)
     total_steps = config.epochs * steps_per_epoch(len(train_set.pairs), config)
     torch.manual_seed(config.seed)
     policy = prepare_policy(lm, config, total_steps)
+    hooks = Hooks(on_step, should_stop, on_eval)
     try:
-        return _run(lm, policy, train_set, eval_set, config, out_dir, on_step, should_stop)
+        return _run(lm, policy, train_set, eval_set, config, out_dir, hooks)
     except TrainingCancelled:
         logger.info("training cancelled; nothing saved")
         return TrainResult(adapter_dir=None, metrics={}, cancelled=True, config=config)
@@ -137,33 +168,98 @@ def _run(
     eval_set: Dataset | None,
     config: TrainConfig,
     out_dir: Path,
-    on_step: StepCallback | None,
-    should_stop: StopCheck | None,
+    hooks: Hooks,
 ) -> TrainResult:
-    stop = should_stop or (lambda: False)
     t0 = time.perf_counter()
     for dataset in (train_set, eval_set):
         if dataset is not None:
-            fill_reference_logps(policy.model, dataset, lm, config, stop)
+            fill_reference_logps(policy.model, dataset, lm, config, hooks.stop)
+    guard, why_off = make_guard(eval_set, config)
+    warnings = [w for w in (few_pairs_warning(len(train_set.pairs)),) if w]
+    for warning in warnings:
+        logger.warning(warning)
     total_steps = config.epochs * steps_per_epoch(len(train_set.pairs), config)
     history: list[dict[str, float]] = []
+    best_weights, stop = None, None
     for step, epoch, micro_batches in iterate_steps(train_set, config):
-        if stop():
+        if hooks.stop():
             raise TrainingCancelled
         metrics = train_step(policy, micro_batches, train_set, lm, config)
         metrics.update(step=step, total_steps=total_steps, epoch=epoch)
-        if eval_set is not None and is_eval_step(step, total_steps, config):
-            metrics.update(evaluate(policy.model, eval_set, lm, config))
+        if eval_set is not None and is_eval_step(step, total_steps, train_set, config):
+            metrics.update(evaluate_point(policy.model, eval_set, lm, config, hooks.on_eval))
+            if guard is not None:
+                decision = guard.observe(eval_point(step, metrics))
+                best_weights = snapshot(policy) if decision.keep else best_weights
+                stop = decision.stop
         history.append(metrics)
         logger.info("step %d/%d loss %.4f", step, total_steps, metrics["loss"])
-        if on_step is not None:
-            on_step(dict(metrics))
-    if stop():
+        if hooks.on_step is not None:
+            hooks.on_step(dict(metrics))
+        if stop:
+            break
+    if hooks.stop():
         raise TrainingCancelled
-    final = final_metrics(history, len(train_set.pairs), time.perf_counter() - t0)
+    kept = guard.best.step if guard is not None and guard.best is not None else step
+    if kept != step:
+        restore(policy, best_weights)
+    reason = guard_summary(guard, stop, step, total_steps, why_off)
+    logger.info(reason)
+    final = final_metrics(history, len(train_set.pairs), time.perf_counter() - t0, kept)
     policy.masters.restore_fp32()
-    adapter = save_result(policy.model, out_dir, config, final)
-    return TrainResult(adapter_dir=adapter, metrics=final, history=history, config=config)
+    adapter = save_result(policy.model, out_dir, config, final | {"stop_reason": reason})
+    return TrainResult(
+        adapter_dir=adapter, metrics=final, history=history, config=config,
+        stop_reason=reason, stopped_early=stop is not None, warnings=warnings,
+    )  # fmt: skip
+
+
+def split_heldout(
+    pairs: list[dict[str, Any]], config: TrainConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Hold out `config.heldout_fraction` of the prompts, when that leaves at least
+    `config.min_heldout_pairs`; else keep every pair for training. Stable: a prompt is held
+    out when a hash of its text falls below the fraction (the rule of `app.heldout`)."""
+    held = [p for p in pairs if _prompt_bucket(p) < config.heldout_fraction]
+    if len(held) < config.min_heldout_pairs or len(held) == len(pairs):
+        return pairs, None
+    kept = [p for p in pairs if _prompt_bucket(p) >= config.heldout_fraction]
+    logger.info("holding out %d of %d pairs for evaluation", len(held), len(pairs))
+    return kept, held
+
+
+def _prompt_bucket(pair: Any) -> float:
+    """A stable number in [0, 1) for a pair's prompt text (2.0 for a malformed pair, which
+    then stays in training and gets its error message there)."""
+    prompt = pair.get("prompt") if isinstance(pair, dict) else None
+    if isinstance(prompt, list):
+        prompt = "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
+    if not isinstance(prompt, str):
+        return 2.0
+    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def make_guard(eval_set: Dataset | None, config: TrainConfig) -> tuple[Guard | None, str | None]:
+    """The guard when it is on and there are enough held-out pairs, else why it is off."""
+    if not config.early_stopping:
+        return None, "early_stopping is off"
+    n = len(eval_set.pairs) if eval_set is not None else 0
+    if n < config.min_heldout_pairs:
+        return None, (
+            f"{n} held-out pairs, fewer than the {config.min_heldout_pairs} it needs "
+            "(label more pairs or raise the held-out fraction)"
+        )
+    return Guard(kl_ceiling=config.kl_ceiling, patience=config.patience), None
+
+
+def eval_point(step: int, metrics: dict[str, float]) -> EvalPoint:
+    return EvalPoint(
+        step=step,
+        accuracy=metrics["eval/rewards/accuracies"],
+        loss=metrics["eval/loss"],
+        kl=metrics.get("eval/kl"),
+    )
 
 
 def _is_peft(model: Any) -> bool:
@@ -193,6 +289,22 @@ def prepare_dataset(
         raise ValueError(f"no usable {name} pairs: all {len(pairs)} were dropped ({reasons})")
     costs = [p.cost(config.share_prompt) for p in tokenized.pairs]
     return Dataset(tokenized.pairs, costs)
+
+
+def heldout_dataset(
+    tokenizer: Any, heldout: list[dict[str, Any]] | None, config: TrainConfig
+) -> Dataset | None:
+    """Held-out pairs to evaluate, or None. Malformed pairs are an error; pairs that are all
+    dropped by truncation only cost the evaluation (a warning), not the run."""
+    if not heldout:
+        return None
+    try:
+        return prepare_dataset(tokenizer, heldout, config, "held-out")
+    except data.PairError:
+        raise
+    except ValueError as err:
+        logger.warning("%s; training without evaluation", err)
+        return None
 
 
 def prepare_policy(lm: LoadedModel, config: TrainConfig, total_steps: int) -> Policy:
@@ -356,6 +468,45 @@ def evaluate(model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig)
     return reward_metrics(parts, prefix="eval/")
 
 
+def evaluate_point(
+    model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig, on_eval: EvalHook | None
+) -> dict[str, float]:
+    """Everything measured at an evaluation point: held-out reward metrics, the KL readout
+    and the caller's own `on_eval` metrics."""
+    metrics = evaluate(model, dataset, lm, config)
+    if config.kl_prompts > 0:
+        metrics.update(kl_readout(model, dataset, lm, config))
+    if on_eval is not None:
+        model.eval()
+        metrics.update(on_eval(model))
+        model.train()
+    return metrics
+
+
+def kl_readout(model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig) -> dict:
+    """Monte Carlo KL(policy || base) per answer on the first `kl_prompts` held-out prompts
+    (`eval/kl`, its standard error `eval/kl_stderr`); the same seed at every point."""
+    prompts = list(dict.fromkeys(tuple(p.prompt_ids) for p in dataset.pairs))[: config.kl_prompts]
+    completions = sample_from_ids(
+        lm, model, [list(p) for p in prompts], max_new_tokens=config.kl_max_new_tokens,
+        seed=config.seed, batch_size=config.batch_size * 4,
+    )  # fmt: skip
+    estimate = kl_from_completions(lm, model, completions)
+    return {"eval/kl": estimate.kl, "eval/kl_stderr": estimate.stderr}
+
+
+def snapshot(policy: Policy) -> list[Tensor]:
+    """A copy of the trainable weights (fp32 masters), kept on the CPU."""
+    return [m.detach().to("cpu", copy=True) for m in policy.masters.masters]
+
+
+@torch.no_grad()
+def restore(policy: Policy, weights: list[Tensor]) -> None:
+    for master, saved in zip(policy.masters.masters, weights, strict=True):
+        master.copy_(saved)
+    policy.masters.masters_to_params()
+
+
 def iterate_steps(dataset: Dataset, config: TrainConfig) -> Iterator[tuple[int, float, list]]:
     """(step, fractional epoch, micro-batches of pair indices) for the whole run."""
     per_epoch = steps_per_epoch(len(dataset.pairs), config)
@@ -376,18 +527,25 @@ def steps_per_epoch(num_pairs: int, config: TrainConfig) -> int:
     return math.ceil(num_pairs / (config.batch_size * config.grad_accum))
 
 
-def is_eval_step(step: int, total_steps: int, config: TrainConfig) -> bool:
-    return step == total_steps or (config.eval_every > 0 and step % config.eval_every == 0)
+def is_eval_step(step: int, total_steps: int, dataset: Dataset, config: TrainConfig) -> bool:
+    """Every `eval_every` steps (0: at the end of each epoch), and after the last step."""
+    every = config.eval_every or steps_per_epoch(len(dataset.pairs), config)
+    return step == total_steps or step % every == 0
 
 
-def final_metrics(history: list[dict[str, float]], num_pairs: int, seconds: float) -> dict:
-    """Means over the last epoch's steps, the last evaluation, and run totals."""
-    last_epoch = math.ceil(history[-1]["epoch"]) - 1
-    steps = [h for h in history if h["epoch"] > last_epoch]
+def final_metrics(
+    history: list[dict[str, float]], num_pairs: int, seconds: float, kept_step: int | None = None
+) -> dict:
+    """For the weights kept (the last step, or the guard's best `kept_step`): train means over
+    that epoch's steps up to it and its evaluation; then run totals."""
+    upto = [h for h in history if kept_step is None or h["step"] <= kept_step]
+    last_epoch = math.ceil(upto[-1]["epoch"]) - 1
+    steps = [h for h in upto if h["epoch"] > last_epoch]
     out = {k: sum(h[k] for h in steps) / len(steps) for k in REWARD_METRICS}
-    out.update({k: v for k, v in history[-1].items() if k.startswith("eval/")})
+    out.update({k: v for k, v in upto[-1].items() if k.startswith("eval/")})
     out.update(
         num_pairs=num_pairs,
+        kept_step=upto[-1]["step"],
         steps=len(history),
         epochs=history[-1]["epoch"],
         train_runtime_s=seconds,

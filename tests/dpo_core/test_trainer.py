@@ -156,10 +156,20 @@ def test_bad_input_is_a_clear_error(tiny_lm, tmp_path):
     same = [{"prompt": "Hi", "chosen": "same", "rejected": "same"}]
     with pytest.raises(ValueError, match="no usable training pairs: all 1 were dropped"):
         trainer.train(tiny_lm, same, small_config(), tmp_path / "v1")
+    blank = [{"prompt": " ", "chosen": "a", "rejected": "b"}]
+    with pytest.raises(ValueError, match="pair 1 prompt is empty"):
+        trainer.train(tiny_lm, PAIRS, small_config(), tmp_path / "v1", heldout=blank)
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         trainer.train(tiny_lm, PAIRS, small_config(), tmp_path / "taken")
     assert not isinstance(tiny_lm.model, PeftModel)
+
+
+def test_unusable_heldout_pairs_only_skip_the_evaluation(tiny_lm, tmp_path, caplog):
+    same = [{"prompt": "Hi", "chosen": "same", "rejected": "same"}]
+    result = trainer.train(tiny_lm, PAIRS, small_config(epochs=1), tmp_path / "v1", heldout=same)
+    assert result.adapter_dir is not None and "eval/loss" not in result.metrics
+    assert "no usable held-out pairs" in caplog.text
 
 
 def test_load_pairs_jsonl_names_the_bad_line(tmp_path):
