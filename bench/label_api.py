@@ -26,16 +26,17 @@ class LabelApi:
             base_url=client.src, cookies=client.cookies, headers=client.headers, timeout=60
         )
 
-    def generate(self, prompt: str) -> tuple[int, int]:
-        """Stream a pair for `prompt`; returns the stored response ids (A, B)."""
-        final = self.client.predict(prompt, api_name="/generate_pair")
+    def generate(self, prompt: str, annotator: str = "") -> tuple[int, int]:
+        """Stream a pair for `prompt`; returns the stored response ids (A, B). `annotator`
+        is only used without sign-in (with it, the signed-in user is the annotator)."""
+        final = self.client.predict(prompt, annotator, api_name="/generate_pair")
         a, b = final["answers"]
         return a["response_id"], b["response_id"]
 
-    def vote(self, pair: tuple[int, int], choice: str) -> dict[str, Any]:
+    def vote(self, pair: tuple[int, int], choice: str, annotator: str = "") -> dict[str, Any]:
         """Record a vote on (A, B); returns the app's answer, raises VoteError on an error."""
         r = self.http.post(
-            "gradio_api/call/vote", json={"data": [pair[0], pair[1], choice, "", "", None]}
+            "gradio_api/call/vote", json={"data": [pair[0], pair[1], choice, annotator, "", None]}
         )
         r.raise_for_status()
         event_id = r.json()["event_id"]
