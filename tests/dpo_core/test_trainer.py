@@ -95,6 +95,7 @@ def _step_gradients(model_dir, config: TrainConfig) -> list[torch.Tensor]:
         {"batch_size": 1, "grad_accum": 4},
         {"max_forward_tokens": 8},  # one pair per forward pass
         {"share_prompt": False},  # the padded [chosen; rejected] layout
+        {"gradient_checkpointing": True},
     ],
 )
 def test_the_step_gradient_does_not_depend_on_how_the_batch_is_split(tiny_model_dir, variant):
