@@ -44,9 +44,7 @@ def _client(app, name: str) -> Client:
 
 @pytest.fixture(scope="module")
 def named_endpoints(app) -> dict:
-    return _client(app, "boss").view_api(print_info=False, return_format="dict")[
-        "named_endpoints"
-    ]
+    return _client(app, "boss").view_api(print_info=False, return_format="dict")["named_endpoints"]
 
 
 def test_every_named_endpoint_refuses_a_request_without_session(app, named_endpoints):
