@@ -162,25 +162,16 @@ def make_handlers(service: LabelService, tab: LabelTab) -> dict[str, Any]:
             yield {tab.status: f"⚠️ {err}", tab.pair: None, **buttons(False)}
 
     def render(pair: PairProgress, first: bool) -> dict[Any, Any]:
-        out: dict[Any, Any] = {tab.status: status_text(pair), tab.pair: pair.to_dict()}
+        out = {tab.status: status_text(pair), tab.pair: pair.to_dict(), **buttons(pair.done)}
         if first:
             out[tab.prompt] = safe_markdown(pair.prompt)
-            out.update(buttons(False))
-        answers = pair.answers or ()
-        for answer, text_box, count_box in zip(
-            answers, (tab.answer_a, tab.answer_b), (tab.count_a, tab.count_b), strict=False
-        ):
-            text_box_value = safe_markdown(answer.text, empty="*(no answer yet)*")
-            out[text_box] = text_box_value if answer.text or answer.finished else "…"
-            suffix = "" if answer.finished else " …"
-            out[count_box] = f"{answer.num_tokens} tokens{suffix}"
-        if first or not answers:
-            for box in (tab.answer_a, tab.answer_b):
-                out.setdefault(box, "…")
-            for box in (tab.count_a, tab.count_b):
-                out.setdefault(box, "")
-        if pair.done:
-            out.update(buttons(True))
+        panes = ((tab.answer_a, tab.count_a), (tab.answer_b, tab.count_b))
+        if not pair.answers:
+            for box, count in panes:
+                out[box], out[count] = "…", ""
+        for answer, (box, count) in zip(pair.answers, panes, strict=True):
+            out[box] = safe_markdown(answer.text, empty="*(empty)*" if answer.finished else "…")
+            out[count] = f"{answer.num_tokens} tokens" + ("" if answer.finished else " …")
         return out
 
     def vote(choice: str):

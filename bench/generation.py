@@ -18,6 +18,7 @@ Time to first token is until *both* panes show a token. Peak RSS covers the whol
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -136,7 +137,9 @@ def main() -> None:
     rss2 = rss_mb()
     kinds = generator.fast.weight_kinds() if generator.fast else {"engine": "standard"}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model dtype {lm.dtype}")
-    print(f"ours: weights {kinds}; packing took {pack_s:.1f} s")
+    print("load average at start: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
+    decode_threads = generator.fast.decode_threads if generator.fast else None
+    print(f"ours: weights {kinds}; packing took {pack_s:.1f} s; decode threads {decode_threads}")
     print(f"RSS: start {rss0:.0f} MB, +fp32 model {rss1 - rss0:.0f} MB, ", end="")
     print(f"+{lm.dtype} model and packed weights {rss2 - rss1:.0f} MB")
 
@@ -163,6 +166,7 @@ def main() -> None:
         print(f"{name:8s} {total:8.2f} {first:12.3f} {tps:9.1f} {naive_total / total:8.1f}x")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB")
+    print("load average at end: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ Prefill (many tokens at once) uses the model's own weights, so the prompt is rea
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,21 +99,36 @@ class QuantizedWeight:
         return torch.ops.aten._weight_int8pack_mm(x, self.data, self.scales)
 
 
-def quantize_int4(w: torch.Tensor) -> tuple[QuantizedWeight, float]:
-    """Asymmetric int4 with groups of 32 along K; returns the weight and its mean relative error."""
+def _int4_levels(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit levels of w (N, K) in groups of 32 along K: (levels, scale, low), with
+    w ~= levels * scale + low per group."""
     n, k = w.shape
     groups = w.float().view(n, k // INT4_GROUP, INT4_GROUP)
     low, high = groups.amin(-1), groups.amax(-1)
     scale = ((high - low) / 15).clamp(min=1e-12)  # (N, K/32)
-    q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+    levels = ((groups - low[..., None]) / scale[..., None]).round_().clamp_(0, 15)
+    return levels, scale, low
+
+
+def int4_error(w: torch.Tensor, sample_rows: int = 256) -> float:
+    """Mean relative error of 4-bit groups of 32 on a sample of rows: ~0 for a weight that is
+    already on such a grid (a Q4_1 GGUF), ~0.08 for a dense one."""
+    rows = w[:: max(1, w.shape[0] // sample_rows)]
+    levels, scale, low = _int4_levels(rows)
+    scale, low = scale.to(w.dtype).float(), low.to(w.dtype).float()  # as the kernel stores them
+    rebuilt = levels * scale[..., None] + low[..., None]
+    groups = rows.float().view_as(rebuilt)
+    return float((rebuilt - groups).abs().mean() / groups.abs().mean().clamp(min=1e-12))
+
+
+def quantize_int4(w: torch.Tensor) -> QuantizedWeight:
+    """Pack w (N, K) for `_weight_int4pack_mm_for_cpu` (groups of 32, a scale and zero each)."""
+    n, k = w.shape
+    levels, scale, low = _int4_levels(w)
     # The kernel dequantizes as (q - 8) * scale + zero, so zero = low + 8 * scale.
     scales = torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous().to(w.dtype)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 2)
-    rebuilt = (q - 8) * scales[..., 0].t().float()[..., None] + scales[..., 1].t().float()[
-        ..., None
-    ]
-    error = (rebuilt - groups).abs().mean() / groups.abs().mean().clamp(min=1e-12)
-    return QuantizedWeight("int4", packed, scales), float(error)
+    q = levels.view(n, k).to(torch.int32)
+    return QuantizedWeight("int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), scales)
 
 
 def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
@@ -129,9 +146,8 @@ def quantize(w: torch.Tensor, mode: str) -> QuantizedWeight | None:
     candidates: list[QuantizedWeight] = []
     if mode in ("auto", "int4") and k % INT4_GROUP == 0 and n % 16 == 0:
         try:
-            q4, error = quantize_int4(w)
-            if mode == "int4" or error < LOSSLESS_INT4:
-                candidates.append(q4)
+            if mode == "int4" or int4_error(w) < LOSSLESS_INT4:
+                candidates.append(quantize_int4(w))
         except RuntimeError as err:  # no int4 kernel for this shape or build
             logger.debug("int4 packing unavailable: %s", err)
     if mode in ("auto", "int8") or (mode == "int4" and not candidates):
@@ -293,11 +309,31 @@ class PackedLayer:
     modules: dict[str, list[Any]]  # group name -> the model's projection modules (for LoRA)
 
 
+@contextlib.contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (None: leave the setting alone)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class FastLlama:
-    """The packed form of one Llama-family model; build once, then open a session per request."""
+    """The packed form of one Llama-family model; build once, then open a session per request.
+
+    decode_threads: intra-op threads for a decoding step. A step is ~500 small ops on a couple
+    of rows, so on CPU one thread is the default: a second one adds a synchronisation per op
+    for little work, and when the cores are shared (a training worker next door) OpenMP's
+    spinning threads made steps ~10x slower in our measurements. Prefill keeps torch's setting.
+    """
 
     @torch.no_grad()
-    def __init__(self, model: Any, mode: str = "auto") -> None:
+    def __init__(self, model: Any, mode: str = "auto", decode_threads: int | None = 1) -> None:
         if mode not in WEIGHT_MODES:
             raise ValueError(f"unknown weight mode {mode!r}; choose one of {WEIGHT_MODES}")
         reason = unsupported_reason(model)
@@ -307,9 +343,8 @@ class FastLlama:
         base = base_model_of(model)
         config = base.config
         self.device = base.lm_head.weight.device
-        if mode == "auto":
-            mode = "auto" if self.device.type == "cpu" else "none"
-        self.mode = mode
+        self.mode = "none" if mode == "auto" and self.device.type != "cpu" else mode
+        self.decode_threads = decode_threads if self.device.type == "cpu" else None
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
@@ -319,8 +354,9 @@ class FastLlama:
         self.norm = base.model.norm.weight
         self.dtype = self.embed.dtype
         self.rotary = base.model.rotary_emb
-        self.layers = [self._pack_layer(layer) for layer in base.model.layers]
-        self.head = PackedHead(base.lm_head.weight, mode)
+        with intra_op_threads(self.decode_threads):  # same reason as for decoding
+            self.layers = [self._pack_layer(layer) for layer in base.model.layers]
+            self.head = PackedHead(base.lm_head.weight, self.mode)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         kinds = sorted({lin.kind for layer in self.layers for lin in _linears(layer)})
         logger.info("fast decoder ready: weights %s, head %s", "/".join(kinds), self.head.kind)
@@ -457,7 +493,8 @@ class FastSession:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,); returns next-token logits (B, V) float32."""
         x = F.embedding(tokens.to(self.fast.device)[:, None], self.fast.embed)  # (B, 1, C)
-        logits = self._forward(x, self.pos, self.step_lora, None)
+        with intra_op_threads(self.fast.decode_threads):
+            logits = self._forward(x, self.pos, self.step_lora, None)
         self.pos += 1
         return logits
 
