@@ -110,6 +110,15 @@ def status_text(pair: PairProgress) -> str:
     )
 
 
+def user_errors(start: Any) -> Iterator[Any]:
+    """Iterate the generator `start()` returns; a ValueError (bad input, empty queue) from
+    starting or iterating it is yielded as the last item instead of raised."""
+    try:
+        yield from start()
+    except ValueError as err:
+        yield err
+
+
 def make_handlers(service: LabelService, tab: LabelTab) -> dict[str, Any]:
     vote_buttons = list(tab.votes.values())
 
@@ -146,30 +155,31 @@ def make_handlers(service: LabelService, tab: LabelTab) -> dict[str, Any]:
             return
         settings = LabelSettings((temperature_a, temperature_b), top_p, int(max_new_tokens))
         name = annotator_name(request, annotator)
-        try:
-            pairs = service.generate_pair(
+        pairs = user_errors(
+            lambda: service.generate_pair(
                 name,
                 typed=req.get("text"),
                 skipped=skipped or [],
                 settings=settings,
                 prompt_id=req.get("prompt_id"),
             )
-            first = True
-            for pair in pairs:
-                yield render(pair, first)
-                first = False
-        except ValueError as err:
-            yield {tab.status: f"⚠️ {err}", tab.pair: None, **buttons(False)}
+        )
+        for i, pair in enumerate(pairs):
+            if isinstance(pair, ValueError):  # a message for the user, not a crash
+                yield {tab.status: f"⚠️ {pair}", tab.pair: None, **buttons(False)}
+            else:
+                yield render(pair, first=i == 0)
 
     def render(pair: PairProgress, first: bool) -> dict[Any, Any]:
         out = {tab.status: status_text(pair), tab.pair: pair.to_dict(), **buttons(pair.done)}
         if first:
             out[tab.prompt] = safe_markdown(pair.prompt)
         panes = ((tab.answer_a, tab.count_a), (tab.answer_b, tab.count_b))
-        if not pair.answers:
-            for box, count in panes:
+        answers = pair.answers or (None, None)
+        for answer, (box, count) in zip(answers, panes, strict=True):
+            if answer is None:  # waiting for the model
                 out[box], out[count] = "…", ""
-        for answer, (box, count) in zip(pair.answers, panes, strict=True):
+                continue
             out[box] = safe_markdown(answer.text, empty="*(empty)*" if answer.finished else "…")
             out[count] = f"{answer.num_tokens} tokens" + ("" if answer.finished else " …")
         return out
