@@ -31,6 +31,7 @@ DEFAULT_PROMPTS = APP_DIR / "default_prompts.txt"
 DEFAULT_GUIDELINES = APP_DIR / "guidelines.md"
 CHOICES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 SEED_RANGE = 2**31 - 1
+MAX_NAME_CHARS = 200  # storage's annotator column
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,8 @@ class LabelService:
             raise ValueError(f"unknown choice {choice!r}; use one of {', '.join(CHOICES)}")
         if not annotator or not annotator.strip():
             raise ValueError("Type your name before voting: votes are recorded per annotator.")
+        if len(annotator.strip()) > MAX_NAME_CHARS:
+            raise ValueError(f"The name is too long: at most {MAX_NAME_CHARS} characters.")
         with self.sm.begin() as s:
             preference, new = repo.record_preference(
                 s,

@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 
 from app.auth import annotator_name
-from app.label import CHOICES, LabelService, LabelSettings, PairProgress
+from app.label import CHOICES, MAX_NAME_CHARS, LabelService, LabelSettings, PairProgress
 from app.safe_text import safe_markdown
 
 logger = logging.getLogger(__name__)
@@ -250,6 +250,7 @@ def layout(service: LabelService) -> LabelTab:
         annotator = gr.Textbox(
             label="Your name",
             placeholder="Votes are recorded under this name",
+            max_length=MAX_NAME_CHARS,
             scale=1,
             elem_id="label-annotator",
         )

@@ -121,6 +121,8 @@ def test_bad_votes_get_clear_messages(client):
         client.predict(*_ids(pair), "maybe", "ann", api_name="/vote")
     with pytest.raises(Exception, match="no response with id 999999"):
         client.predict(_ids(pair)[0], 999_999, "a", "ann", api_name="/vote")
+    with pytest.raises(Exception, match="name is too long"):
+        client.predict(*_ids(pair), "a", "x" * 300, api_name="/vote")
 
 
 def test_huge_prompt_is_cut_to_the_context_with_a_notice(client, sm):
