@@ -65,8 +65,26 @@ class TrainConfig:
         0.0, "LoRA dropout (0: noise would blur the policy/reference log-ratio)", "lora"
     )
     lora_target_modules: tuple[str, ...] = _f(LORA_TARGETS, "modules that get LoRA", "lora")
-    # evaluation
-    eval_every: int = _f(0, "evaluate held-out pairs every N steps (0: only at the end)", "eval")
+    # evaluation and the over-optimisation guard (docs/defaults.md)
+    eval_every: int = _f(
+        0, "evaluate held-out pairs every N steps (0: at the end of each epoch)", "eval"
+    )
+    heldout_fraction: float = _f(
+        0.15, "with no held-out pairs given, hold out this share of the prompts", "eval"
+    )
+    early_stopping: bool = _f(
+        True,
+        "keep the best held-out checkpoint within the KL ceiling, stop when it is passed or "
+        "nothing improves (needs min_heldout_pairs held-out pairs)",
+        "eval",
+    )
+    min_heldout_pairs: int = _f(8, "fewest held-out pairs for early stopping", "eval")
+    kl_ceiling: float = _f(
+        20.0, "KL(policy || base) per sampled answer, in nats, that stops the run", "eval"
+    )
+    patience: int = _f(2, "evaluations without a better held-out accuracy or loss", "eval")
+    kl_prompts: int = _f(8, "held-out prompts sampled for the KL readout (0: no readout)", "eval")
+    kl_max_new_tokens: int = _f(96, "tokens per answer sampled for the KL readout", "eval")
 
     def __post_init__(self) -> None:
         self.lora_target_modules = tuple(self.lora_target_modules)  # a list after JSON
@@ -77,7 +95,7 @@ class TrainConfig:
         self.lora_settings()  # validates r, alpha, dropout, targets
         if "lm_head" in self.lora_target_modules:
             raise ValueError("lora_target_modules: LoRA on lm_head is not supported")
-        _require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        self._check_eval()
 
     def _check_model(self) -> None:
         _require(bool(self.model and self.model.strip()), "model must name a model")
@@ -120,6 +138,24 @@ class TrainConfig:
         )
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+    def _check_eval(self) -> None:
+        _require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        _require(
+            0 <= self.heldout_fraction <= 0.5,
+            f"heldout_fraction must be in [0, 0.5], got {self.heldout_fraction}",
+        )
+        for name in ("min_heldout_pairs", "patience", "kl_max_new_tokens"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and value >= 1,
+                f"{name} must be a positive integer, got {value}",
+            )
+        _require(
+            isinstance(self.kl_prompts, int) and self.kl_prompts >= 0,
+            f"kl_prompts must be a whole number >= 0, got {self.kl_prompts}",
+        )
+        _require(self.kl_ceiling > 0, f"kl_ceiling must be > 0 nats, got {self.kl_ceiling}")
 
     def lora_settings(self) -> LoraSettings:
         return LoraSettings(

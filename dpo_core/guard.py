@@ -1,0 +1,107 @@
+"""The over-optimisation guard: best checkpoint and early stopping on held-out metrics.
+
+At each evaluation point the trainer hands the guard the held-out reward accuracy, the held-out
+loss and the KL(policy || base) estimate. A checkpoint whose KL is above the ceiling is never
+kept (its answers have drifted from the base: off-topic, babbling); among the others the best
+is the one with the highest held-out accuracy, ties going to the lower held-out loss. The run
+stops early when the KL passes the ceiling, or when neither the accuracy nor the loss improved
+for `patience` evaluations in a row. Pure bookkeeping: no model, no tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Fewer training pairs than this rarely change the answers visibly (docs/defaults.md).
+MIN_PAIRS_FOR_VISIBLE_CHANGE = 30
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    step: int
+    accuracy: float  # held-out implicit-reward accuracy
+    loss: float  # held-out preference loss
+    kl: float | None  # KL(policy || base) per answer, None when not measured
+
+
+@dataclass(frozen=True)
+class Decision:
+    keep: bool  # this checkpoint is the new best: snapshot it
+    stop: str | None  # why the run should stop now, in plain words (None: go on)
+
+
+@dataclass
+class Guard:
+    kl_ceiling: float
+    patience: int
+    best: EvalPoint | None = None
+    points: list[EvalPoint] = field(default_factory=list)
+    _best_accuracy: float = -1.0
+    _best_loss: float = float("inf")
+    _stale: int = 0  # evaluations in a row without a better accuracy or loss
+
+    def observe(self, point: EvalPoint) -> Decision:
+        self.points.append(point)
+        if point.kl is not None and point.kl > self.kl_ceiling:
+            return Decision(False, self._kl_reason(point))
+        improved = point.accuracy > self._best_accuracy or point.loss < self._best_loss
+        self._best_accuracy = max(self._best_accuracy, point.accuracy)
+        self._best_loss = min(self._best_loss, point.loss)
+        self._stale = 0 if improved else self._stale + 1
+        keep = self.best is None or (point.accuracy, -point.loss) > (
+            self.best.accuracy,
+            -self.best.loss,
+        )
+        if keep:
+            self.best = point
+        if self._stale >= self.patience:
+            return Decision(keep, self._stale_reason(point))
+        return Decision(keep, None)
+
+    def _kl_reason(self, point: EvalPoint) -> str:
+        return (
+            f"the answers drifted too far from the base model at step {point.step} "
+            f"(KL {point.kl:.1f} nats per answer, ceiling {self.kl_ceiling:g}); "
+            "more training would risk off-topic or garbled answers"
+        )
+
+    def _stale_reason(self, point: EvalPoint) -> str:
+        return (
+            f"held-out reward accuracy and loss stopped improving "
+            f"({self.patience} evaluations in a row up to step {point.step})"
+        )
+
+
+def summary(
+    guard: Guard | None, stop: str | None, last_step: int, total_steps: int, why_off: str | None
+) -> str:
+    """One plain-words sentence or two on how the run ended and which checkpoint was kept."""
+    if stop:
+        text = f"Stopped early at step {last_step} of {total_steps}: {stop}."
+    else:
+        text = f"Trained all {total_steps} step{'s' if total_steps != 1 else ''}."
+    if guard is None:
+        return f"{text} No early stopping: {why_off}." if why_off else text
+    if guard.best is None:
+        return (
+            f"{text} Every evaluation was above the KL ceiling, so the last weights were kept; "
+            "lower the learning rate or raise beta."
+        )
+    best = guard.best
+    kl = f", KL {best.kl:.1f} nats" if best.kl is not None else ""
+    if best.step == last_step:
+        return f"{text} Kept the final weights (held-out reward accuracy {best.accuracy:.2f}{kl})."
+    return (
+        f"{text} Kept the checkpoint from step {best.step}, the best on held-out pairs "
+        f"(reward accuracy {best.accuracy:.2f}{kl})."
+    )
+
+
+def few_pairs_warning(num_pairs: int) -> str | None:
+    """A warning when there are too few training pairs to expect a visible change."""
+    if num_pairs >= MIN_PAIRS_FOR_VISIBLE_CHANGE:
+        return None
+    return (
+        f"Only {num_pairs} training pairs: with fewer than {MIN_PAIRS_FOR_VISIBLE_CHANGE} the "
+        "answers usually do not change visibly. Label more pairs for a clear effect."
+    )

@@ -1,0 +1,257 @@
+"""Monte Carlo estimate of KL(policy || base) per answer, on a set of prompts.
+
+KL(pi || ref) = E_{y ~ pi}[log pi(y|x) - log ref(y|x)]: sample answers y from the policy (the
+LoRA model), score each with both models, average the difference. The base is the same PEFT
+model with its adapter disabled, so no second copy of the weights is needed. The answers are
+sampled from the full distribution (temperature 1, no top-p) and scored token for token as they
+were sampled (the end token included when the answer ended), so the estimate is unbiased; each
+answer is capped at `max_new_tokens`, which makes it the KL of the answers' first tokens.
+
+    completions = sample_completions(lm, model, prompts, max_new_tokens=64, seed=0)
+    estimate = kl_from_completions(lm, model, completions)   # KLEstimate(kl=..., stderr=...)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dpo_core.data import PairBatch
+from dpo_core.logprobs import completion_logps
+from dpo_core.modeling import LoadedModel
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled answer: its prompt and answer token ids, decoded text, and whether it ended
+    (with the end token, which is then the last of `answer_ids`) or hit `max_new_tokens`."""
+
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+    text: str
+    finished: bool
+
+
+@dataclass(frozen=True)
+class KLEstimate:
+    """Mean and standard error of log pi(y) - log ref(y) over the sampled answers, in nats."""
+
+    kl: float
+    stderr: float
+    per_answer: tuple[float, ...]
+    mean_tokens: float
+
+    @property
+    def n(self) -> int:
+        return len(self.per_answer)
+
+
+@contextmanager
+def _autocast(lm: LoadedModel) -> Iterator[None]:
+    half = lm.dtype in (torch.bfloat16, torch.float16)
+    with torch.autocast(lm.device.type, dtype=lm.dtype) if half else nullcontext():
+        yield
+
+
+def _stop_ids(lm: LoadedModel, model: Any) -> list[int]:
+    ids = {lm.tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    return sorted(int(i) for i in ids if i is not None)
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """One user turn rendered with the chat template and the generation prompt."""
+    messages = [{"role": "user", "content": prompt}]
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def sample_completions(
+    lm: LoadedModel,
+    model: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[Completion]:
+    """Sample one answer per prompt (one user turn each) from `model`; see `sample_from_ids`."""
+    completions = sample_from_ids(
+        lm, model, [prompt_ids(lm.tokenizer, p) for p in prompts],
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        batch_size=batch_size,
+    )  # fmt: skip
+    return [replace(c, prompt=p) for c, p in zip(completions, prompts, strict=True)]
+
+
+@torch.no_grad()
+def sample_from_ids(
+    lm: LoadedModel,
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[Completion]:
+    """Sample one answer per chat-templated prompt (token ids) from `model` as it is (adapter
+    on or off), in left-padded batches of different prompts, keeping the sampled token ids.
+
+    The defaults (temperature 1, top_p 1) sample the model's own distribution, which an
+    unbiased KL estimate needs. The global torch RNG is left as it was.
+    """
+    from transformers import GenerationConfig
+
+    stop = _stop_ids(lm, model)
+    pad = lm.tokenizer.pad_token_id
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop,
+        pad_token_id=pad,
+    )
+    was_training = model.training
+    model.eval()
+    out: list[Completion] = []
+    with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            out += _sample_batch(lm, model, chunk, config, set(stop), pad)
+    model.train(was_training)
+    return out
+
+
+def _sample_batch(
+    lm: LoadedModel, model: Any, rows: list[list[int]], config: Any, stop: set[int], pad: int
+) -> list[Completion]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(rows):  # left padding: every prompt ends at the same column
+        input_ids[i, width - len(r) :] = torch.tensor(r)
+        attention_mask[i, width - len(r) :] = 1
+    with _autocast(lm):
+        generated = model.generate(
+            input_ids=input_ids.to(lm.device),
+            attention_mask=attention_mask.to(lm.device),
+            generation_config=config,
+        )[:, width:].cpu()  # (B, new tokens)
+    out = []
+    for ids, row in zip(rows, generated.tolist(), strict=True):
+        end = next((i for i, t in enumerate(row) if t in stop), None)
+        answer = row if end is None else row[: end + 1]
+        text = lm.tokenizer.decode(answer, skip_special_tokens=True).strip()
+        prompt = lm.tokenizer.decode(ids, skip_special_tokens=True)
+        out.append(Completion(prompt, tuple(ids), tuple(answer), text, end is not None))
+    return out
+
+
+def answer_batch(completions: list[Completion], pad_token_id: int) -> PairBatch:
+    """Right-padded rows `prompt + answer`, one per completion, scored on the answer tokens.
+
+    Sequence k is completion k. (A `PairBatch` counts 2 sequences per entry of `indices`;
+    only the first n are used here, the rest stay empty.)
+    """
+    width = max(len(c.prompt_ids) + len(c.answer_ids) for c in completions)
+    input_ids = torch.full((len(completions), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    rows, cols, labels = [], [], []
+    for k, c in enumerate(completions):
+        n, m = len(c.prompt_ids), len(c.answer_ids)
+        input_ids[k, : n + m] = torch.tensor(c.prompt_ids + c.answer_ids)
+        attention_mask[k, : n + m] = 1
+        rows += [k] * m
+        cols += range(n - 1, n + m - 1)  # token t is predicted at position t - 1
+        labels += c.answer_ids
+    return PairBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=torch.arange(width).expand(len(completions), width),
+        score_rows=torch.tensor(rows),
+        score_cols=torch.tensor(cols),
+        score_labels=torch.tensor(labels),
+        score_seqs=torch.tensor(rows),
+        indices=list(range(len(completions))),
+    )
+
+
+@torch.no_grad()
+def answer_logps(
+    lm: LoadedModel, model: Any, completions: list[Completion], batch_size: int = 8
+) -> Tensor:
+    """Summed log-probs (n,) of each completion's answer tokens under `model` as it is."""
+    out = torch.zeros(len(completions))
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(completions), batch_size):
+        chunk = completions[start : start + batch_size]
+        batch = answer_batch(chunk, lm.tokenizer.pad_token_id).to(lm.device)
+        with _autocast(lm):
+            logps, _ = completion_logps(model, batch)
+        out[start : start + len(chunk)] = logps[: len(chunk)].float().cpu()
+    model.train(was_training)
+    return out
+
+
+def base_logps(lm: LoadedModel, model: Any, completions: list[Completion]) -> Tensor:
+    """`answer_logps` under the base: the adapter disabled (a plain model is its own base)."""
+    context = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    with context:
+        return answer_logps(lm, model, completions)
+
+
+def kl_from_completions(lm: LoadedModel, model: Any, completions: list[Completion]) -> KLEstimate:
+    """KL(policy || base) from answers sampled from the policy (`model` with its adapter on)."""
+    if not completions:
+        raise ValueError("no sampled answers to estimate the KL from")
+    policy = answer_logps(lm, model, completions)
+    reference = base_logps(lm, model, completions)
+    diffs = (policy - reference).tolist()
+    return summarise(diffs, [len(c.answer_ids) for c in completions])
+
+
+def summarise(diffs: list[float], lengths: list[int]) -> KLEstimate:
+    """Mean and standard error of per-answer log-ratios."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    return KLEstimate(
+        kl=mean,
+        stderr=math.sqrt(var / n),
+        per_answer=tuple(diffs),
+        mean_tokens=sum(lengths) / n,
+    )
+
+
+def estimate_kl(
+    lm: LoadedModel,
+    model: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> KLEstimate:
+    """Sample one answer per prompt from the policy and estimate KL(policy || base)."""
+    completions = sample_completions(
+        lm, model, prompts, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
+    )
+    return kl_from_completions(lm, model, completions)
