@@ -1,0 +1,447 @@
+"""Choose DPO Studio's training defaults by experiment (write-up: docs/defaults.md).
+
+    .venv/bin/python bench/defaults_sweep.py sample          # answers to label (cached)
+    .venv/bin/python bench/defaults_sweep.py sweep           # the grid (cached per run)
+    .venv/bin/python bench/defaults_sweep.py table           # the markdown tables
+    .venv/bin/python bench/defaults_sweep.py pairs --rule list --out pairs.jsonl
+    .venv/bin/python bench/defaults_sweep.py evaluate --adapter DIR --rule list
+
+The embedded model answers 96 varied prompts (bench/defaults_prompts.json): 64 training prompts
+get 4 answers each (temperature 0.8, top-p 0.95, like the Label tab), 32 held-out prompts get 2
+base answers each. A rule labels the training answers: for each prompt, the answer that follows
+the rule best is `chosen`, the one that follows it least is `rejected` (no pair when they tie).
+Each grid point trains with `dpo_core.trainer.train` on the first 64 pairs and is checked at the
+end of every epoch on the held-out prompts, with one policy answer per prompt sampled from the
+model's own distribution (temperature 1, top-p 1, as the KL estimate needs):
+
+- win rate: the rule's score of the tuned answer vs each base answer (ties count half);
+- relevance: share of answers that mention the prompt's subject (tuned vs base answers);
+- fluency: mean per-token log-prob of the answers under the base model (tuned vs base answers);
+- KL(tuned || base) per answer: mean of log p_tuned(y) - log p_base(y) over the tuned answers.
+
+Everything lands in bench/out/defaults/ (samples, then one JSON line per checkpoint), so a rerun
+only computes what is missing; the machine is shared, so this is slow by design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dpo_core import kl, trainer
+from dpo_core.config import TrainConfig
+from dpo_core.modeling import load_model
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = HERE / "defaults_prompts.json"
+OUT = HERE / "out" / "defaults"
+SAMPLES = OUT / "samples.jsonl"
+RESULTS = OUT / "results.jsonl"
+N_TRAIN_PROMPTS, N_HELDOUT = 64, 32
+TRAIN_ANSWERS, BASE_ANSWERS = 4, 2
+MAX_NEW_TOKENS = 96
+LABEL_SAMPLING = {"temperature": 0.8, "top_p": 0.95}  # what the Label tab shows a person
+MAX_PAIRS = 64
+
+logger = logging.getLogger("defaults_sweep")
+
+
+# --- rules ----------------------------------------------------------------------------------
+
+LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.MULTILINE)
+
+
+def list_score(text: str) -> float:
+    """Rule `list`: how many lines are bulleted or numbered list items."""
+    return float(len(LIST_ITEM.findall(text)))
+
+
+YOU = re.compile(r"\byou(?:r|rs|rself|'re|'ll|'ve)?\b", re.IGNORECASE)
+
+
+def you_score(text: str) -> float:
+    """Rule `you`: how often the answer addresses the reader directly (you, your, ...)."""
+    return float(len(YOU.findall(text)))
+
+
+RULES = {"list": list_score, "you": you_score}
+
+
+def rule_score(rule: str, text: str) -> float:
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+    return RULES[rule](text)
+
+
+def mentions_subject(text: str, stems: list[str]) -> bool:
+    return any(re.search(r"\b" + re.escape(s), text, re.IGNORECASE) for s in stems)
+
+
+# --- stage 1: sample ------------------------------------------------------------------------
+
+
+def load_prompts() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out) prompt entries: a fixed shuffle of the prompt list."""
+    entries = json.loads(PROMPTS.read_text())
+    random.Random(0).shuffle(entries)
+    return entries[:N_TRAIN_PROMPTS], entries[N_TRAIN_PROMPTS : N_TRAIN_PROMPTS + N_HELDOUT]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def sample_stage(lm: Any, batch_size: int) -> None:
+    """Sample the training candidates and the held-out base answers, resuming a partial run."""
+    train, heldout = load_prompts()
+    jobs = [("train", e["prompt"], i, LABEL_SAMPLING) for i in range(TRAIN_ANSWERS) for e in train]
+    jobs += [("heldout", e["prompt"], i, {}) for i in range(BASE_ANSWERS) for e in heldout]
+    done = {(r["split"], r["prompt"], r["index"]) for r in read_jsonl(SAMPLES)}
+    todo = [j for j in jobs if j[:3] not in done]
+    logger.info("%d of %d answers to sample", len(todo), len(jobs))
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        t0 = time.perf_counter()
+        rows = []
+        for params in ({"temperature": 0.8, "top_p": 0.95}, {}):
+            part = [j for j in chunk if j[3] == params]
+            if not part:
+                continue
+            seed = 1000 * (start // batch_size) + len(params)
+            completions = kl.sample_completions(
+                lm, lm.model, [j[1] for j in part], max_new_tokens=MAX_NEW_TOKENS,
+                seed=seed, batch_size=batch_size, **params,
+            )  # fmt: skip
+            for (split, _, index, _), c in zip(part, completions, strict=True):
+                rows.append(sample_row(split, index, c))
+        append_jsonl(SAMPLES, rows)
+        logger.info("sampled %d answers in %.0f s", len(rows), time.perf_counter() - t0)
+
+
+def sample_row(split: str, index: int, c: kl.Completion) -> dict[str, Any]:
+    return {
+        "split": split,
+        "prompt": c.prompt,
+        "index": index,
+        "text": c.text,
+        "answer_ids": list(c.answer_ids),
+        "finished": c.finished,
+    }
+
+
+def as_completion(lm: Any, row: dict[str, Any]) -> kl.Completion:
+    ids = tuple(kl.prompt_ids(lm.tokenizer, row["prompt"]))
+    return kl.Completion(row["prompt"], ids, tuple(row["answer_ids"]), row["text"], row["finished"])
+
+
+# --- labelling ------------------------------------------------------------------------------
+
+
+def rule_pairs(rule: str, samples: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    """Pairs a person following the rule would label: for each prompt of `split`, every two
+    answers whose rule scores differ (the higher one chosen), ordered round-robin over the
+    prompts (largest score gap first), so the first N pairs spread over as many prompts as
+    possible, as repeated labelling of the same prompts in the Label tab would."""
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    for row in samples:
+        if row["split"] == split and row["text"]:
+            by_prompt.setdefault(row["prompt"], []).append(row)
+    queues = []
+    for prompt, rows in by_prompt.items():
+        rows = sorted(rows, key=lambda r: r["index"])
+        scored = [(rule_score(rule, r["text"]), r["text"]) for r in rows]
+        candidates = [
+            (a[0] - b[0], {"prompt": prompt, "chosen": a[1], "rejected": b[1]})
+            for a in scored
+            for b in scored
+            if a[0] > b[0]
+        ]
+        queues.append([pair for _, pair in sorted(candidates, key=lambda c: -c[0])])
+    pairs = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        pairs += [q[depth] for q in queues if depth < len(q)]
+    return pairs
+
+
+# --- measuring a model on the held-out prompts -----------------------------------------------
+
+
+@dataclass
+class Heldout:
+    """The held-out prompts, their subjects and the base model's answers (2 per prompt)."""
+
+    prompts: list[str]
+    subjects: dict[str, list[str]]
+    base: dict[str, list[dict[str, Any]]]  # prompt -> sample rows
+    base_fluency: dict[str, list[float]]  # prompt -> per-token base log-prob of each answer
+
+
+def load_heldout(lm: Any, samples: list[dict[str, Any]]) -> Heldout:
+    _, entries = load_prompts()
+    base: dict[str, list[dict[str, Any]]] = {e["prompt"]: [] for e in entries}
+    for row in samples:
+        if row["split"] == "heldout":
+            base[row["prompt"]].append(row)
+    rows = [r for p in base for r in base[p]]
+    logps = kl.answer_logps(lm, lm.model, [as_completion(lm, r) for r in rows])
+    fluency: dict[str, list[float]] = {p: [] for p in base}
+    for row, logp in zip(rows, logps.tolist(), strict=True):
+        fluency[row["prompt"]].append(logp / len(row["answer_ids"]))
+    subjects = {e["prompt"]: e["subject"] for e in entries}
+    return Heldout(list(base), subjects, base, fluency)
+
+
+def measure(lm: Any, model: Any, heldout: Heldout, seed: int = 0) -> dict[str, Any]:
+    """Sample one answer per held-out prompt from `model` (temperature 1) and compare it with
+    the base answers: rule win rates, relevance, fluency, KL(model || base)."""
+    completions = kl.sample_completions(
+        lm, model, heldout.prompts, max_new_tokens=MAX_NEW_TOKENS, seed=10_000 + seed,
+        batch_size=len(heldout.prompts),
+    )  # fmt: skip
+    estimate = kl.kl_from_completions(lm, model, completions)
+    policy_logps = kl.answer_logps(lm, model, completions).tolist()
+    # log p_base(y) = log p_model(y) - (log p_model(y) - log p_base(y))
+    base_logps = [p - d for p, d in zip(policy_logps, estimate.per_answer, strict=True)]
+    base_rows = [(p, r) for p in heldout.prompts for r in heldout.base[p]]
+    out: dict[str, Any] = {
+        "kl": estimate.kl,
+        "kl_stderr": estimate.stderr,
+        "relevance": _mean(
+            mentions_subject(c.text, heldout.subjects[c.prompt]) for c in completions
+        ),
+        "fluency": _mean(
+            lp / len(c.answer_ids) for lp, c in zip(base_logps, completions, strict=True)
+        ),
+        "base_relevance": _mean(
+            mentions_subject(r["text"], heldout.subjects[p]) for p, r in base_rows
+        ),
+        "base_fluency": _mean(f for p in heldout.prompts for f in heldout.base_fluency[p]),
+        "answers": [c.text for c in completions],
+    }
+    for rule in RULES:
+        out.update(rule_metrics(rule, completions, heldout))
+    return out
+
+
+def rule_metrics(rule: str, completions: list[kl.Completion], heldout: Heldout) -> dict:
+    """Win rate of each answer against each base answer to the same prompt (ties count
+    half), and the share of answers that follow the rule at all (score > 0)."""
+    outcomes, follows, base_follows = [], [], []
+    for c in completions:
+        score = rule_score(rule, c.text)
+        follows.append(score > 0)
+        for row in heldout.base[c.prompt]:
+            other = rule_score(rule, row["text"])
+            outcomes.append(1.0 if score > other else 0.5 if score == other else 0.0)
+            base_follows.append(other > 0)
+    return {
+        f"{rule}/win_rate": _mean(outcomes),
+        f"{rule}/share": _mean(follows),
+        f"{rule}/base_share": _mean(base_follows),
+    }
+
+
+def _mean(values: Any) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values)
+
+
+# --- stage 2: the grid ----------------------------------------------------------------------
+
+# (rule, learning rate, beta, loss type, epochs), most informative first; each run is
+# measured at the end of every epoch.
+GRID = [
+    ("list", 2e-4, 0.1, "sigmoid", 3),
+    ("list", 5e-4, 0.1, "sigmoid", 3),
+    ("list", 5e-5, 0.1, "sigmoid", 3),
+    ("you", 2e-4, 0.1, "sigmoid", 3),
+    ("you", 5e-4, 0.1, "sigmoid", 3),
+    ("list", 5e-4, 0.5, "sigmoid", 3),
+    ("list", 1e-3, 0.1, "sigmoid", 3),
+    ("list", 5e-4, 0.5, "ipo", 3),
+    ("you", 5e-5, 0.1, "sigmoid", 3),
+]
+
+
+def run_key(rule: str, lr: float, beta: float, loss_type: str, epochs: int) -> str:
+    return f"{rule} lr={lr:g} beta={beta:g} {loss_type} epochs={epochs}"
+
+
+def sweep_stage(lm: Any, only: str | None) -> None:
+    samples = read_jsonl(SAMPLES)
+    heldout = load_heldout(lm, samples)
+    done = {(r["run"], r["epoch"]) for r in read_jsonl(RESULTS)}
+    if ("base", 0) not in done:
+        record = {"run": "base", "epoch": 0, **measure(lm, lm.model, heldout)}
+        append_jsonl(RESULTS, [record])
+    for rule, lr, beta, loss_type, epochs in GRID:
+        key = run_key(rule, lr, beta, loss_type, epochs)
+        if (only and only not in key) or all((key, e) in done for e in range(1, epochs + 1)):
+            continue
+        config = TrainConfig(
+            learning_rate=lr, beta=beta, loss_type=loss_type, epochs=epochs,
+            early_stopping=False, kl_prompts=0, seed=0,
+        )  # fmt: skip
+        run_grid_point(lm, key, rule, config, samples, heldout)
+
+
+def run_grid_point(
+    lm: Any, key: str, rule: str, config: TrainConfig, samples: list, heldout: Heldout
+) -> None:
+    """Train one grid point; measure and record every epoch's checkpoint as it happens."""
+    pairs = rule_pairs(rule, samples, "train")[:MAX_PAIRS]
+    heldout_pairs = rule_pairs(rule, samples, "heldout")
+    logger.info("%s: %d pairs, %d held-out pairs", key, len(pairs), len(heldout_pairs))
+    t0 = time.perf_counter()
+    measured: list[dict[str, Any]] = []
+
+    def on_eval(model: Any) -> dict[str, float]:
+        measured.append(measure(lm, model, heldout))
+        return {}
+
+    def on_step(metrics: dict[str, float]) -> None:
+        if "eval/loss" not in metrics:
+            return
+        record = {
+            "run": key, "rule": rule, "learning_rate": config.learning_rate,
+            "beta": config.beta, "loss_type": config.loss_type, "epochs": config.epochs,
+            "epoch": round(metrics["epoch"]), "pairs": len(pairs),
+            "heldout_pairs": len(heldout_pairs), "train_loss": metrics["loss"],
+            "eval_loss": metrics["eval/loss"], "eval_acc": metrics["eval/rewards/accuracies"],
+            "minutes": (time.perf_counter() - t0) / 60, **measured[-1],
+        }  # fmt: skip
+        append_jsonl(RESULTS, [record])
+        logger.info("%s epoch %d: %s", key, record["epoch"], _brief(record, rule))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer.train(
+            lm, pairs, config, Path(tmp) / "adapter", heldout=heldout_pairs,
+            on_step=on_step, on_eval=on_eval,
+        )  # fmt: skip
+
+
+def _brief(r: dict[str, Any], rule: str) -> str:
+    return (
+        f"win {r[rule + '/win_rate']:.2f} share {r[rule + '/share']:.2f} "
+        f"relevance {r['relevance']:.2f} fluency {r['fluency']:.2f} kl {r['kl']:.1f}"
+    )
+
+
+# --- tables ---------------------------------------------------------------------------------
+
+
+def table(rule: str, results: list[dict[str, Any]]) -> str:
+    """One markdown table of every measured checkpoint trained on `rule`."""
+    base = next(r for r in results if r["run"] == "base")
+    head = (
+        "| lr | beta | loss | epoch | win rate | follows rule | mentions subject "
+        "| fluency (base log-prob/token) | KL (nats/answer) | held-out acc | train loss |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| base | | | | {base[rule + '/win_rate']:.2f} | {base[rule + '/share']:.2f} "
+        f"| {base['relevance']:.2f} | {base['fluency']:.2f} | 0 | | |"
+    ]
+    rows = [r for r in results if r.get("rule") == rule]
+    rows.sort(key=lambda r: (r["loss_type"], r["beta"], r["learning_rate"], r["epoch"]))
+    for r in rows:
+        lines.append(
+            f"| {r['learning_rate']:g} | {r['beta']:g} | {r['loss_type']} | {r['epoch']}"
+            f"/{r['epochs']} | {r[rule + '/win_rate']:.2f} | {r[rule + '/share']:.2f} "
+            f"| {r['relevance']:.2f} | {r['fluency']:.2f} | {r['kl']:.1f} ± {r['kl_stderr']:.1f} "
+            f"| {r['eval_acc']:.2f} | {r['train_loss']:.3f} |"
+        )
+    return head + "\n".join(lines)
+
+
+def write_pairs(rule: str, out: Path) -> None:
+    """The first 64 training pairs and all held-out pairs of a rule, as JSONL for the CLI."""
+    samples = read_jsonl(SAMPLES)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (
+        ("train.jsonl", rule_pairs(rule, samples, "train")[:MAX_PAIRS]),
+        ("heldout.jsonl", rule_pairs(rule, samples, "heldout")),
+    ):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"{out / name}: {len(rows)} pairs")
+
+
+def evaluate_adapter(adapter: Path | None, rules: list[str]) -> dict[str, Any]:
+    """Measure the base model, or an adapter on top of it, on the held-out prompts."""
+    lm = load_model("embedded", device="cpu", adapter=str(adapter) if adapter else None)
+    heldout = load_heldout_with(lm)
+    result = measure(lm, lm.model, heldout)
+    result.pop("answers")
+    return {k: v for k, v in result.items() if "/" not in k or k.split("/")[0] in rules}
+
+
+def load_heldout_with(lm: Any) -> Heldout:
+    """`load_heldout` for a model that may carry an adapter (its base answers are scored by
+    the base: the adapter is disabled)."""
+    samples = read_jsonl(SAMPLES)
+    if not hasattr(lm.model, "disable_adapter"):
+        return load_heldout(lm, samples)
+    with lm.model.disable_adapter():
+        return load_heldout(lm, samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sample = sub.add_parser("sample", help="sample answers (cached in bench/out/defaults)")
+    sample.add_argument("--batch-size", type=int, default=32)
+    sweep = sub.add_parser("sweep", help="train and measure the grid (cached per checkpoint)")
+    sweep.add_argument("--only", help="run only grid points whose key contains this")
+    sub.add_parser("table", help="print the markdown tables")
+    pairs = sub.add_parser("pairs", help="write a rule's pairs as JSONL for the CLI")
+    pairs.add_argument("--rule", choices=list(RULES), default="list")
+    pairs.add_argument("--out", type=Path, required=True)
+    evaluate = sub.add_parser("evaluate", help="measure an adapter (or the base) held out")
+    evaluate.add_argument("--adapter", type=Path)
+    evaluate.add_argument("--rule", choices=list(RULES), action="append")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.command == "sample":
+        sample_stage(load_model("embedded", device="cpu"), args.batch_size)
+    elif args.command == "sweep":
+        sweep_stage(load_model("embedded", device="cpu"), args.only)
+    elif args.command == "table":
+        results = read_jsonl(RESULTS)
+        for rule in RULES:
+            print(f"### rule `{rule}`\n\n{table(rule, results)}\n")
+    elif args.command == "pairs":
+        write_pairs(args.rule, args.out)
+    else:
+        result = evaluate_adapter(args.adapter, args.rule or list(RULES))
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
