@@ -102,6 +102,6 @@ def few_pairs_warning(num_pairs: int) -> str | None:
     if num_pairs >= MIN_PAIRS_FOR_VISIBLE_CHANGE:
         return None
     return (
-        f"Only {num_pairs} training pairs: with fewer than {MIN_PAIRS_FOR_VISIBLE_CHANGE} the "
+        f"Only {num_pairs} preference pairs: with fewer than {MIN_PAIRS_FOR_VISIBLE_CHANGE} the "
         "answers usually do not change visibly. Label more pairs for a clear effect."
     )

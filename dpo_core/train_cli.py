@@ -145,6 +145,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("training cancelled; no adapter was saved")
         return 130
     print(format_metrics(result.metrics))
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    print(result.stop_reason)
     print(f"adapter saved to {result.adapter_dir}")
     return 0
 
