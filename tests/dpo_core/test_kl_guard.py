@@ -213,7 +213,7 @@ def test_enough_pairs_turn_the_guard_on_by_holding_out_prompts(tiny_lm, tmp_path
 def test_too_few_pairs_warn_and_say_why_the_guard_is_off(tiny_lm, tmp_path):
     result = trainer.train(tiny_lm, PAIRS[:4], small_config(epochs=1), tmp_path / "v1")
     assert result.warnings == [few_pairs_warning(4)]
-    assert "Only 4 training pairs" in result.warnings[0]
+    assert "Only 4 preference pairs" in result.warnings[0]
     assert few_pairs_warning(MIN_PAIRS_FOR_VISIBLE_CHANGE) is None
     assert "No early stopping: 0 held-out pairs" in result.stop_reason
     assert result.stop_reason.startswith("Trained all 1 step.")
