@@ -18,9 +18,9 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.compare_stats import WinRate, format_rate
-from app.heldout import split_pairs
-from app.training import TrainRequest
+from app.training import TrainRequest, config_default
 from app.versions import VersionedModel
+from app.worker import stored_pairs
 from dpo_core.generation import SamplingParams
 from storage import repo, runs
 
@@ -92,11 +92,7 @@ class CompareService:
     def heldout_pairs(self) -> list[dict[str, Any]]:
         """Preference pairs no run trained on (same stable split as the latest run's)."""
         with self.sm.begin() as s:
-            train_set = repo.preference_pairs(s, split="train")
-            heldout_set = repo.preference_pairs(s, split="heldout")
-            fraction = _latest_heldout_fraction(s)
-        pairs = [as_pair(p) for p in train_set.pairs]
-        return split_pairs(pairs, fraction)[1] + [as_pair(p) for p in heldout_set.pairs]
+            return stored_pairs(s, *_latest_split(s)).heldout
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -252,9 +248,10 @@ def _check_prompt(prompt: str | None) -> str:
     return prompt.strip()
 
 
-def _latest_heldout_fraction(s: Session) -> float:
+def _latest_split(s: Session) -> tuple[float, int]:
+    """(held-out fraction, min held-out pairs) of the latest run, else the defaults."""
     for run in runs.list_runs(s):  # newest first
-        fraction = (run.config or {}).get("heldout_fraction")
-        if fraction is not None:
-            return float(fraction)
-    return TrainRequest().heldout_fraction
+        train = (run.config or {}).get("train", {})
+        if "heldout_fraction" in train:
+            return float(train["heldout_fraction"]), int(train.get("min_heldout_pairs", 1))
+    return TrainRequest().heldout_fraction, config_default("min_heldout_pairs")

@@ -20,26 +20,25 @@ def prompt_bucket(prompt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def is_heldout(pair: dict[str, Any], fraction: float) -> bool:
-    if pair.get("split") == "heldout":
-        return True
-    return prompt_bucket(_prompt_text(pair)) < fraction
-
-
 def split_pairs(
-    pairs: list[dict[str, Any]], fraction: float
+    pairs: list[dict[str, Any]], fraction: float, min_heldout: int = 1
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split pairs into (train, heldout). Never leaves training empty when pairs exist:
-    if every pair would be held out, all of them train and none are held out."""
+    """Split pairs into (train, heldout).
+
+    Pairs of the `heldout` split are always held out. The hash share is held out only when it
+    has at least `min_heldout` pairs (with a handful of pairs, every pair is worth more in
+    training than in a noisy evaluation) and leaves some pairs to train on.
+    """
     if not 0.0 <= fraction <= MAX_HELDOUT_FRACTION:
         raise ValueError(
             f"held-out fraction must be between 0 and {MAX_HELDOUT_FRACTION}, got {fraction}"
         )
-    train = [p for p in pairs if not is_heldout(p, fraction)]
-    heldout = [p for p in pairs if is_heldout(p, fraction)]
-    if not train:
-        return list(pairs), []
-    return train, heldout
+    fixed = [p for p in pairs if p.get("split") == "heldout"]
+    rest = [p for p in pairs if p.get("split") != "heldout"]
+    hashed = [p for p in rest if prompt_bucket(_prompt_text(p)) < fraction]
+    if len(hashed) < min_heldout or len(hashed) == len(rest):
+        return rest, fixed
+    return [p for p in rest if prompt_bucket(_prompt_text(p)) >= fraction], fixed + hashed
 
 
 def _prompt_text(pair: dict[str, Any]) -> str:

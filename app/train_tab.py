@@ -16,11 +16,13 @@ import pandas as pd
 
 from app.auth import ADMIN, require_role
 from app.training import (
+    ACTIVE_STATES,
     RunStatus,
     TrainingService,
     TrainRequest,
     format_duration,
 )
+from dpo_core.guard import few_pairs_warning
 from dpo_core.losses import LOSS_TYPES
 
 POLL_S = 1.0
@@ -107,8 +109,11 @@ def metric_frames(metrics: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
                 value = row.get(name)
                 if isinstance(value, int | float):
                     rows[title].append((step, float(value), name))
+    # Explicit dtypes: the plot takes its axis types from the first frame it gets, which is
+    # empty while the run prepares (an empty frame's columns would be `object`, i.e. nominal).
+    dtypes = {"step": "int64", "value": "float64", "metric": "str"}
     return {
-        title: pd.DataFrame(data, columns=["step", "value", "metric"])
+        title: pd.DataFrame(data, columns=list(dtypes)).astype(dtypes)
         for title, data in rows.items()
     }
 
@@ -125,8 +130,9 @@ def summary_markdown(info: dict[str, Any]) -> str:
     ]
     if info.get("version_error"):
         lines.append(f"⚠️ {html.escape(info['version_error'])}")
-    if 0 < info["usable_pairs"] < 20:
-        lines.append("_With fewer than ~20 pairs, expect only a small change in the answers._")
+    warning = few_pairs_warning(info["usable_pairs"]) if info["usable_pairs"] > 0 else None
+    if warning:
+        lines.append(f"⚠️ {warning}")
     return "  \n".join(lines)
 
 
@@ -164,8 +170,11 @@ def make_handlers(service: TrainingService, tab: TrainTab) -> dict[str, Any]:
     """Handlers bound to the training service."""
 
     def refresh(seen: dict[str, Any] | None) -> dict[Any, Any]:
-        status = service.status()
         seen = dict(seen or {})
+        run_id, state = service.head()
+        if seen.get("run") == [run_id, state] and state not in ACTIVE_STATES:
+            return {}  # a finished run shown already: nothing to send
+        status = service.status()
         out: dict[Any, Any] = {
             tab.progress: progress_html(status),
             tab.train_btn: gr.Button(interactive=not status.active),

@@ -21,9 +21,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.heldout import MAX_HELDOUT_FRACTION, split_pairs
-from app.worker import log_file, pid_file
-from storage import repo, runs
+from app.heldout import MAX_HELDOUT_FRACTION
+from app.worker import log_file, pid_file, stored_pairs
+from storage import runs
 from storage.runs import RunStateError
 
 logger = logging.getLogger(__name__)
@@ -36,13 +36,13 @@ STALE_AFTER_S = 60.0
 START_TIMEOUT_S = 120.0
 # Metric names beyond TRL's: the run's planned number of optimizer steps, held-out accuracy.
 TOTAL_STEPS = "total_steps"
+TIME_S = "time_s"
 EVAL_ACCURACY = "eval/rewards/accuracies"
-EVAL_POINTS = 8
 # How long Train waits for the previous worker to exit (it stops within one step of a cancel).
 STOP_GRACE_S = 10.0
 
 
-def _default(name: str) -> Any:
+def config_default(name: str) -> Any:
     """A TrainConfig field's default: the Train tab's defaults are dpo_core's."""
     from dpo_core.config import TrainConfig
 
@@ -53,17 +53,17 @@ def _default(name: str) -> Any:
 class TrainRequest:
     """What the person chooses in the Train tab (defaults come from dpo_core's TrainConfig)."""
 
-    loss_type: str = _default("loss_type")
-    beta: float = _default("beta")
-    label_smoothing: float = _default("label_smoothing")
-    learning_rate: float = _default("learning_rate")
-    epochs: int = _default("epochs")
-    batch_size: int = _default("batch_size")
-    grad_accum: int = _default("grad_accum")
-    lora_r: int = _default("lora_r")
-    lora_alpha: int = _default("lora_alpha")
-    max_length: int = _default("max_length")
-    heldout_fraction: float = 0.1
+    loss_type: str = config_default("loss_type")
+    beta: float = config_default("beta")
+    label_smoothing: float = config_default("label_smoothing")
+    learning_rate: float = config_default("learning_rate")
+    epochs: int = config_default("epochs")
+    batch_size: int = config_default("batch_size")
+    grad_accum: int = config_default("grad_accum")
+    lora_r: int = config_default("lora_r")
+    lora_alpha: int = config_default("lora_alpha")
+    max_length: int = config_default("max_length")
+    heldout_fraction: float = config_default("heldout_fraction")
     continue_from_active: bool = True
 
     def validate(self) -> None:
@@ -264,12 +264,9 @@ class TrainingService:
     ) -> dict[str, Any]:
         """Everything the worker needs, saved with the run: the resolved TrainConfig (model,
         hyperparameters, the adapter to continue from), the held-out split, provenance."""
-        every = eval_every(request, counts["train"]) if counts["heldout"] else 0
         return {
             "base_model": self.base_model,
-            "train": build_train_config(
-                request, self.model_settings, parent.adapter_path, eval_every=every
-            ),
+            "train": build_train_config(request, self.model_settings, parent.adapter_path),
             "heldout_fraction": request.heldout_fraction,
             "continue_from_active": request.continue_from_active,
             "parent_version": parent.name,
@@ -385,6 +382,12 @@ class TrainingService:
 
     # --- reading -----------------------------------------------------------------------------
 
+    def head(self) -> tuple[int | None, str]:
+        """(id, status) of the run `status()` would show: a cheap check for changes."""
+        with self.sm.begin() as s:
+            run = runs.live_run(s) or next(iter(runs.list_runs(s)), None)
+            return (run.id, run.status) if run is not None else (None, "idle")
+
     def status(self, run_id: int | None = None) -> RunStatus:
         """The live run, else the given or latest one (what a refreshed page re-attaches to).
 
@@ -404,12 +407,11 @@ class TrainingService:
     def summary(self) -> dict[str, Any]:
         """Counts and versions for the Train tab's summary line."""
         with self.sm.begin() as s:
-            train_set = repo.preference_pairs(s, split="train")
-            heldout_set = repo.preference_pairs(s, split="heldout")
+            counts = pair_counts(s, TrainRequest().heldout_fraction)
             return {
-                "usable_pairs": len(train_set.pairs) + len(heldout_set.pairs),
-                "ties": train_set.excluded_ties + heldout_set.excluded_ties,
-                "both_bad": train_set.excluded_both_bad + heldout_set.excluded_both_bad,
+                "usable_pairs": counts["usable"],
+                "ties": counts["ties"],
+                "both_bad": counts["both_bad"],
                 "base_model": self.base_model,
                 "active_version": self._active(s).name,
                 "version_error": self.version_error,
@@ -438,16 +440,13 @@ def _output(s: Session, run: Any) -> tuple[str | None, str]:
 
 def pair_counts(s: Session, heldout_fraction: float) -> dict[str, int]:
     """Usable pairs, how a run would split them, and the excluded ties / both-bad votes."""
-    train_set = repo.preference_pairs(s, split="train")
-    heldout_set = repo.preference_pairs(s, split="heldout")
-    pairs = [{"prompt": p.prompt} for p in train_set.pairs]
-    train, heldout = split_pairs(pairs, heldout_fraction)
+    pairs = stored_pairs(s, heldout_fraction, config_default("min_heldout_pairs"))
     return {
-        "usable": len(train_set.pairs) + len(heldout_set.pairs),
-        "train": len(train),
-        "heldout": len(heldout) + len(heldout_set.pairs),
-        "ties": train_set.excluded_ties + heldout_set.excluded_ties,
-        "both_bad": train_set.excluded_both_bad + heldout_set.excluded_both_bad,
+        "usable": len(pairs.train) + len(pairs.heldout),
+        "train": len(pairs.train),
+        "heldout": len(pairs.heldout),
+        "ties": pairs.ties,
+        "both_bad": pairs.both_bad,
     }
 
 
@@ -467,9 +466,7 @@ def run_status(
     total = _last(metrics, TOTAL_STEPS)
     total = int(total) if total else None
     elapsed = _elapsed_s(run)
-    eta = None
-    if run.status == "running" and total and step and elapsed is not None:
-        eta = elapsed / step * max(total - step, 0)
+    eta = eta_s(metrics, total) if run.status == "running" else None
     return RunStatus(
         run_id=run.id,
         status=run.status,
@@ -483,6 +480,17 @@ def run_status(
         message=status_message(run.status, run.id, version, run.error, step, note),
         metrics=metrics,
     )
+
+
+def eta_s(metrics: list[dict[str, Any]], total: int | None) -> float | None:
+    """Seconds left: the mean time per step so far (from the steps' `time_s`) times the steps
+    left. None before two steps have been timed."""
+    timed = [(m["step"], m[TIME_S]) for m in metrics if m.get(TIME_S) is not None]
+    if not total or len(timed) < 2:
+        return None
+    (first_step, first_t), (last_step, last_t) = timed[0], timed[-1]
+    per_step = (last_t - first_t) / (last_step - first_step)
+    return per_step * max(total - last_step, 0)
 
 
 def _last(metrics: list[dict[str, Any]], name: str) -> float | None:
@@ -579,25 +587,18 @@ def read_pid(data_dir: Path, run_id: int) -> int | None:
 
 
 def build_train_config(
-    request: TrainRequest,
-    model_settings: dict[str, Any],
-    init_adapter: str | None,
-    eval_every: int = 0,
+    request: TrainRequest, model_settings: dict[str, Any], init_adapter: str | None
 ) -> dict[str, Any]:
-    """The resolved dpo_core TrainConfig for a request, as a dict (validated by TrainConfig)."""
+    """The resolved dpo_core TrainConfig for a request, as a dict (validated by TrainConfig).
+
+    Everything the form does not set (evaluation points, the early-stopping guard, ...) keeps
+    dpo_core's defaults."""
     from dpo_core.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in asdict(request).items() if k in names}
     values.update({k: v for k, v in model_settings.items() if k in names})
-    return TrainConfig(**values, init_adapter=init_adapter, eval_every=eval_every).to_dict()
-
-
-def eval_every(request: TrainRequest, num_train_pairs: int) -> int:
-    """Evaluate the held-out pairs about EVAL_POINTS times per run, so the curve has points."""
-    step_pairs = request.batch_size * request.grad_accum
-    total = request.epochs * -(-num_train_pairs // step_pairs)
-    return max(1, total // EVAL_POINTS)
+    return TrainConfig(**values, init_adapter=init_adapter).to_dict()
 
 
 def _tail(path: Path, lines: int = 8) -> str:

@@ -16,6 +16,8 @@ import os
 import shutil
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +70,12 @@ class RunCallbacks:
     def __init__(self, sm: sessionmaker[Session], run_id: int) -> None:
         self.sm, self.run_id = sm, run_id
         self.stopped = False
+        self.t0 = time.monotonic()
 
     def on_step(self, metrics: dict[str, float]) -> None:
-        """Store one step's metrics (TRL names, plus `total_steps` and `epoch`)."""
-        metrics = dict(metrics)
+        """Store one step's metrics (TRL names, plus `total_steps`, `epoch` and `time_s`,
+        the seconds since training started: the ETA comes from the time per step)."""
+        metrics = dict(metrics, time_s=time.monotonic() - self.t0)
         step = int(metrics.pop("step"))
         with self.sm.begin() as s:
             runs.append_metrics(s, self.run_id, step, metrics)
@@ -117,15 +121,30 @@ def _fail(sm: sessionmaker[Session], run_id: int, error: str) -> None:
         pass
 
 
-def load_pairs(
-    sm: sessionmaker[Session], heldout_fraction: float
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, heldout) pairs: the `heldout` split plus a stable share of the `train` split."""
-    with sm.begin() as s:
-        train_set = repo.preference_pairs(s, split="train")
-        heldout_set = repo.preference_pairs(s, split="heldout")
-    train, heldout = split_pairs([as_pair(p) for p in train_set.pairs], heldout_fraction)
-    return train, heldout + [as_pair(p) for p in heldout_set.pairs]
+@dataclass(frozen=True)
+class StoredPairs:
+    """The database's usable pairs as a run splits them, and the votes DPO cannot use."""
+
+    train: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    ties: int
+    both_bad: int
+
+
+def stored_pairs(s: Session, heldout_fraction: float, min_heldout: int) -> StoredPairs:
+    """Pairs of the `heldout` split plus a stable share of the `train` split are held out
+    (`app.heldout.split_pairs`); ties and both-bad votes are counted, not used."""
+    train_set = repo.preference_pairs(s, split="train")
+    heldout_set = repo.preference_pairs(s, split="heldout")
+    train, heldout = split_pairs(
+        [as_pair(p) for p in train_set.pairs], heldout_fraction, min_heldout
+    )
+    return StoredPairs(
+        train=train,
+        heldout=heldout + [as_pair(p) for p in heldout_set.pairs],
+        ties=train_set.excluded_ties + heldout_set.excluded_ties,
+        both_bad=train_set.excluded_both_bad + heldout_set.excluded_both_bad,
+    )
 
 
 def as_pair(pair: Any) -> dict[str, Any]:
@@ -141,7 +160,9 @@ def train_and_register(
     from dpo_core.trainer import steps_per_epoch, train
 
     train_config = TrainConfig.from_dict(config["train"])
-    train_pairs, heldout = load_pairs(sm, config["heldout_fraction"])
+    with sm.begin() as s:
+        pairs = stored_pairs(s, train_config.heldout_fraction, train_config.min_heldout_pairs)
+    train_pairs, heldout = pairs.train, pairs.heldout
     logger.info("run %d: %d training pairs, %d held out", run_id, len(train_pairs), len(heldout))
     with sm.begin() as s:  # the planned length, for the progress bar until the first step
         planned = train_config.epochs * steps_per_epoch(len(train_pairs), train_config)
@@ -159,7 +180,7 @@ def train_and_register(
         train_pairs,
         train_config,
         out_dir,
-        heldout=heldout or None,
+        heldout=heldout,  # the app's split; empty: no evaluation (the trainer must not re-split)
         on_step=callbacks.on_step,
         should_stop=callbacks.should_stop,
     )

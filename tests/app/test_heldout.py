@@ -39,6 +39,26 @@ def test_training_never_left_empty():
     assert split_pairs(pairs, 0.5) == (pairs, [])
 
 
+def test_too_few_hashed_pairs_are_all_kept_for_training():
+    pairs = _pairs(40)
+    _, heldout = split_pairs(pairs, 0.2)
+    assert 0 < len(heldout) < 40
+    assert split_pairs(pairs, 0.2, min_heldout=len(heldout)) == split_pairs(pairs, 0.2)
+    assert split_pairs(pairs, 0.2, min_heldout=len(heldout) + 1) == (pairs, [])
+
+
+def test_same_rule_as_the_trainer():
+    """dpo_core's own split (used when it is given no held-out pairs) holds out the same
+    prompts, so the Compare tab's held-out set is what a run evaluated on."""
+    from dpo_core.config import TrainConfig
+    from dpo_core.trainer import split_heldout
+
+    pairs = _pairs(200)
+    config = TrainConfig(heldout_fraction=0.15, min_heldout_pairs=8)
+    train, heldout = split_heldout(pairs, config)
+    assert (train, heldout) == split_pairs(pairs, 0.15, min_heldout=8)
+
+
 def test_conversational_prompts_are_hashed_by_their_text():
     pair = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}
     assert split_pairs([pair], 0.0) == ([pair], [])

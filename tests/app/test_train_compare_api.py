@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 
 from app.compare_stats import WinRate, format_rate
 from app.worker import pid_file
@@ -49,11 +50,11 @@ def sm(app):
     return open_db(app.db_url)
 
 
-def _import(app, tmp_path: Path, rows: list[dict[str, str]]) -> None:
+def _import(app, tmp_path: Path, rows: list[dict[str, str]], split: str = "train") -> None:
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with open_db(app.db_url).begin() as s:
-        import_pairs(s, path)
+        import_pairs(s, path, split=split)
 
 
 def _wait_done(client: Client, run_id: int) -> dict:
@@ -218,3 +219,21 @@ def test_blind_votes_give_the_expected_win_rate_table(client, sm, app):
         }
     ]
     assert rate == "70.0%"
+
+
+def test_batch_before_after_and_heldout_accuracy(client, app, tmp_path):
+    with pytest.raises(AppError, match="no held-out prompts yet"):
+        client.predict("base", "v1", 2, 0, api_name="/compare_batch")
+    heldout = [
+        {"prompt": "Tell me about figs and owls.", "chosen": "Both are lovely.", "rejected": "no"},
+        {"prompt": "Describe moss briefly.", "chosen": "Moss is soft and green.", "rejected": "eh"},
+    ]
+    _import(app, tmp_path, heldout, split="heldout")
+    rows = client.predict("base", "v1", 5, 0, api_name="/compare_batch")
+    assert sorted(r["prompt"] for r in rows) == sorted(p["prompt"] for p in heldout)
+    assert all(set(r) == {"prompt", "A: base", "B: v1"} for r in rows)
+    table = client.predict(["base", "v1"], api_name="/reward_accuracy")
+    assert [r["version"] for r in table] == ["base", "v1"]
+    assert table[0]["reward accuracy"] == "— (reference)"
+    assert table[1]["held-out pairs"] == 2
+    assert 0.0 <= float(table[1]["reward accuracy"]) <= 1.0

@@ -136,8 +136,9 @@ def test_status_reports_step_total_and_eta(service, sm):
     with sm.begin() as s:
         run_id = runs.create_run(s, base_model="tiny", config={}, num_pairs=8).id
         runs.start_run(s, run_id)
-        for step in (1, 2):
-            runs.append_metrics(s, run_id, step, {"loss": 0.7 - 0.1 * step, "total_steps": 8})
+        for step, time_s in ((1, 10.0), (2, 14.0)):  # 4 s per step
+            metrics = {"loss": 0.7 - 0.1 * step, "total_steps": 8, "time_s": time_s}
+            runs.append_metrics(s, run_id, step, metrics)
     pid_file(service.data_dir, run_id).parent.mkdir(parents=True, exist_ok=True)
     pid_file(service.data_dir, run_id).write_text(str(os.getpid()))
     status = service.status()
@@ -147,7 +148,8 @@ def test_status_reports_step_total_and_eta(service, sm):
         2,
         8,
     )
-    assert status.eta_s is not None and status.eta_s >= 0
+    assert status.eta_s == pytest.approx(6 * 4.0)  # 6 steps left at 4 s each
+    assert service.head() == (run_id, "running")
     assert [m["loss"] for m in status.metrics] == pytest.approx([0.6, 0.5])
 
 

@@ -39,7 +39,6 @@ def _import(db_url: str, directory: Path, rows, split: str) -> None:
 def shoot(page, out_dir: Path) -> None:
     from playwright.sync_api import expect
 
-    page.locator("#label-annotator input, #label-annotator textarea").first.fill("alice")
     expect(page.locator("#label-vote-a")).to_be_enabled(timeout=LONG_MS)
     page.screenshot(path=str(out_dir / "label.png"), full_page=True)
 
