@@ -138,8 +138,8 @@ def main() -> None:
     kinds = generator.fast.weight_kinds() if generator.fast else {"engine": "standard"}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model dtype {lm.dtype}")
     print("load average at start: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
-    decode_threads = generator.fast.decode_threads if generator.fast else None
-    print(f"ours: weights {kinds}; packing took {pack_s:.1f} s; decode threads {decode_threads}")
+    threads = generator.fast.threads if generator.fast else None
+    print(f"ours: weights {kinds}; packing took {pack_s:.1f} s; its threads {threads}")
     print(f"RSS: start {rss0:.0f} MB, +fp32 model {rss1 - rss0:.0f} MB, ", end="")
     print(f"+{lm.dtype} model and packed weights {rss2 - rss1:.0f} MB")
 

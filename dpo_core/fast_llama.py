@@ -326,14 +326,15 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
 class FastLlama:
     """The packed form of one Llama-family model; build once, then open a session per request.
 
-    decode_threads: intra-op threads for a decoding step. A step is ~500 small ops on a couple
-    of rows, so on CPU one thread is the default: a second one adds a synchronisation per op
-    for little work, and when the cores are shared (a training worker next door) OpenMP's
-    spinning threads made steps ~10x slower in our measurements. Prefill keeps torch's setting.
+    threads: torch intra-op threads while packing, prefilling and decoding (None: torch's
+    setting). On CPU one thread is the default: a decoding step is ~500 small ops on a couple of
+    rows, where a second thread adds a synchronisation per op for little work, and when the
+    cores are shared (a training worker next door) OpenMP's spinning threads made steps ~6-10x
+    slower and the first token ~4x later in our measurements.
     """
 
     @torch.no_grad()
-    def __init__(self, model: Any, mode: str = "auto", decode_threads: int | None = 1) -> None:
+    def __init__(self, model: Any, mode: str = "auto", threads: int | None = 1) -> None:
         if mode not in WEIGHT_MODES:
             raise ValueError(f"unknown weight mode {mode!r}; choose one of {WEIGHT_MODES}")
         reason = unsupported_reason(model)
@@ -344,7 +345,7 @@ class FastLlama:
         config = base.config
         self.device = base.lm_head.weight.device
         self.mode = "none" if mode == "auto" and self.device.type != "cpu" else mode
-        self.decode_threads = decode_threads if self.device.type == "cpu" else None
+        self.threads = threads if self.device.type == "cpu" else None
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
@@ -354,7 +355,7 @@ class FastLlama:
         self.norm = base.model.norm.weight
         self.dtype = self.embed.dtype
         self.rotary = base.model.rotary_emb
-        with intra_op_threads(self.decode_threads):  # same reason as for decoding
+        with intra_op_threads(self.threads):
             self.layers = [self._pack_layer(layer) for layer in base.model.layers]
             self.head = PackedHead(base.lm_head.weight, self.mode)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -485,7 +486,8 @@ class FastSession:
             if adapter != BASE:
                 lora = [{g: [t] for g, t in terms.items()} for terms in self.group_lora[adapter]]
             x = F.embedding(input_ids.to(self.fast.device)[None], self.fast.embed)  # (1, T, C)
-            logits[rows] = self._forward(x, 0, lora, rows)
+            with intra_op_threads(self.fast.threads):
+                logits[rows] = self._forward(x, 0, lora, rows)
         self.pos = n
         return logits
 
@@ -493,7 +495,7 @@ class FastSession:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,); returns next-token logits (B, V) float32."""
         x = F.embedding(tokens.to(self.fast.device)[:, None], self.fast.embed)  # (B, 1, C)
-        with intra_op_threads(self.fast.decode_threads):
+        with intra_op_threads(self.fast.threads):
             logits = self._forward(x, self.pos, self.step_lora, None)
         self.pos += 1
         return logits

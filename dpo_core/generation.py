@@ -195,8 +195,8 @@ class AnswerGenerator:
 
     Not thread-safe: one request at a time (the app queues requests in front of it).
     weights: "auto" | "int4" | "int8" | "none" (see `dpo_core.fast_llama`); fast=False always
-    uses the model's own forward pass; decode_threads: CPU threads per decoding step of the fast
-    decoder (None: torch's setting).
+    uses the model's own forward pass; threads: CPU threads of the fast decoder (None: torch's
+    setting; see `FastLlama`).
     """
 
     def __init__(
@@ -205,13 +205,13 @@ class AnswerGenerator:
         *,
         weights: str = "auto",
         fast: bool = True,
-        decode_threads: int | None = 1,
+        threads: int | None = 1,
     ) -> None:
         self.lm = lm
         self.fast: FastLlama | None = None
         if fast:
             try:
-                self.fast = FastLlama(lm.model, weights, decode_threads)
+                self.fast = FastLlama(lm.model, weights, threads)
             except NotImplementedError as err:
                 logger.info("using the standard decoding loop: %s", err)
         self.stop_ids = _stop_ids(lm)
