@@ -1,26 +1,29 @@
 """Choose DPO Studio's training defaults by experiment (write-up: docs/defaults.md).
 
     .venv/bin/python bench/defaults_sweep.py sample          # answers to label (cached)
-    .venv/bin/python bench/defaults_sweep.py sweep           # the grid (cached per run)
+    .venv/bin/python bench/defaults_sweep.py sweep           # the grid (cached per checkpoint)
     .venv/bin/python bench/defaults_sweep.py table           # the markdown tables
-    .venv/bin/python bench/defaults_sweep.py pairs --rule list --out pairs.jsonl
-    .venv/bin/python bench/defaults_sweep.py evaluate --adapter DIR --rule list
+    .venv/bin/python bench/defaults_sweep.py pairs --rule list --out DIR   # JSONL for the CLI
+    .venv/bin/python bench/defaults_sweep.py evaluate [--adapter DIR] --rule list
 
-The embedded model answers 96 varied prompts (bench/defaults_prompts.json): 64 training prompts
-get 4 answers each (temperature 0.8, top-p 0.95, like the Label tab), 32 held-out prompts get 2
-base answers each. A rule labels the training answers: for each prompt, the answer that follows
-the rule best is `chosen`, the one that follows it least is `rejected` (no pair when they tie).
-Each grid point trains with `dpo_core.trainer.train` on the first 64 pairs and is checked at the
-end of every epoch on the held-out prompts, with one policy answer per prompt sampled from the
-model's own distribution (temperature 1, top-p 1, as the KL estimate needs):
+The embedded model answers 96 varied prompts (bench/defaults_prompts.json), 96 new tokens at
+most: 64 training prompts get 4 answers each sampled as the Label tab samples (temperature 0.8,
+top-p 0.95); 32 held-out prompts get 2 such base answers plus 2 from the model's own
+distribution (temperature 1). A rule labels the answers as a person following it would: two
+answers to one prompt whose rule scores differ make a pair, the higher one chosen. Each grid
+point trains with `dpo_core.trainer.train` on 64 training pairs and is measured at the end of
+chosen epochs on the held-out prompts:
 
-- win rate: the rule's score of the tuned answer vs each base answer (ties count half);
-- relevance: share of answers that mention the prompt's subject (tuned vs base answers);
-- fluency: mean per-token log-prob of the answers under the base model (tuned vs base answers);
-- KL(tuned || base) per answer: mean of log p_tuned(y) - log p_base(y) over the tuned answers.
+- win rate: the rule's score of a tuned answer (Label-tab sampling) against each base answer to
+  the same prompt, ties counting half; and the share of answers that follow the rule at all;
+- relevance: the share of answers that mention the prompt's subject (tuned vs base answers);
+- fluency: the mean per-token log-prob of the answers under the base model (tuned vs base);
+- KL(tuned || base) per answer: log p_tuned(y) - log p_base(y) averaged over answers y sampled
+  from the tuned model at temperature 1 (`dpo_core.kl`, as the trainer's `eval/kl`).
 
 Everything lands in bench/out/defaults/ (samples, then one JSON line per checkpoint), so a rerun
-only computes what is missing; the machine is shared, so this is slow by design.
+only computes what is missing. `--threads 1` (the default) is several times faster than 2 when
+other processes share the two cores.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ TRAIN_ANSWERS, BASE_ANSWERS = 4, 2
 MAX_NEW_TOKENS = 96
 LABEL_SAMPLING = {"temperature": 0.8, "top_p": 0.95}  # what the Label tab shows a person
 MAX_PAIRS = 64
+TRAIN_SPLITS, HELDOUT_SPLITS = ("train",), ("heldout", "heldout_label")
 
 logger = logging.getLogger("defaults_sweep")
 
@@ -118,6 +122,11 @@ def sample_stage(lm: Any, batch_size: int) -> None:
     train, heldout = load_prompts()
     jobs = [("train", e["prompt"], i, LABEL_SAMPLING) for i in range(TRAIN_ANSWERS) for e in train]
     jobs += [("heldout", e["prompt"], i, {}) for i in range(BASE_ANSWERS) for e in heldout]
+    jobs += [
+        ("heldout_label", e["prompt"], i, LABEL_SAMPLING)
+        for i in range(BASE_ANSWERS)
+        for e in heldout
+    ]
     done = {(r["split"], r["prompt"], r["index"]) for r in read_jsonl(SAMPLES)}
     todo = [j for j in jobs if j[:3] not in done]
     logger.info("%d of %d answers to sample", len(todo), len(jobs))
@@ -159,14 +168,16 @@ def as_completion(lm: Any, row: dict[str, Any]) -> kl.Completion:
 # --- labelling ------------------------------------------------------------------------------
 
 
-def rule_pairs(rule: str, samples: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
-    """Pairs a person following the rule would label: for each prompt of `split`, every two
+def rule_pairs(
+    rule: str, samples: list[dict[str, Any]], splits: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Pairs a person following the rule would label: for each prompt of `splits`, every two
     answers whose rule scores differ (the higher one chosen), ordered round-robin over the
     prompts (largest score gap first), so the first N pairs spread over as many prompts as
     possible, as repeated labelling of the same prompts in the Label tab would."""
     by_prompt: dict[str, list[dict[str, Any]]] = {}
     for row in samples:
-        if row["split"] == split and row["text"]:
+        if row["split"] in splits and row["text"]:
             by_prompt.setdefault(row["prompt"], []).append(row)
     queues = []
     for prompt, rows in by_prompt.items():
@@ -202,7 +213,7 @@ def load_heldout(lm: Any, samples: list[dict[str, Any]]) -> Heldout:
     _, entries = load_prompts()
     base: dict[str, list[dict[str, Any]]] = {e["prompt"]: [] for e in entries}
     for row in samples:
-        if row["split"] == "heldout":
+        if row["split"] == "heldout_label":
             base[row["prompt"]].append(row)
     rows = [r for p in base for r in base[p]]
     logps = kl.answer_logps(lm, lm.model, [as_completion(lm, r) for r in rows])
@@ -214,16 +225,16 @@ def load_heldout(lm: Any, samples: list[dict[str, Any]]) -> Heldout:
 
 
 def measure(lm: Any, model: Any, heldout: Heldout, seed: int = 0) -> dict[str, Any]:
-    """Sample one answer per held-out prompt from `model` (temperature 1) and compare it with
-    the base answers: rule win rates, relevance, fluency, KL(model || base)."""
+    """Compare `model` with the base on the held-out prompts: one answer per prompt sampled
+    as the Label tab samples (rule win rates, relevance, fluency) and one from the model's
+    own distribution (temperature 1, for the KL(model || base) estimate)."""
+    sample = {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": len(heldout.prompts)}
+    own = kl.sample_completions(lm, model, heldout.prompts, seed=10_000 + seed, **sample)
+    estimate = kl.kl_from_completions(lm, model, own)
     completions = kl.sample_completions(
-        lm, model, heldout.prompts, max_new_tokens=MAX_NEW_TOKENS, seed=10_000 + seed,
-        batch_size=len(heldout.prompts),
-    )  # fmt: skip
-    estimate = kl.kl_from_completions(lm, model, completions)
-    policy_logps = kl.answer_logps(lm, model, completions).tolist()
-    # log p_base(y) = log p_model(y) - (log p_model(y) - log p_base(y))
-    base_logps = [p - d for p, d in zip(policy_logps, estimate.per_answer, strict=True)]
+        lm, model, heldout.prompts, seed=20_000 + seed, **sample, **LABEL_SAMPLING
+    )
+    base_logps = kl.base_logps(lm, model, completions).tolist()
     base_rows = [(p, r) for p in heldout.prompts for r in heldout.base[p]]
     out: dict[str, Any] = {
         "kl": estimate.kl,
@@ -270,18 +281,18 @@ def _mean(values: Any) -> float:
 
 # --- stage 2: the grid ----------------------------------------------------------------------
 
-# (rule, learning rate, beta, loss type, epochs), most informative first; each run is
-# measured at the end of every epoch.
+# (rule, learning rate, beta, loss type, epochs, the epochs at whose end it is measured),
+# most informative first. Measuring costs as much as an epoch of training here.
 GRID = [
-    ("list", 2e-4, 0.1, "sigmoid", 3),
-    ("list", 5e-4, 0.1, "sigmoid", 3),
-    ("list", 5e-5, 0.1, "sigmoid", 3),
-    ("you", 2e-4, 0.1, "sigmoid", 3),
-    ("you", 5e-4, 0.1, "sigmoid", 3),
-    ("list", 5e-4, 0.5, "sigmoid", 3),
-    ("list", 1e-3, 0.1, "sigmoid", 3),
-    ("list", 5e-4, 0.5, "ipo", 3),
-    ("you", 5e-5, 0.1, "sigmoid", 3),
+    ("list", 2e-4, 0.1, "sigmoid", 3, (1, 2, 3)),
+    ("list", 5e-4, 0.1, "sigmoid", 3, (1, 2, 3)),
+    ("list", 5e-5, 0.1, "sigmoid", 3, (3,)),
+    ("you", 2e-4, 0.1, "sigmoid", 3, (1, 2, 3)),
+    ("you", 5e-4, 0.1, "sigmoid", 3, (1, 2, 3)),
+    ("list", 5e-4, 0.5, "sigmoid", 3, (1, 2, 3)),
+    ("list", 1e-3, 0.1, "sigmoid", 3, (1, 2, 3)),
+    ("list", 5e-4, 0.5, "ipo", 3, (2, 3)),
+    ("you", 5e-5, 0.1, "sigmoid", 3, (3,)),
 ]
 
 
@@ -296,33 +307,45 @@ def sweep_stage(lm: Any, only: str | None) -> None:
     if ("base", 0) not in done:
         record = {"run": "base", "epoch": 0, **measure(lm, lm.model, heldout)}
         append_jsonl(RESULTS, [record])
-    for rule, lr, beta, loss_type, epochs in GRID:
+    for rule, lr, beta, loss_type, epochs, measured in GRID:
         key = run_key(rule, lr, beta, loss_type, epochs)
-        if (only and only not in key) or all((key, e) in done for e in range(1, epochs + 1)):
+        if (only and only not in key) or all((key, e) in done for e in measured):
             continue
         config = TrainConfig(
             learning_rate=lr, beta=beta, loss_type=loss_type, epochs=epochs,
             early_stopping=False, kl_prompts=0, seed=0,
         )  # fmt: skip
-        run_grid_point(lm, key, rule, config, samples, heldout)
+        run_grid_point(lm, key, rule, config, samples, heldout, measured)
 
 
 def run_grid_point(
-    lm: Any, key: str, rule: str, config: TrainConfig, samples: list, heldout: Heldout
+    lm: Any,
+    key: str,
+    rule: str,
+    config: TrainConfig,
+    samples: list,
+    heldout: Heldout,
+    measured_epochs: tuple[int, ...],
 ) -> None:
-    """Train one grid point; measure and record every epoch's checkpoint as it happens."""
-    pairs = rule_pairs(rule, samples, "train")[:MAX_PAIRS]
-    heldout_pairs = rule_pairs(rule, samples, "heldout")
+    """Train one grid point; measure and record the checkpoints at the end of
+    `measured_epochs` as they happen (the trainer evaluates at the end of every epoch)."""
+    pairs = rule_pairs(rule, samples, TRAIN_SPLITS)[:MAX_PAIRS]
+    heldout_pairs = rule_pairs(rule, samples, HELDOUT_SPLITS)
     logger.info("%s: %d pairs, %d held-out pairs", key, len(pairs), len(heldout_pairs))
     t0 = time.perf_counter()
     measured: list[dict[str, Any]] = []
 
+    evals = 0
+
     def on_eval(model: Any) -> dict[str, float]:
-        measured.append(measure(lm, model, heldout))
+        nonlocal evals
+        evals += 1
+        if evals in measured_epochs:
+            measured.append(measure(lm, model, heldout))
         return {}
 
     def on_step(metrics: dict[str, float]) -> None:
-        if "eval/loss" not in metrics:
+        if "eval/loss" not in metrics or round(metrics["epoch"]) not in measured_epochs:
             return
         record = {
             "run": key, "rule": rule, "learning_rate": config.learning_rate,
@@ -381,8 +404,8 @@ def write_pairs(rule: str, out: Path) -> None:
     samples = read_jsonl(SAMPLES)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (
-        ("train.jsonl", rule_pairs(rule, samples, "train")[:MAX_PAIRS]),
-        ("heldout.jsonl", rule_pairs(rule, samples, "heldout")),
+        ("train.jsonl", rule_pairs(rule, samples, TRAIN_SPLITS)[:MAX_PAIRS]),
+        ("heldout.jsonl", rule_pairs(rule, samples, HELDOUT_SPLITS)),
     ):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"{out / name}: {len(rows)} pairs")
