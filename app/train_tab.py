@@ -191,13 +191,6 @@ def make_handlers(service: TrainingService, tab: TrainTab) -> dict[str, Any]:
         out[tab.seen] = seen
         return out
 
-    def show(seen: dict[str, Any] | None) -> dict[Any, Any]:
-        """The tab was opened: a full refresh, and the plots become visible."""
-        out = refresh({})
-        for plot in tab.plots.values():
-            out[plot] = gr.LinePlot(value=out[plot], visible=True)
-        return out
-
     def start(values: dict[Any, Any], request: gr.Request) -> dict[Any, Any]:
         require_role(request, ADMIN, "start training")
         by_name = {name: values[comp] for name, comp in tab.settings.items()}
@@ -213,7 +206,7 @@ def make_handlers(service: TrainingService, tab: TrainTab) -> dict[str, Any]:
         require_role(request, ADMIN, "cancel training")
         return {tab.message: service.cancel()}
 
-    return {"refresh": refresh, "show": show, "start": start, "cancel": cancel}
+    return {"refresh": refresh, "start": start, "cancel": cancel}
 
 
 def register_api(service: TrainingService) -> None:
@@ -320,15 +313,7 @@ def build_train_tab(service: TrainingService, tab_block: gr.Tab | None = None) -
         with gr.Row():
             for title in row:
                 plots[title] = gr.LinePlot(
-                    x="step",
-                    y="value",
-                    color="metric",
-                    title=title,
-                    height=260,
-                    elem_id=_id(title),
-                    # In a tab, a plot first drawn while the tab is hidden never draws its lines
-                    # (no width to lay out): the plots appear when the tab is opened.
-                    visible=tab_block is None,
+                    x="step", y="value", color="metric", title=title, height=260, elem_id=_id(title)
                 )
     history = gr.Dataframe(
         headers=HISTORY_COLUMNS,
@@ -373,7 +358,7 @@ def _wire(tab: TrainTab, h: dict[str, Any], tab_block: gr.Tab | None) -> None:
     poll = {"show_progress": "hidden", "queue": False, "api_visibility": "private"}
     tab.timer.tick(h["refresh"], inputs=tab.seen, outputs=refresh_outputs, **poll)
     if tab_block is not None:  # pairs labeled since the page loaded: recount on opening the tab
-        tab_block.select(h["show"], inputs=gr.State({}), outputs=refresh_outputs, **poll)
+        tab_block.select(h["refresh"], inputs=gr.State({}), outputs=refresh_outputs, **poll)
     tab.train_btn.click(
         h["start"],
         inputs=set(tab.settings.values()),
