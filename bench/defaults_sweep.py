@@ -90,6 +90,14 @@ def rule_score(rule: str, text: str) -> float:
     return RULES[rule](text)
 
 
+def repetition(text: str) -> float:
+    """Share of the answer's word 3-grams (numbers masked) that already occurred earlier in
+    it: degenerate, looping answers score high although the base model finds them likely."""
+    words = re.sub(r"\d+", "#", text.lower()).split()  # "1. x" and "2. x" repeat each other
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def mentions_subject(text: str, stems: list[str]) -> bool:
     return any(re.search(r"\b" + re.escape(s), text, re.IGNORECASE) for s in stems)
 
@@ -281,23 +289,39 @@ def _mean(values: Any) -> float:
 
 # --- stage 2: the grid ----------------------------------------------------------------------
 
-# (rule, learning rate, beta, loss type, epochs, the epochs at whose end it is measured),
-# most informative first. Measuring costs as much as an epoch of training here.
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One training run of the sweep, measured at the end of the epochs in `measured`."""
+
+    rule: str
+    learning_rate: float
+    beta: float
+    loss_type: str = "sigmoid"
+    epochs: int = 3
+    pairs: int = MAX_PAIRS
+    measured: tuple[int, ...] = (1, 2, 3)
+
+    @property
+    def key(self) -> str:
+        key = f"{self.rule} lr={self.learning_rate:g} beta={self.beta:g} {self.loss_type}"
+        key += f" epochs={self.epochs}"
+        return key if self.pairs == MAX_PAIRS else f"{key} pairs={self.pairs}"
+
+
+# Most informative first; measuring a checkpoint costs about as much as an epoch of training.
 GRID = [
-    ("list", 2e-4, 0.1, "sigmoid", 3, (1, 2, 3)),
-    ("list", 5e-4, 0.1, "sigmoid", 3, (1, 2, 3)),
-    ("list", 5e-5, 0.1, "sigmoid", 3, (3,)),
-    ("you", 2e-4, 0.1, "sigmoid", 3, (1, 2, 3)),
-    ("you", 5e-4, 0.1, "sigmoid", 3, (1, 2, 3)),
-    ("list", 5e-4, 0.5, "sigmoid", 3, (1, 2, 3)),
-    ("list", 1e-3, 0.1, "sigmoid", 3, (1, 2, 3)),
-    ("list", 5e-4, 0.5, "ipo", 3, (2, 3)),
-    ("you", 5e-5, 0.1, "sigmoid", 3, (3,)),
+    GridPoint("list", 2e-4, 0.1),
+    GridPoint("list", 5e-4, 0.1),
+    GridPoint("list", 5e-5, 0.1),
+    GridPoint("list", 1e-4, 0.1),
+    GridPoint("list", 2e-4, 0.5),
+    GridPoint("list", 5e-4, 0.5),
+    GridPoint("you", 1e-4, 0.1),
+    GridPoint("you", 2e-4, 0.1),
+    GridPoint("you", 5e-5, 0.1),
+    GridPoint("list", 2e-4, 0.5, "ipo"),
 ]
-
-
-def run_key(rule: str, lr: float, beta: float, loss_type: str, epochs: int) -> str:
-    return f"{rule} lr={lr:g} beta={beta:g} {loss_type} epochs={epochs}"
 
 
 def sweep_stage(lm: Any, only: str | None) -> None:
@@ -307,56 +331,46 @@ def sweep_stage(lm: Any, only: str | None) -> None:
     if ("base", 0) not in done:
         record = {"run": "base", "epoch": 0, **measure(lm, lm.model, heldout)}
         append_jsonl(RESULTS, [record])
-    for rule, lr, beta, loss_type, epochs, measured in GRID:
-        key = run_key(rule, lr, beta, loss_type, epochs)
-        if (only and only not in key) or all((key, e) in done for e in measured):
+    for point in GRID:
+        if (only and only not in point.key) or all((point.key, e) in done for e in point.measured):
             continue
-        config = TrainConfig(
-            learning_rate=lr, beta=beta, loss_type=loss_type, epochs=epochs,
-            early_stopping=False, kl_prompts=0, seed=0,
-        )  # fmt: skip
-        run_grid_point(lm, key, rule, config, samples, heldout, measured)
+        run_grid_point(lm, point, samples, heldout)
 
 
-def run_grid_point(
-    lm: Any,
-    key: str,
-    rule: str,
-    config: TrainConfig,
-    samples: list,
-    heldout: Heldout,
-    measured_epochs: tuple[int, ...],
-) -> None:
-    """Train one grid point; measure and record the checkpoints at the end of
-    `measured_epochs` as they happen (the trainer evaluates at the end of every epoch)."""
-    pairs = rule_pairs(rule, samples, TRAIN_SPLITS)[:MAX_PAIRS]
-    heldout_pairs = rule_pairs(rule, samples, HELDOUT_SPLITS)
-    logger.info("%s: %d pairs, %d held-out pairs", key, len(pairs), len(heldout_pairs))
+def run_grid_point(lm: Any, point: GridPoint, samples: list, heldout: Heldout) -> None:
+    """Train one grid point; measure and record the checkpoints at the end of the epochs in
+    `point.measured` as they happen (the trainer evaluates at the end of every epoch)."""
+    config = TrainConfig(
+        learning_rate=point.learning_rate, beta=point.beta, loss_type=point.loss_type,
+        epochs=point.epochs, early_stopping=False, kl_prompts=0, seed=0,
+    )  # fmt: skip
+    pairs = rule_pairs(point.rule, samples, TRAIN_SPLITS)[: point.pairs]
+    heldout_pairs = rule_pairs(point.rule, samples, HELDOUT_SPLITS)
+    logger.info("%s: %d pairs, %d held-out pairs", point.key, len(pairs), len(heldout_pairs))
     t0 = time.perf_counter()
     measured: list[dict[str, Any]] = []
-
     evals = 0
 
     def on_eval(model: Any) -> dict[str, float]:
         nonlocal evals
         evals += 1
-        if evals in measured_epochs:
+        if evals in point.measured:
             measured.append(measure(lm, model, heldout))
         return {}
 
     def on_step(metrics: dict[str, float]) -> None:
-        if "eval/loss" not in metrics or round(metrics["epoch"]) not in measured_epochs:
+        if "eval/loss" not in metrics or round(metrics["epoch"]) not in point.measured:
             return
         record = {
-            "run": key, "rule": rule, "learning_rate": config.learning_rate,
-            "beta": config.beta, "loss_type": config.loss_type, "epochs": config.epochs,
+            "run": point.key, "rule": point.rule, "learning_rate": point.learning_rate,
+            "beta": point.beta, "loss_type": point.loss_type, "epochs": point.epochs,
             "epoch": round(metrics["epoch"]), "pairs": len(pairs),
             "heldout_pairs": len(heldout_pairs), "train_loss": metrics["loss"],
             "eval_loss": metrics["eval/loss"], "eval_acc": metrics["eval/rewards/accuracies"],
             "minutes": (time.perf_counter() - t0) / 60, **measured[-1],
         }  # fmt: skip
         append_jsonl(RESULTS, [record])
-        logger.info("%s epoch %d: %s", key, record["epoch"], _brief(record, rule))
+        logger.info("%s epoch %d: %s", point.key, record["epoch"], _brief(record, point.rule))
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer.train(
@@ -380,21 +394,26 @@ def table(rule: str, results: list[dict[str, Any]]) -> str:
     base = next(r for r in results if r["run"] == "base")
     head = (
         "| lr | beta | loss | epoch | win rate | follows rule | mentions subject "
-        "| fluency (base log-prob/token) | KL (nats/answer) | held-out acc | train loss |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| fluency (base log-prob/token) | repeated 3-grams | KL (nats/answer) | held-out acc "
+        "| train loss |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| base | | | | {base[rule + '/win_rate']:.2f} | {base[rule + '/share']:.2f} "
-        f"| {base['relevance']:.2f} | {base['fluency']:.2f} | 0 | | |"
+        f"| {base['relevance']:.2f} | {base['fluency']:.2f} "
+        f"| {_mean(map(repetition, base['answers'])):.2f} | 0 | | |"
     ]
     rows = [r for r in results if r.get("rule") == rule]
-    rows.sort(key=lambda r: (r["loss_type"], r["beta"], r["learning_rate"], r["epoch"]))
+    rows.sort(key=lambda r: (r["pairs"], r["loss_type"], r["beta"], r["learning_rate"], r["epoch"]))
     for r in rows:
+        repeated = _mean(map(repetition, r["answers"]))
+        pairs = "" if r["pairs"] == MAX_PAIRS else f" ({r['pairs']} pairs)"
         lines.append(
-            f"| {r['learning_rate']:g} | {r['beta']:g} | {r['loss_type']} | {r['epoch']}"
+            f"| {r['learning_rate']:g} | {r['beta']:g} | {r['loss_type']}{pairs} | {r['epoch']}"
             f"/{r['epochs']} | {r[rule + '/win_rate']:.2f} | {r[rule + '/share']:.2f} "
-            f"| {r['relevance']:.2f} | {r['fluency']:.2f} | {r['kl']:.1f} ± {r['kl_stderr']:.1f} "
-            f"| {r['eval_acc']:.2f} | {r['train_loss']:.3f} |"
+            f"| {r['relevance']:.2f} | {r['fluency']:.2f} | {repeated:.2f} "
+            f"| {r['kl']:.1f} ± {r['kl_stderr']:.1f} | {r['eval_acc']:.2f} "
+            f"| {r['train_loss']:.3f} |"
         )
     return head + "\n".join(lines)
 
