@@ -173,7 +173,7 @@ def make_handlers(service: TrainingService, tab: TrainTab) -> dict[str, Any]:
         seen = dict(seen or {})
         run_id, state = service.head()
         if seen.get("run") == [run_id, state] and state not in ACTIVE_STATES:
-            return {}  # a finished run shown already: nothing to send
+            return {tab.seen: seen}  # a finished run shown already: nothing else to send
         status = service.status()
         out: dict[Any, Any] = {
             tab.progress: progress_html(status),
