@@ -110,7 +110,9 @@ def test_run_goes_queued_running_succeeded_and_v1_answers(client, sm, app, tmp_p
         return status if status["status"] not in ("queued", "running") else None
 
     status = wait_until(finished, RUN_TIMEOUT_S, interval_s=0.05, what="the run to end")
-    assert seen == ["queued", "running", "succeeded"], status
+    # Polled every 50 ms: "queued" lasts until the worker process is up, "running" for the
+    # model load and every step; a status never goes backwards.
+    assert seen in (["queued", "running", "succeeded"], ["running", "succeeded"]), status
     assert status["version"] == "v1"
     assert status["step"] == status["total_steps"] > 0
     steps = [m["step"] for m in status["metrics"] if "loss" in m]
