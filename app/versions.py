@@ -48,13 +48,12 @@ class VersionedModel:
             model = self.lm.model
             if isinstance(model, PeftModel):
                 model.load_adapter(adapter_path, adapter_name=name)
-                self.generator.rebind(model)
             else:
-                # The first adapter wraps the projections in LoRA layers: re-pack the generator
-                # so it sees the wrapped modules (later adapters load into the same layers).
-                self.lm.model = PeftModel.from_pretrained(model, adapter_path, adapter_name=name)
-                self.lm.model.eval()
-                self.generator = AnswerGenerator(self.lm)
+                # The first adapter wraps the projections in LoRA layers around the same base
+                # weights: the generator follows the wrapper and keeps its packed weights.
+                model = PeftModel.from_pretrained(model, adapter_path, adapter_name=name)
+                model.eval()
+            self.generator.rebind(model)
             logger.info("loaded version %s from %s", name, adapter_path)
 
     def activate(self, name: str, adapter_path: str | None) -> None:

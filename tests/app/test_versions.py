@@ -20,8 +20,15 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 @pytest.fixture
 def adapter_dir(tiny_lm, tmp_path):
     config = TrainConfig(
-        model="tiny", dtype="fp32", device="cpu", epochs=4, batch_size=2,
-        learning_rate=5e-2, max_length=64, lora_r=4, lora_alpha=8,
+        model="tiny",
+        dtype="fp32",
+        device="cpu",
+        epochs=4,
+        batch_size=2,
+        learning_rate=5e-2,
+        max_length=64,
+        lora_r=4,
+        lora_alpha=8,
     )  # fmt: skip  -- a large learning rate, so v1's greedy answers differ from the base's
     return train(tiny_lm, PAIRS, config, tmp_path / "v1").adapter_dir
 
@@ -37,8 +44,10 @@ def _hf_greedy(model, tokenizer, prompt: str) -> str:
 
 def test_each_row_answers_with_its_own_version(tiny_lm, adapter_dir):
     models = VersionedModel(tiny_lm)
+    fast = models.generator.fast
     models.ensure_loaded("v1", str(adapter_dir))
     assert models.loaded() == [BASE, "v1"]
+    assert models.generator.fast is fast is not None  # the packed weights were kept, not rebuilt
     prompt = "Say something about tea."
     base, v1 = models.generate(prompt, [BASE, "v1"], seed=0, params=GREEDY).texts
     model = models.lm.model  # now a PeftModel around the same base weights
