@@ -23,6 +23,7 @@ from app.versions import VersionedModel
 from app.worker import stored_pairs
 from dpo_core.generation import SamplingParams
 from storage import repo, runs
+from storage.db import transaction
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class CompareService:
         for name, path in paths.items():
             self.models.ensure_loaded(name, path)
         update = self.models.generate(prompt, versions, seed=seed, params=self.params)
-        with self.sm.begin() as s:
+        with transaction(self.sm, "The answers") as s:
             prompt_id = repo.add_prompt(s, prompt, source="compare").id
             answers = []
             for row, out in zip(rows, update.answers, strict=True):
@@ -143,7 +144,7 @@ class CompareService:
 
     def blind_vote(self, left_id: int, right_id: int, winner: str, annotator: str) -> str:
         """Store the vote; return the reveal ("left was v1, right was base")."""
-        with self.sm.begin() as s:
+        with transaction(self.sm, "Your vote") as s:
             vote, _new = repo.record_comparison_vote(
                 s,
                 response_left_id=left_id,

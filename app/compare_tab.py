@@ -16,6 +16,7 @@ import pandas as pd
 from app.auth import annotator_name
 from app.compare import CompareService, write_csv
 from app.safe_text import safe_markdown
+from storage.db import StorageError
 
 WIN_COLUMNS = ["version", "vs", "wins", "ties", "losses", "votes", "win rate", "95% CI"]
 ACCURACY_COLUMNS = ["version", "held-out pairs", "reward accuracy", "mean margin"]
@@ -167,10 +168,11 @@ def register_api(service: CompareService) -> None:
 
 
 def _user_errors(fn: Any, *args: Any) -> Any:
-    """Call `fn`; a ValueError (bad input) becomes a `gr.Error` the user reads, no traceback."""
+    """Call `fn`; a ValueError (bad input) or StorageError (the database refused a write)
+    becomes a `gr.Error` the user reads, no traceback."""
     try:
         return fn(*args)
-    except ValueError as err:
+    except (ValueError, StorageError) as err:
         raise gr.Error(str(err)) from err
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.model_service import ModelService, Waiting
 from dpo_core.generation import AnswerSpec, GenerationUpdate, SamplingParams
 from storage import repo, runs
+from storage.db import transaction
 from storage.models import Prompt
 
 logger = logging.getLogger(__name__)
@@ -138,15 +139,7 @@ class LabelService:
 
     def progress(self, annotator: str) -> Progress:
         with self.sm.begin() as s:
-            stats = repo.store_stats(s)
-        mine = stats.by_annotator.get(annotator.strip())
-        return Progress(
-            mine=mine.votes if mine else 0,
-            everyone=stats.overall.votes,
-            usable_pairs=stats.overall.usable_pairs,
-            by_choice=dict(stats.overall.by_choice),
-            prompts=sum(stats.prompts.values()),
-        )
+            return _progress(s, annotator)
 
     # --- generating a pair ------------------------------------------------------------------
 
@@ -160,7 +153,7 @@ class LabelService:
         """(prompt id, text): prompt `prompt_id` (regenerate), else the typed prompt, else the
         next from the queue (prompts this annotator has labeled least first, skipped ones
         passed over)."""
-        with self.sm.begin() as s:
+        with transaction(self.sm, "The prompt") as s:
             if prompt_id is not None:
                 prompt = s.get(Prompt, int(prompt_id))
                 if prompt is None:
@@ -219,7 +212,7 @@ class LabelService:
 
     def _store(self, pair: PairProgress) -> PairProgress:
         """Record both answers; the pair is then ready for a vote."""
-        with self.sm.begin() as s:
+        with transaction(self.sm, "The two answers") as s:
             version_id = self._version_id(s, pair.version)
             stored = []
             for answer in pair.answers:
@@ -265,7 +258,7 @@ class LabelService:
             raise ValueError("Type your name before voting: votes are recorded per annotator.")
         if len(annotator.strip()) > MAX_NAME_CHARS:
             raise ValueError(f"The name is too long: at most {MAX_NAME_CHARS} characters.")
-        with self.sm.begin() as s:
+        with transaction(self.sm, "Your vote") as s:
             preference, new = repo.record_preference(
                 s,
                 response_a_id=int(response_a_id),
@@ -276,9 +269,22 @@ class LabelService:
                 seconds_spent=seconds_spent,
             )
             preference_id = preference.id
+            progress = _progress(s, annotator)  # same transaction: one lock, not two
         if not new:
             logger.info("vote %d was already recorded (double click or retry)", preference_id)
-        return VoteResult(preference_id, new, self.progress(annotator))
+        return VoteResult(preference_id, new, progress)
+
+
+def _progress(s: Session, annotator: str) -> Progress:
+    stats = repo.store_stats(s)
+    mine = stats.by_annotator.get(annotator.strip())
+    return Progress(
+        mine=mine.votes if mine else 0,
+        everyone=stats.overall.votes,
+        usable_pairs=stats.overall.usable_pairs,
+        by_choice=dict(stats.overall.by_choice),
+        prompts=sum(stats.prompts.values()),
+    )
 
 
 def _answer(spec: AnswerSpec, progress: Any) -> PairAnswer:

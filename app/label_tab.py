@@ -20,6 +20,7 @@ import gradio as gr
 from app.auth import annotator_name
 from app.label import CHOICES, MAX_NAME_CHARS, LabelService, LabelSettings, PairProgress
 from app.safe_text import safe_markdown
+from storage.db import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +112,11 @@ def status_text(pair: PairProgress) -> str:
 
 
 def user_errors(start: Any) -> Iterator[Any]:
-    """Iterate the generator `start()` returns; a ValueError (bad input, empty queue) from
-    starting or iterating it is yielded as the last item instead of raised."""
+    """Iterate the generator `start()` returns; a ValueError (bad input, empty queue) or a
+    StorageError (the database refused a write) is yielded as the last item, not raised."""
     try:
         yield from start()
-    except ValueError as err:
+    except (ValueError, StorageError) as err:
         yield err
 
 
@@ -201,7 +202,7 @@ def make_handlers(service: LabelService, tab: LabelTab) -> dict[str, Any]:
                     rewrite=rewrite,
                     seconds_spent=max(0.0, time.time() - (pair.get("ready_at") or time.time())),
                 )
-            except ValueError as err:
+            except (ValueError, StorageError) as err:
                 raise gr.Error(str(err)) from err
             done = "Recorded" if result.new else "Already recorded"
             return {
@@ -359,6 +360,7 @@ def build_label_tab(service: LabelService, demo: gr.Blocks) -> LabelTab:
             h["vote"](choice),
             [tab.pair, tab.annotator, tab.rewrite],
             everything,
+            concurrency_limit=None,  # a short database transaction, not a model call
             trigger_mode="once",
             show_progress="hidden",
             api_visibility="private",
@@ -393,7 +395,7 @@ def register_api(service: LabelService) -> None:
         try:
             for pair in service.generate_pair(annotator_name(request, annotator), typed=prompt):
                 yield pair.to_dict()
-        except ValueError as err:
+        except (ValueError, StorageError) as err:
             raise gr.Error(str(err)) from err
 
     def vote(
@@ -415,7 +417,7 @@ def register_api(service: LabelService) -> None:
                 rewrite=rewrite or None,
                 seconds_spent=seconds_spent,
             )
-        except ValueError as err:
+        except (ValueError, StorageError) as err:
             raise gr.Error(str(err)) from err
         return {
             "preference_id": result.preference_id,
@@ -431,5 +433,7 @@ def register_api(service: LabelService) -> None:
         return service.progress(annotator_name(request, annotator)).to_dict()
 
     gr.api(generate_pair, api_name="generate_pair", concurrency_limit=None)
-    gr.api(vote, api_name="vote")
-    gr.api(label_progress, api_name="label_progress")
+    # Votes and progress are short database transactions (SQLite serialises the writes):
+    # no Gradio queue slot to wait for behind other annotators' votes.
+    gr.api(vote, api_name="vote", concurrency_limit=None)
+    gr.api(label_progress, api_name="label_progress", concurrency_limit=None)

@@ -15,11 +15,13 @@ schema version is refused with a message that says what to do.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, insert, inspect, make_url, select
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import SCHEMA_VERSION, Base, SchemaInfo, now_utc
@@ -105,6 +107,46 @@ def open_db(url: str | None = None, *, data_dir: Path | None = None) -> sessionm
         engine.dispose()
         raise
     return sessionmaker(engine, expire_on_commit=False)
+
+
+class WriteError(StorageError):
+    """The database refused a write (disk full, read-only file, server gone); nothing was
+    half-written: the transaction was rolled back."""
+
+
+# sqlite3 / psycopg message fragment -> what it means for the person who clicked
+_WRITE_CAUSES = (
+    ("disk is full", "the disk is full"),
+    ("no space left", "the disk is full"),
+    ("disk i/o error", "the disk refused the write (full, or failing)"),
+    ("file too large", "the disk refused the write (full, or failing)"),
+    ("readonly database", "the database file is read-only"),
+    ("read-only", "the database is read-only"),
+    ("database is locked", "the database stayed locked by another writer"),
+)
+
+
+def write_error_cause(err: DBAPIError) -> str:
+    """A short reason for a failed write, in plain words where the driver's text is known."""
+    text = str(err.orig).strip()
+    for fragment, cause in _WRITE_CAUSES:
+        if fragment in text.lower():
+            return cause
+    return f"the database said: {text.splitlines()[0][:200] if text else type(err).__name__}"
+
+
+@contextmanager
+def transaction(sm: sessionmaker[Session], what: str) -> Iterator[Session]:
+    """`sm.begin()`, where a database failure becomes a `WriteError` that says what was not
+    saved and why. `what` names the thing, e.g. "Your vote"."""
+    try:
+        with sm.begin() as session:
+            yield session
+    except DBAPIError as err:
+        raise WriteError(
+            f"{what} could not be saved: {write_error_cause(err)}. Everything saved before is "
+            "intact; free some space (or ask an admin to fix the database) and try again."
+        ) from err
 
 
 def ensure_schema(engine: Engine) -> None:
