@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.heldout import MAX_HELDOUT_FRACTION
 from app.worker import log_file, pid_file, stored_pairs
+from dpo_core.modeling import remove_partial_saves
 from storage import runs
 from storage.runs import RunStateError
 
@@ -173,8 +174,12 @@ class TrainingService:
         failed = self.check_workers()
         with self.sm.begin() as s:
             failed += [run.id for run in runs.fail_dead_runs(s, timeout_s=STALE_AFTER_S)]
+            idle = runs.live_run(s) is None
         if failed:
             logger.warning("marked dead training runs as failed: %s", failed)
+        if idle:  # no worker can be saving: a temp directory is what a killed save left
+            for tmp in remove_partial_saves(self.data_dir / "adapters"):
+                logger.warning("removed %s, left by an adapter save that was interrupted", tmp)
         return failed
 
     def start_watcher(self) -> None:

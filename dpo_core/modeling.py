@@ -287,6 +287,17 @@ def save_adapter(model: Any, path: str | Path, extra: dict[str, Any] | None = No
     return path
 
 
+def remove_partial_saves(directory: str | Path) -> list[Path]:
+    """Delete the temp directories `save_adapter` leaves in `directory` when its process is
+    killed mid-save (`.v3-abc123`). Only call it when no save can be in progress."""
+    removed = []
+    for tmp in sorted(Path(directory).glob(".*-*")):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "__dataclass_fields__"):
         return asdict(obj)

@@ -122,14 +122,33 @@ def test_recover_fails_a_run_whose_worker_is_gone(service, sm):
     assert status.message.startswith(f"Run #{run_id} failed")
 
 
+def _partial_save(service: TrainingService) -> tuple[Path, Path]:
+    """What a worker killed inside `save_adapter` leaves (a temp dir), next to a saved v1."""
+    adapters = service.data_dir / "adapters"
+    (adapters / "v1").mkdir(parents=True)
+    (adapters / "v1" / "adapter_config.json").write_text("{}")
+    (adapters / ".v2-k1ll3d").mkdir()
+    (adapters / ".v2-k1ll3d" / "adapter_model.safetensors").write_bytes(b"half")
+    return adapters / "v1", adapters / ".v2-k1ll3d"
+
+
+def test_recover_removes_what_a_killed_adapter_save_left(service):
+    saved, partial = _partial_save(service)
+    service.recover()
+    assert not partial.exists()
+    assert (saved / "adapter_config.json").is_file()  # saved versions are never touched
+
+
 def test_recover_keeps_a_run_whose_worker_is_alive(service, sm):
     with sm.begin() as s:
         run_id = runs.create_run(s, base_model="tiny", config={}, num_pairs=1).id
         runs.start_run(s, run_id)
     pid_file(service.data_dir, run_id).parent.mkdir(parents=True, exist_ok=True)
     pid_file(service.data_dir, run_id).write_text(str(os.getpid()))
+    _saved, partial = _partial_save(service)
     assert service.recover() == []
     assert service.status().status == "running"
+    assert partial.exists()  # the live worker may be writing it
 
 
 def test_status_reports_step_total_and_eta(service, sm):
