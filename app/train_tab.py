@@ -100,17 +100,23 @@ def progress_html(status: RunStatus) -> str:
 
 
 def metric_frames(metrics: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
-    """Long-format frames (step, value, metric) for each plot, from per-step metric dicts."""
-    rows: dict[str, list[tuple[int, float, str]]] = {title: [] for title in PLOTS}
+    """Long-format frames (step, value, metric) for each plot, from per-step metric dicts.
+
+    Every frame starts with one placeholder row per curve of its plot (value NaN, which Vega
+    leaves out): the plot takes its colour domain from the data it is first drawn with and
+    keeps it on later updates, so a curve absent from the first frame would never be drawn.
+    """
+    rows: dict[str, list[tuple[int, float, str]]] = {
+        title: [(0, math.nan, name) for name in names] for title, names in PLOTS.items()
+    }
     for row in metrics:
         step = int(row["step"])
         for title, names in PLOTS.items():
             for name in names:
                 value = row.get(name)
-                if isinstance(value, int | float):
+                if isinstance(value, int | float) and math.isfinite(value):
                     rows[title].append((step, float(value), name))
-    # Explicit dtypes: the plot takes its axis types from the first frame it gets, which is
-    # empty while the run prepares (an empty frame's columns would be `object`, i.e. nominal).
+    # Explicit dtypes: the plot takes its axis types from the first frame it gets.
     dtypes = {"step": "int64", "value": "float64", "metric": "str"}
     return {
         title: pd.DataFrame(data, columns=list(dtypes)).astype(dtypes)
@@ -308,12 +314,19 @@ def build_train_tab(service: TrainingService, tab_block: gr.Tab | None = None) -
         )
     progress = gr.HTML(elem_id="train-progress")
     plots = {}
+    empty_frames = metric_frames([])
     titles = list(PLOTS)
     for row in (titles[:2], titles[2:]):  # a 2 x 2 grid
         with gr.Row():
             for title in row:
                 plots[title] = gr.LinePlot(
-                    x="step", y="value", color="metric", title=title, height=260, elem_id=_id(title)
+                    empty_frames[title],
+                    x="step",
+                    y="value",
+                    color="metric",
+                    title=title,
+                    height=260,
+                    elem_id=_id(title),
                 )
     history = gr.Dataframe(
         headers=HISTORY_COLUMNS,

@@ -83,9 +83,14 @@ def test_train_then_compare(page):
     expect(page.locator("#train-message")).to_contain_text("started on")
     progress = page.locator("#train-progress progress")
     expect(progress).to_be_visible(timeout=60_000)
-    # A curve is drawn (Vega renders the line marks into the plot's canvas / svg).
-    expect(page.locator("#plot-loss .vega-embed")).to_be_visible(timeout=TRAIN_TIMEOUT_MS)
     wait_for_run_end(page)
+    # The curves are drawn: Vega renders SVG, a line is a stroked path through several points,
+    # and the legend names every curve of the plot.
+    for plot, curve in (("#plot-loss", "loss"), ("#plot-rewards", "rewards/margins")):
+        lines = page.locator(f'{plot} g.mark-line path[stroke][d*="L"]')
+        expect(lines).not_to_have_count(0, timeout=30_000)
+        legend = page.locator(f"{plot} g.role-legend-label text")
+        expect(legend.filter(has_text=re.compile(f"^{re.escape(curve)}$"))).to_have_count(1)
     expect(page.locator("#train-progress")).to_contain_text("v1 is the new version")
     expect(page.locator("#train-history")).to_contain_text("succeeded")
 
