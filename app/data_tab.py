@@ -208,24 +208,14 @@ def layout(service: DataService) -> DataTab:
     with gr.Column(elem_id="data-admin") as admin_area:
         gr.Markdown("### Import")
         with gr.Row():
-            with gr.Column():
-                prompts_file = gr.File(
-                    label="Prompts (.txt one per line, or a 'prompt' column)",
-                    file_types=PROMPT_FILE_TYPES,
-                    type="filepath",
-                    elem_id="data-prompts-file",
-                )
-                prompts_split = gr.Radio(list(SPLITS), value="train", label="Split")
-                prompts_btn = gr.Button("Import prompts", elem_id="data-import-prompts")
-            with gr.Column():
-                pairs_file = gr.File(
-                    label="Preference pairs (prompt / chosen / rejected, TRL format)",
-                    file_types=PAIR_FILE_TYPES,
-                    type="filepath",
-                    elem_id="data-pairs-file",
-                )
-                pairs_split = gr.Radio(list(SPLITS), value="train", label="Split")
-                pairs_btn = gr.Button("Import pairs", elem_id="data-import-pairs")
+            prompts_file, prompts_split, prompts_btn = _import_column(
+                "prompts", "Prompts (.txt one per line, or a 'prompt' column)", PROMPT_FILE_TYPES
+            )
+            pairs_file, pairs_split, pairs_btn = _import_column(
+                "pairs",
+                "Preference pairs (prompt / chosen / rejected, TRL format)",
+                PAIR_FILE_TYPES,
+            )
         import_message = gr.Markdown(elem_id="data-import-message")
         gr.Markdown("### Export preference pairs")
         with gr.Row():
@@ -240,6 +230,18 @@ def layout(service: DataService) -> DataTab:
         prompts_btn, pairs_file, pairs_split, pairs_btn, import_message, export_format,
         export_type, export_split, export_btn, export_file, export_message,
     )  # fmt: skip
+
+
+def _import_column(
+    kind: str, label: str, file_types: list[str]
+) -> tuple[gr.File, gr.Radio, gr.Button]:
+    with gr.Column():
+        file = gr.File(
+            label=label, file_types=file_types, type="filepath", elem_id=f"data-{kind}-file"
+        )
+        split = gr.Radio(list(SPLITS), value="train", label="Split")
+        button = gr.Button(f"Import {kind}", elem_id=f"data-import-{kind}")
+    return file, split, button
 
 
 def build_data_tab(

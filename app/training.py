@@ -409,7 +409,7 @@ class TrainingService:
             return
         try:
             self.on_version_change(name, path)
-        except (OSError, ValueError) as err:  # e.g. its adapter directory was deleted
+        except Exception as err:  # deleted directory, broken JSON or safetensors, wrong shapes
             self.version_error = f"version {name} could not be loaded: {err}"
             logger.error("%s", self.version_error)
 
