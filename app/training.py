@@ -325,6 +325,34 @@ class TrainingService:
                 "the previous version stays active."
             )
 
+    def activate_version(self, name: str) -> StartResult:
+        """Serve version `name` from now on (roll back or forward, no restart): stored as the
+        active version, then loaded through `sync_active_version` as after a run. Refused while
+        a run is live (it would make its own version active) or when the adapter is gone."""
+        with self._lock:
+            with self.sm.begin() as s:
+                live = runs.live_run(s)
+                if live is not None:
+                    return StartResult(False, switch_busy_message(live.id, live.status), live.id)
+                versions = {v.name: v for v in runs.list_versions(s, self.base_model)}
+                previous = self._active(s).name
+                problem = version_problem(versions.get(name), name, list(versions), previous)
+                if problem:
+                    return StartResult(False, problem)
+                if name == previous and self.version_error is None:
+                    return StartResult(True, f"{name} is already the active version.")
+                runs.activate_version(s, versions[name].id)
+            self.sync_active_version()
+            error = self.version_error
+            if error is None and self._served_version == name:
+                return StartResult(True, f"{name} is now the active version (was {previous}).")
+            with self.sm.begin() as s:  # it did not load: put the previous version back
+                runs.activate_version(s, versions[previous].id)
+            self.sync_active_version()
+            return StartResult(
+                False, f"{error or name + ' did not load'}. {previous} stays active."
+            )
+
     # --- watching ----------------------------------------------------------------------------
 
     def check_workers(self) -> list[int]:
@@ -381,7 +409,7 @@ class TrainingService:
             return
         try:
             self.on_version_change(name, path)
-        except (OSError, ValueError) as err:  # e.g. its adapter directory was deleted
+        except Exception as err:  # deleted directory, broken JSON or safetensors, wrong shapes
             self.version_error = f"version {name} could not be loaded: {err}"
             logger.error("%s", self.version_error)
 
@@ -516,6 +544,26 @@ def busy_message(run_id: int, status: str) -> str:
         f"Run #{run_id} is {status}: one training job at a time. "
         "Wait for it to finish or cancel it."
     )
+
+
+def switch_busy_message(run_id: int, status: str) -> str:
+    return (
+        f"Run #{run_id} is {status}: versions cannot be switched during a run (it makes its own "
+        "version active when it ends). Wait for it to finish or cancel it."
+    )
+
+
+def version_problem(version: Any, name: str, names: list[str], active: str) -> str | None:
+    """Why version `name` cannot be served, or None when its adapter is there to load."""
+    if version is None:
+        return f"No version named {name!r}; the versions are {', '.join(names)}."
+    path = version.adapter_path
+    if version.kind == "adapter" and not (path and (Path(path) / "adapter_config.json").is_file()):
+        return (
+            f"Version {name}'s adapter directory {path} is missing or incomplete (no "
+            f"adapter_config.json): was it moved or deleted? {active} stays active."
+        )
+    return None
 
 
 def status_message(

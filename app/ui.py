@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from app.compare_tab import build_compare_tab
 from app.compare_tab import register_api as register_compare_api
+from app.data import DataService
+from app.data_tab import build_data_tab
+from app.data_tab import register_api as register_data_api
 from app.label import open_label_service
 from app.label_tab import build_label_tab
 from app.label_tab import register_api as register_label_api
 from app.train_tab import build_train_tab
 from app.train_tab import register_api as register_train_api
+from app.version_panel import build_version_panel
+from app.version_panel import register_api as register_version_api
 
 TITLE = "DPO Studio"
 
@@ -28,9 +35,15 @@ def build_ui(state: Any) -> gr.Blocks:
             build_label_tab(label, demo)
         with gr.Tab("Train") as train_tab:
             build_train_tab(state.services.training, train_tab)
+            build_version_panel(state.services.training, demo, train_tab)
         with gr.Tab("Compare") as compare_tab:
             build_compare_tab(state.services.compare, compare_tab)
+        data = DataService(state.services.sm, Path(get_upload_folder()) / "dpo-studio-exports")
+        with gr.Tab("Data") as data_tab:
+            build_data_tab(data, demo, data_tab)
         register_label_api(label)
         register_train_api(state.services.training)
         register_compare_api(state.services.compare)
+        register_data_api(data)
+        register_version_api(state.services.training)
     return demo

@@ -72,3 +72,18 @@ if __name__ == "__main__":
     import sys
 
     print(save_tiny_model(Path(sys.argv[1])))
+
+
+def save_random_adapter(model_dir: str | Path, path: Path, seed: int = 0) -> Path:
+    """A real LoRA adapter directory for the tiny model, its weights drawn far from zero so
+    it answers differently from the base (a stand-in for a trained version, without training)."""
+    from dpo_core.modeling import LoraSettings, attach_lora, load_model, save_adapter
+
+    lm = load_model(str(model_dir), dtype="fp32", device="cpu")
+    model = attach_lora(lm.model, LoraSettings(r=4, alpha=8))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return save_adapter(model, path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from app.auth import UserStore
@@ -18,9 +18,14 @@ pytestmark = pytest.mark.slow
 
 ACCOUNTS = {"boss": ("admin", "boss-password-1"), "ann": ("annotator", "ann-password-1")}
 # Endpoint -> keyword arguments for a harmless call. Every one must be in the app's API.
+A_FILE = str(Path(__file__).resolve().parents[2] / "app" / "default_prompts.txt")
 ADMIN_ONLY = {
     "/train_start": {"epochs": 1},
     "/train_cancel": {},
+    "/import_prompts": {"file": handle_file(A_FILE)},
+    "/import_pairs": {"file": handle_file(A_FILE)},
+    "/export_preferences": {},
+    "/activate_version": {"name": "base"},
 }
 
 
@@ -69,3 +74,18 @@ def test_admin_may_call_them(app):
     result = _client(app, "boss").predict(**ADMIN_ONLY["/train_start"], api_name="/train_start")
     assert result["ok"] is False and "No usable preference pairs" in result["message"]
     assert "No training run" in _client(app, "boss").predict(api_name="/train_cancel")["message"]
+    result = _client(app, "boss").predict("base", api_name="/activate_version")
+    assert result == {
+        "ok": True,
+        "message": "base is already the active version.",
+        "active": "base",
+    }
+    with pytest.raises(AppError, match="no usable preference pairs to export yet"):
+        _client(app, "boss").predict(api_name="/export_preferences")
+
+
+def test_annotator_reads_the_counts_and_the_versions(app):
+    stats = _client(app, "ann").predict(api_name="/data_stats")
+    assert set(stats) == {"prompts", "responses", "votes", "by_annotator"}
+    versions = _client(app, "ann").predict(api_name="/list_versions")
+    assert [(v["version"], v["active"]) for v in versions] == [("base", True)]

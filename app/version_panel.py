@@ -1,0 +1,120 @@
+"""Model versions in the Train tab: every registered version, and (admins only) "Make active",
+which rolls the served model back or forward without a restart.
+
+The switch goes through the training service, the same path a finished run takes: the stored
+active version changes, then `sync_active_version` loads it into the served model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from app.auth import ADMIN, request_role, require_role
+from app.training import TrainingService
+from storage import runs
+
+VERSION_COLUMNS = ["version", "active", "parent", "made by run", "created", "adapter"]
+
+
+@dataclass
+class VersionPanel:
+    table: gr.Dataframe
+    choice: gr.Dropdown
+    activate_btn: gr.Button
+    message: gr.Markdown
+
+
+def version_rows(service: TrainingService) -> list[dict[str, Any]]:
+    """One row per registered version of the served base model, oldest first."""
+    with service.sm.begin() as s:
+        versions = runs.list_versions(s, service.base_model)
+        names = {v.id: v.name for v in versions}
+        return [
+            {
+                "version": v.name,
+                "active": v.is_active,
+                "parent": names.get(v.parent_id, ""),
+                "made by run": v.training_run_id or "",
+                "created": v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "",
+                "adapter": v.adapter_path or "",
+            }
+            for v in versions
+        ]
+
+
+def make_handlers(service: TrainingService, panel: VersionPanel) -> dict[str, Any]:
+    def refresh(request: gr.Request) -> dict[Any, Any]:
+        rows = version_rows(service)
+        active = next((r["version"] for r in rows if r["active"]), None)
+        admin = request_role(request) == ADMIN
+        return {
+            panel.table: pd.DataFrame(rows, columns=VERSION_COLUMNS),
+            panel.choice: gr.Dropdown(choices=[r["version"] for r in rows], value=active),
+            panel.activate_btn: gr.Button(visible=admin),
+        }
+
+    def activate(name: str | None, request: gr.Request) -> dict[Any, Any]:
+        require_role(request, ADMIN, "switch versions")
+        if not name:
+            return {panel.message: "⚠️ Choose a version first."}
+        result = service.activate_version(name)
+        out = refresh(request)
+        out[panel.message] = ("✅ " if result.ok else "⚠️ ") + result.message
+        return out
+
+    return {"refresh": refresh, "activate": activate}
+
+
+def register_api(service: TrainingService) -> None:
+    """Named endpoints: /list_versions (anyone signed in), /activate_version (admins only)."""
+
+    def list_versions() -> list[dict[str, Any]]:
+        """Every registered version (base, v1, v2, ...), oldest first, with `active` marked."""
+        return version_rows(service)
+
+    def activate_version(name: str, request: gr.Request = None) -> dict[str, Any]:  # type: ignore[assignment]
+        """Serve version `name` (roll back or forward) without a restart. Returns
+        {ok, message, active}; `ok` is false while a run is live or when the adapter is gone."""
+        require_role(request, ADMIN, "switch versions")
+        result = service.activate_version(name)
+        active = next(r["version"] for r in version_rows(service) if r["active"])
+        return {"ok": result.ok, "message": result.message, "active": active}
+
+    gr.api(list_versions, api_name="list_versions")
+    gr.api(activate_version, api_name="activate_version")
+
+
+def build_version_panel(
+    service: TrainingService, demo: gr.Blocks, tab_block: gr.Tab | None = None
+) -> VersionPanel:
+    """Declare the panel (inside the open Train tab) and wire its events."""
+    rows = version_rows(service)
+    with gr.Accordion("Model versions", open=False, elem_id="versions"):
+        table = gr.Dataframe(
+            pd.DataFrame(rows, columns=VERSION_COLUMNS),
+            interactive=False,
+            wrap=True,
+            elem_id="versions-table",
+        )
+        with gr.Row():
+            choice = gr.Dropdown(
+                [r["version"] for r in rows],
+                value=next((r["version"] for r in rows if r["active"]), None),
+                label="Version",
+                elem_id="versions-choice",
+            )
+            activate_btn = gr.Button("Make active", visible=False, elem_id="versions-activate")
+        message = gr.Markdown(elem_id="versions-message")
+    panel = VersionPanel(table, choice, activate_btn, message)
+    h = make_handlers(service, panel)
+    outputs = [panel.table, panel.choice, panel.activate_btn]
+    private = {"api_visibility": "private", "show_progress": "hidden"}
+    demo.load(h["refresh"], outputs=outputs, **private)
+    if tab_block is not None:  # a run finished since the page loaded: its version is listed
+        tab_block.select(h["refresh"], outputs=outputs, **private)
+    activate_btn.click(h["activate"], inputs=choice, outputs=[*outputs, message], **private)
+    return panel
