@@ -107,7 +107,7 @@ def metric_frames(metrics: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
     keeps it on later updates, so a curve absent from the first frame would never be drawn.
     """
     rows: dict[str, list[tuple[int, float, str]]] = {
-        title: [(0, math.nan, name) for name in names] for title, names in PLOTS.items()
+        title: [(1, math.nan, name) for name in names] for title, names in PLOTS.items()
     }
     for row in metrics:
         step = int(row["step"])

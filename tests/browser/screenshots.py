@@ -57,6 +57,7 @@ def shoot(page, out_dir: Path) -> None:
     page.locator("#compare-prompt textarea").fill("Name a fruit.")
     page.locator("#compare-button").click()
     expect(page.locator("#compare-answer-b")).to_contain_text("v1", timeout=LONG_MS)
+    page.wait_for_timeout(2000)  # the answers are shown dimmed until the event has finished
     page.screenshot(path=str(out_dir / "compare.png"), full_page=True)
 
 
