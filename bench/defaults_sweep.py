@@ -316,10 +316,13 @@ GRID = [
     GridPoint("list", 1e-4, 0.1),
     GridPoint("you", 1e-4, 0.1),
     GridPoint("list", 2e-4, 0.5),
-    GridPoint("you", 2e-4, 0.1),
-    GridPoint("list", 5e-5, 0.1),
-    GridPoint("you", 5e-5, 0.1),
     GridPoint("list", 5e-4, 0.5),
+    GridPoint("you", 2e-4, 0.5),
+    GridPoint("list", 3e-4, 0.5),
+    GridPoint("list", 5e-5, 0.1),
+    GridPoint("you", 5e-4, 0.5),
+    GridPoint("you", 2e-4, 0.1),
+    GridPoint("you", 5e-5, 0.1),
     GridPoint("list", 2e-4, 0.5, "ipo"),
 ]
 

@@ -61,12 +61,12 @@ def page(app):
         browser.close()
 
 
-def wait_for_run_end(page) -> None:
+def wait_for_run_end(page, timeout_ms: int = TRAIN_TIMEOUT_MS) -> None:
     """Wait until the progress block shows a finished run; fail with its message otherwise."""
     from playwright.sync_api import expect
 
     block = page.locator("#train-progress .train-progress")
-    expect(block).to_have_attribute("data-status", ENDED, timeout=TRAIN_TIMEOUT_MS)
+    expect(block).to_have_attribute("data-status", ENDED, timeout=timeout_ms)
     assert block.get_attribute("data-status") == "succeeded", block.inner_text()
 
 
