@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     state = AppState(config=config, lm=lm, model_name=config.model, services=services)
     demo = build_ui(state)
+    # Everything loaded so far (model, tokenizer, Gradio) lives as long as the app: keep it out
+    # of the collector's full passes, whose pauses otherwise stall every request.
+    gc.collect()
+    gc.freeze()
     demo.queue().launch(server_name=config.host, server_port=config.port, **sign_in)
     return 0
 
