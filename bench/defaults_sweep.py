@@ -319,6 +319,8 @@ GRID = [
     GridPoint("list", 5e-4, 0.5),
     GridPoint("you", 2e-4, 0.5),
     GridPoint("list", 3e-4, 0.5),
+    GridPoint("list", 3e-4, 1.0),
+    GridPoint("list", 5e-4, 1.0),
     GridPoint("list", 5e-5, 0.1),
     GridPoint("you", 5e-4, 0.5),
     GridPoint("you", 2e-4, 0.1),

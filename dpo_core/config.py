@@ -44,14 +44,14 @@ class TrainConfig:
     )
     # loss
     loss_type: str = _f("sigmoid", f"one of {', '.join(LOSS_TYPES)}", "loss")
-    beta: float = _f(0.1, "inverse temperature: how far the policy may move from the base", "loss")
+    beta: float = _f(0.5, "inverse temperature: how far the policy may move from the base", "loss")
     label_smoothing: float = _f(0.0, "assumed label-flip rate (sigmoid/robust/simpo)", "loss")
     simpo_gamma: float = _f(0.5, "SimPO target reward margin", "loss")
     # optimisation
     epochs: int = _f(3, "passes over the training pairs", "optim")
     batch_size: int = _f(4, "pairs per forward pass", "optim")
     grad_accum: int = _f(1, "forward passes per optimiser step", "optim")
-    learning_rate: float = _f(5e-5, "peak AdamW learning rate", "optim")
+    learning_rate: float = _f(2e-4, "peak AdamW learning rate", "optim")
     lr_scheduler: str = _f("cosine", f"one of {', '.join(SCHEDULERS)}", "optim")
     warmup_ratio: float = _f(0.1, "fraction of steps with a linear warm-up", "optim")
     weight_decay: float = _f(0.0, "AdamW weight decay", "optim")
@@ -80,7 +80,7 @@ class TrainConfig:
     )
     min_heldout_pairs: int = _f(8, "fewest held-out pairs for early stopping", "eval")
     kl_ceiling: float = _f(
-        20.0, "KL(policy || base) per sampled answer, in nats, that stops the run", "eval"
+        8.0, "KL(policy || base) per sampled answer, in nats, that stops the run", "eval"
     )
     patience: int = _f(2, "evaluations without a better held-out accuracy or loss", "eval")
     kl_prompts: int = _f(8, "held-out prompts sampled for the KL readout (0: no readout)", "eval")

@@ -2,10 +2,13 @@
 
 At each evaluation point the trainer hands the guard the held-out reward accuracy, the held-out
 loss and the KL(policy || base) estimate. A checkpoint whose KL is above the ceiling is never
-kept (its answers have drifted from the base: off-topic, babbling); among the others the best
-is the one with the highest held-out accuracy, ties going to the lower held-out loss. The run
-stops early when the KL passes the ceiling, or when neither the accuracy nor the loss improved
-for `patience` evaluations in a row. Pure bookkeeping: no model, no tensors.
+kept (its answers have drifted from the base: off-topic, babbling). Among the others the guard
+keeps the latest one whose held-out accuracy is within `ACCURACY_TOLERANCE` of the best so far:
+held-out accuracy saturates early and the held-out loss rises while the answers are still
+moving the way the labels ask (docs/defaults.md), so "the best loss" would keep an early
+checkpoint that behaves like the base. The run stops early when the KL passes the ceiling, or
+when the accuracy stays below the best for `patience` evaluations in a row (over-fitting).
+Pure bookkeeping: no model, no tensors.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass, field
 
 # Fewer training pairs than this rarely change the answers visibly (docs/defaults.md).
 MIN_PAIRS_FOR_VISIBLE_CHANGE = 30
+# Held-out reward accuracy this close to the best so far counts as just as good.
+ACCURACY_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -37,26 +42,20 @@ class Guard:
     best: EvalPoint | None = None
     points: list[EvalPoint] = field(default_factory=list)
     _best_accuracy: float = -1.0
-    _best_loss: float = float("inf")
-    _stale: int = 0  # evaluations in a row without a better accuracy or loss
+    _stale: int = 0  # evaluations in a row below the best accuracy
 
     def observe(self, point: EvalPoint) -> Decision:
         self.points.append(point)
         if point.kl is not None and point.kl > self.kl_ceiling:
             return Decision(False, self._kl_reason(point))
-        improved = point.accuracy > self._best_accuracy or point.loss < self._best_loss
         self._best_accuracy = max(self._best_accuracy, point.accuracy)
-        self._best_loss = min(self._best_loss, point.loss)
-        self._stale = 0 if improved else self._stale + 1
-        keep = self.best is None or (point.accuracy, -point.loss) > (
-            self.best.accuracy,
-            -self.best.loss,
-        )
-        if keep:
-            self.best = point
+        if point.accuracy >= self._best_accuracy - ACCURACY_TOLERANCE:
+            self.best, self._stale = point, 0
+            return Decision(True, None)
+        self._stale += 1
         if self._stale >= self.patience:
-            return Decision(keep, self._stale_reason(point))
-        return Decision(keep, None)
+            return Decision(False, self._stale_reason(point))
+        return Decision(False, None)
 
     def _kl_reason(self, point: EvalPoint) -> str:
         return (
@@ -67,8 +66,8 @@ class Guard:
 
     def _stale_reason(self, point: EvalPoint) -> str:
         return (
-            f"held-out reward accuracy and loss stopped improving "
-            f"({self.patience} evaluations in a row up to step {point.step})"
+            f"held-out reward accuracy stayed below its best ({self._best_accuracy:.2f}) for "
+            f"{self.patience} evaluations in a row up to step {point.step}: over-fitting"
         )
 
 
@@ -92,7 +91,8 @@ def summary(
     if best.step == last_step:
         return f"{text} Kept the final weights (held-out reward accuracy {best.accuracy:.2f}{kl})."
     return (
-        f"{text} Kept the checkpoint from step {best.step}, the best on held-out pairs "
+        f"{text} Kept the checkpoint from step {best.step}, the last as good as the best on "
+        "held-out pairs "
         f"(reward accuracy {best.accuracy:.2f}{kl})."
     )
 

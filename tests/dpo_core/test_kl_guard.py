@@ -14,7 +14,13 @@ from peft import PeftModel
 
 from dpo_core import kl, trainer
 from dpo_core.config import TrainConfig
-from dpo_core.guard import MIN_PAIRS_FOR_VISIBLE_CHANGE, EvalPoint, Guard, few_pairs_warning
+from dpo_core.guard import (
+    ACCURACY_TOLERANCE,
+    MIN_PAIRS_FOR_VISIBLE_CHANGE,
+    EvalPoint,
+    Guard,
+    few_pairs_warning,
+)
 from dpo_core.modeling import attach_lora, load_model
 from dpo_core.reward_eval import implicit_reward_accuracy
 from tests.tiny import build_tiny_model, build_tiny_tokenizer
@@ -146,12 +152,13 @@ def test_training_reports_a_positive_kl_at_each_evaluation(sharp_lm, tmp_path):
 # --- the guard -------------------------------------------------------------------------------
 
 
-def test_guard_keeps_the_best_checkpoint_within_the_kl_ceiling():
+def test_guard_keeps_the_latest_checkpoint_as_good_as_the_best_within_the_kl_ceiling():
     guard = Guard(kl_ceiling=5.0, patience=2)
     assert guard.observe(EvalPoint(1, accuracy=0.6, loss=0.6, kl=1.0)).keep
     assert guard.observe(EvalPoint(2, accuracy=0.8, loss=0.5, kl=2.0)).keep
-    same_acc = guard.observe(EvalPoint(3, accuracy=0.8, loss=0.4, kl=3.0))
-    assert same_acc.keep and same_acc.stop is None  # a lower loss breaks the tie
+    # as accurate, a higher held-out loss: the later checkpoint has moved further, keep it
+    later = guard.observe(EvalPoint(3, accuracy=0.8 - ACCURACY_TOLERANCE / 2, loss=0.7, kl=3.0))
+    assert later.keep and later.stop is None
     worse = guard.observe(EvalPoint(4, accuracy=0.7, loss=0.45, kl=4.0))
     assert not worse.keep and worse.stop is None
     drift = guard.observe(EvalPoint(5, accuracy=1.0, loss=0.1, kl=9.0))
@@ -159,12 +166,26 @@ def test_guard_keeps_the_best_checkpoint_within_the_kl_ceiling():
     assert guard.best.step == 3
 
 
-def test_guard_stops_when_nothing_improves():
+def test_guard_stops_when_held_out_accuracy_stays_below_its_best():
     guard = Guard(kl_ceiling=5.0, patience=2)
     guard.observe(EvalPoint(1, accuracy=0.9, loss=0.3, kl=None))
-    assert guard.observe(EvalPoint(2, accuracy=0.8, loss=0.35, kl=None)).stop is None
-    decision = guard.observe(EvalPoint(3, accuracy=0.9, loss=0.31, kl=None))
-    assert "stopped improving" in decision.stop and guard.best.step == 1
+    assert guard.observe(EvalPoint(2, accuracy=0.8, loss=0.2, kl=None)).stop is None
+    decision = guard.observe(EvalPoint(3, accuracy=0.8, loss=0.1, kl=None))
+    assert "stayed below its best (0.90) for 2 evaluations" in decision.stop
+    assert guard.best.step == 1
+
+
+def _kept(points: list[dict], ceiling: float) -> dict:
+    """The guard's rule, restated: the latest point within the ceiling whose accuracy is
+    within the tolerance of the best accuracy seen so far."""
+    best_accuracy, kept = -1.0, None
+    for p in points:
+        if p["eval/kl"] > ceiling:
+            continue
+        best_accuracy = max(best_accuracy, p["eval/rewards/accuracies"])
+        if p["eval/rewards/accuracies"] >= best_accuracy - ACCURACY_TOLERANCE:
+            kept = p
+    return kept
 
 
 def test_a_run_stops_early_at_the_kl_ceiling_and_keeps_the_best_checkpoint(sharp_lm, tmp_path):
@@ -180,8 +201,7 @@ def test_a_run_stops_early_at_the_kl_ceiling_and_keeps_the_best_checkpoint(sharp
     assert steps[-1]["eval/kl"] > 6.0  # the step that passed the ceiling ended the run
     assert result.stop_reason.startswith(f"Stopped early at step {len(steps)} of {total}")
     assert "drifted too far from the base model" in result.stop_reason
-    within = [s for s in steps if s["eval/kl"] <= 6.0]
-    best = max(within, key=lambda s: (s["eval/rewards/accuracies"], -s["eval/loss"]))
+    best = _kept(steps, 6.0)
     assert result.metrics["kept_step"] == best["step"] < len(steps)
     assert f"Kept the checkpoint from step {best['step']}" in result.stop_reason
     assert result.metrics["eval/kl"] == best["eval/kl"]
@@ -244,3 +264,20 @@ def recommended_defaults() -> dict[str, str]:
     section = text.split("## Chosen defaults", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\|\s*`(\w+)`\s*\|\s*`([^`]+)`\s*\|", section, re.MULTILINE)
     return dict(rows)
+
+
+def test_the_defaults_in_code_are_the_ones_the_doc_recommends():
+    recommended = recommended_defaults()
+    assert {"learning_rate", "epochs", "beta", "loss_type", "kl_ceiling"} <= set(recommended)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    defaults["min_pairs_for_visible_change"] = MIN_PAIRS_FOR_VISIBLE_CHANGE
+    for name, value in recommended.items():
+        assert name in defaults, f"docs/defaults.md recommends an unknown field {name}"
+        assert str(defaults[name]) == value or _number(defaults[name]) == _number(value), name
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
