@@ -9,10 +9,10 @@ import pytest
 from dpo_core.config import TrainConfig
 
 
-def test_defaults_are_the_documented_ones():
+def test_default_prompt_budget_is_half_the_length():
+    # The training defaults themselves are tied to docs/defaults.md by
+    # tests/dpo_core/test_kl_guard.py::test_the_defaults_in_code_are_the_ones_the_doc_recommends.
     c = TrainConfig()
-    assert (c.beta, c.learning_rate, c.batch_size, c.loss_type) == (0.1, 5e-5, 4, "sigmoid")
-    assert 1 <= c.epochs <= 3
     assert c.max_prompt_length == c.max_length // 2
 
 
