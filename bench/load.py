@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,6 +47,7 @@ class Log:
     vote_s: list[float] = field(default_factory=list)
     generate_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    codes: dict[int, int] = field(default_factory=dict)  # HTTP statuses (process mode)
 
 
 def connect(url: str, name: str, password: str, log: Log) -> LabelApi | None:
@@ -110,6 +112,50 @@ def run_phase(url: str, accounts: dict[str, str], seconds: float, phase: str) ->
     return logs
 
 
+def _process_worker(
+    url: str, name: str, password: str, seed: int, phase: str, seconds: float, sync: Any
+) -> None:
+    """One annotator in its own process (as a browser would be): no GIL shared with the others."""
+    barrier, go, conn = sync
+    http = harness.HttpStatus().install()
+    log = Log(name)
+    label = connect(url, name, password, log)
+    barrier.wait()
+    go.wait()
+    if label is not None:
+        annotate(label, time.monotonic() + seconds, log, seed, phase)
+    log.codes = dict(http.codes)
+    conn.send(log)
+    conn.close()
+
+
+def run_phase_processes(
+    url: str, accounts: dict[str, str], seconds: float, phase: str
+) -> list[Log]:
+    """`run_phase` with one process per annotator (fork)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, go = ctx.Barrier(len(accounts) + 1), ctx.Event()
+    procs, conns = [], []
+    for i, (name, password) in enumerate(accounts.items()):
+        parent, child = ctx.Pipe(duplex=False)
+        args = (url, name, password, i, phase, seconds, (barrier, go, child))
+        procs.append(ctx.Process(target=_process_worker, args=args))
+        conns.append(parent)
+    t0 = time.monotonic()
+    for proc in procs:
+        proc.start()
+    barrier.wait()
+    print(f"\n{phase}: {len(procs)} annotator process(es) signed in after "
+          f"{time.monotonic() - t0:.1f} s")  # fmt: skip
+    go.set()
+    logs = [conn.recv() for conn in conns]
+    for proc in procs:
+        proc.join()
+    return logs
+
+
 def compare_with_db(logs: list[Log], db_url: str) -> dict[str, int]:
     stored = Counter((v.annotator, v.prompt) for v in harness.stored_votes(db_url))
     acked = Counter((log.name, prompt) for log in logs for prompt, _ in log.acked)
@@ -149,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=120.0)
     p.add_argument("--baseline-seconds", type=float, default=20.0)
     p.add_argument("--model", default=None, help="default: the tests' tiny random model")
+    p.add_argument(
+        "--processes",
+        action="store_true",
+        help="one client process per annotator (as separate browsers are), not threads "
+        "sharing one Python process",
+    )
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="dpo-load-"))
@@ -162,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         first = dict([next(iter(annotators.items()))])
         base_logs = run_phase(app.url, first, args.baseline_seconds, "baseline")
         base_votes = report_latency("baseline", base_logs, args.baseline_seconds)
-        load_logs = run_phase(app.url, annotators, args.seconds, "load")
+        phase = run_phase_processes if args.processes else run_phase
+        load_logs = phase(app.url, annotators, args.seconds, "load")
+        for log in load_logs:
+            http.codes.update(log.codes)
         load_votes = report_latency("load", load_logs, args.seconds)
         peak = harness.peak_rss_mib(app.proc.pid)
     finally:
