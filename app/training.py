@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.heldout import MAX_HELDOUT_FRACTION
 from app.worker import log_file, pid_file, stored_pairs
-from dpo_core.modeling import remove_partial_saves
+from dpo_core.modeling import is_adapter_dir, remove_partial_saves
 from storage import runs
 from storage.runs import RunStateError
 
@@ -558,7 +558,7 @@ def version_problem(version: Any, name: str, names: list[str], active: str) -> s
     if version is None:
         return f"No version named {name!r}; the versions are {', '.join(names)}."
     path = version.adapter_path
-    if version.kind == "adapter" and not (path and (Path(path) / "adapter_config.json").is_file()):
+    if version.kind == "adapter" and not is_adapter_dir(path):
         return (
             f"Version {name}'s adapter directory {path} is missing or incomplete (no "
             f"adapter_config.json): was it moved or deleted? {active} stays active."

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 from dpo_core.generation import AnswerGenerator, AnswerSpec, GenerationUpdate, SamplingParams
-from dpo_core.modeling import LoadedModel, ModelLoadError
+from dpo_core.modeling import LoadedModel, ModelLoadError, is_adapter_dir
 from dpo_core.reward_eval import RewardAccuracy, implicit_reward_accuracy
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ class VersionedModel:
         """Load adapter version `name` from `adapter_path` unless it is already there."""
         if name == BASE or name in self.generator.adapters():
             return
-        if not adapter_path or not (Path(adapter_path) / "adapter_config.json").is_file():
+        if not is_adapter_dir(adapter_path):
             raise ModelLoadError(
                 f"version {name}: its adapter directory {adapter_path} is missing or incomplete "
                 "(was it moved or deleted?)"

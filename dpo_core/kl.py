@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from dpo_core.data import PairBatch
+from dpo_core.generation import chat_input_ids
 from dpo_core.logprobs import completion_logps
 from dpo_core.modeling import LoadedModel
 
@@ -69,11 +70,7 @@ def _stop_ids(lm: LoadedModel, model: Any) -> list[int]:
 
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     """One user turn rendered with the chat template and the generation prompt."""
-    messages = [{"role": "user", "content": prompt}]
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=True, return_dict=True
-    )
-    return list(out["input_ids"])
+    return chat_input_ids(tokenizer, prompt)[0].tolist()
 
 
 def sample_completions(

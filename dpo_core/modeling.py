@@ -260,9 +260,14 @@ def load_adapter(model: Any, path: str | Path, *, is_trainable: bool = False) ->
     from peft import PeftModel
 
     path = Path(path)
-    if not (path / "adapter_config.json").is_file():
+    if not is_adapter_dir(path):
         raise ModelLoadError(f"{path}: not an adapter directory (no adapter_config.json)")
     return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+
+
+def is_adapter_dir(path: str | Path | None) -> bool:
+    """Whether `path` holds a saved PEFT adapter (what `load_adapter` needs)."""
+    return bool(path) and (Path(path) / "adapter_config.json").is_file()
 
 
 def save_adapter(model: Any, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
