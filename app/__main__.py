@@ -133,11 +133,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     state = AppState(config=config, lm=lm, model_name=config.model, services=services)
-    demo = build_ui(state)
+    from starlette.middleware import Middleware
+
+    from app.label import open_label_service
+    from app.vote_route import VoteRoute
+
+    label = open_label_service(services.sm, services.models, config.model, config.data_dir)
+    demo = build_ui(state, label)
     # Everything loaded so far (model, tokenizer, Gradio) lives as long as the app: keep it out
     # of the collector's full passes, whose pauses otherwise stall every request.
     gc.collect()
     gc.freeze()
+    # Votes get a plain HTTP route (app/vote_route.py), inside the sign-in gate.
+    app_kwargs = sign_in.setdefault("app_kwargs", {})
+    vote_route = Middleware(VoteRoute, service=label)
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), vote_route]
     demo.queue().launch(server_name=config.host, server_port=config.port, **sign_in)
     return 0
 

@@ -226,6 +226,7 @@ class UserStore:
 # ---- role checks inside Gradio handlers --------------------------------------------------
 
 ROLE_STATE_KEY = "dpo_studio_role"
+USER_STATE_KEY = "dpo_studio_user"  # the signed-in user's name, for routes outside Gradio
 
 
 def request_role(request: Any) -> str | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from app.auth import ROLE_STATE_KEY, AuthFileError, User, UserStore
+from app.auth import ROLE_STATE_KEY, USER_STATE_KEY, AuthFileError, User, UserStore
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ class AuthGate:
             if _cross_site(scope):
                 await _send_json(send, 403, "Cross-site request refused.")
                 return
-            scope.setdefault("state", {})[ROLE_STATE_KEY] = user.role
+            state = scope.setdefault("state", {})
+            state[ROLE_STATE_KEY], state[USER_STATE_KEY] = user.role, user.name
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":

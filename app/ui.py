@@ -13,7 +13,7 @@ from app.compare_tab import register_api as register_compare_api
 from app.data import DataService
 from app.data_tab import build_data_tab
 from app.data_tab import register_api as register_data_api
-from app.label import open_label_service
+from app.label import LabelService, open_label_service
 from app.label_tab import build_label_tab
 from app.label_tab import register_api as register_label_api
 from app.train_tab import build_train_tab
@@ -24,11 +24,12 @@ from app.version_panel import register_api as register_version_api
 TITLE = "DPO Studio"
 
 
-def build_ui(state: Any) -> gr.Blocks:
-    """Build the app. `state` carries the loaded model, the sessionmaker and the config."""
+def build_ui(state: Any, label: LabelService | None = None) -> gr.Blocks:
+    """Build the app. `state` carries the loaded model, the sessionmaker and the config;
+    `label` is the Label tab's service (opened here if not given)."""
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nLabel answer pairs, train DPO, compare versions.")
-        label = open_label_service(
+        label = label or open_label_service(
             state.services.sm, state.services.models, state.config.model, state.config.data_dir
         )
         with gr.Tab("Label"):

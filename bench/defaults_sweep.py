@@ -232,16 +232,20 @@ def load_heldout(lm: Any, samples: list[dict[str, Any]]) -> Heldout:
     return Heldout(list(base), subjects, base, fluency)
 
 
-def measure(lm: Any, model: Any, heldout: Heldout, seed: int = 0) -> dict[str, Any]:
-    """Compare `model` with the base on the held-out prompts: one answer per prompt sampled
-    as the Label tab samples (rule win rates, relevance, fluency) and one from the model's
-    own distribution (temperature 1, for the KL(model || base) estimate)."""
+def measure(
+    lm: Any, model: Any, heldout: Heldout, seed: int = 0, samples: int = 1
+) -> dict[str, Any]:
+    """Compare `model` with the base on the held-out prompts: `samples` answers per prompt
+    sampled as the Label tab samples (rule win rates, relevance, fluency) and one from the
+    model's own distribution (temperature 1, for the KL(model || base) estimate)."""
     sample = {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": len(heldout.prompts)}
     own = kl.sample_completions(lm, model, heldout.prompts, seed=10_000 + seed, **sample)
     estimate = kl.kl_from_completions(lm, model, own)
-    completions = kl.sample_completions(
-        lm, model, heldout.prompts, seed=20_000 + seed, **sample, **LABEL_SAMPLING
-    )
+    completions = []
+    for k in range(samples):  # seed 20_000 + seed first: the sweep's single sample
+        completions += kl.sample_completions(
+            lm, model, heldout.prompts, seed=20_000 + seed + 100 * k, **sample, **LABEL_SAMPLING
+        )
     base_logps = kl.base_logps(lm, model, completions).tolist()
     base_rows = [(p, r) for p in heldout.prompts for r in heldout.base[p]]
     out: dict[str, Any] = {
@@ -301,10 +305,15 @@ class GridPoint:
     epochs: int = 3
     pairs: int = MAX_PAIRS
     measured: tuple[int, ...] = (1, 2, 3)
+    rpo_alpha: float = 0.0
+
+    @property
+    def loss(self) -> str:
+        return f"{self.loss_type}+rpo{self.rpo_alpha:g}" if self.rpo_alpha else self.loss_type
 
     @property
     def key(self) -> str:
-        key = f"{self.rule} lr={self.learning_rate:g} beta={self.beta:g} {self.loss_type}"
+        key = f"{self.rule} lr={self.learning_rate:g} beta={self.beta:g} {self.loss}"
         key += f" epochs={self.epochs}"
         return key if self.pairs == MAX_PAIRS else f"{key} pairs={self.pairs}"
 
@@ -326,6 +335,8 @@ GRID = [
     GridPoint("you", 2e-4, 0.1),
     GridPoint("you", 5e-5, 0.1),
     GridPoint("list", 2e-4, 0.5, "ipo"),
+    GridPoint("list", 2e-4, 0.5, rpo_alpha=1.0),
+    GridPoint("you", 2e-4, 0.5, rpo_alpha=1.0),
 ]
 
 
@@ -348,6 +359,7 @@ def run_grid_point(lm: Any, point: GridPoint, samples: list, heldout: Heldout) -
     config = TrainConfig(
         learning_rate=point.learning_rate, beta=point.beta, loss_type=point.loss_type,
         epochs=point.epochs, early_stopping=False, kl_prompts=0, seed=0,
+        rpo_alpha=point.rpo_alpha,
     )  # fmt: skip
     pairs = rule_pairs(point.rule, samples, TRAIN_SPLITS)[: point.pairs]
     heldout_pairs = rule_pairs(point.rule, samples, HELDOUT_SPLITS)
@@ -368,7 +380,7 @@ def run_grid_point(lm: Any, point: GridPoint, samples: list, heldout: Heldout) -
             return
         record = {
             "run": point.key, "rule": point.rule, "learning_rate": point.learning_rate,
-            "beta": point.beta, "loss_type": point.loss_type, "epochs": point.epochs,
+            "beta": point.beta, "loss_type": point.loss, "epochs": point.epochs,
             "epoch": round(metrics["epoch"]), "pairs": len(pairs),
             "heldout_pairs": len(heldout_pairs), "train_loss": metrics["loss"],
             "eval_loss": metrics["eval/loss"], "eval_acc": metrics["eval/rewards/accuracies"],
@@ -435,11 +447,11 @@ def write_pairs(rule: str, out: Path) -> None:
         print(f"{out / name}: {len(rows)} pairs")
 
 
-def evaluate_adapter(adapter: Path | None, rules: list[str]) -> dict[str, Any]:
+def evaluate_adapter(adapter: Path | None, rules: list[str], samples: int = 1) -> dict[str, Any]:
     """Measure the base model, or an adapter on top of it, on the held-out prompts."""
     lm = load_model("embedded", device="cpu", adapter=str(adapter) if adapter else None)
     heldout = load_heldout_with(lm)
-    result = measure(lm, lm.model, heldout)
+    result = measure(lm, lm.model, heldout, samples=samples)
     result.pop("answers")
     return {k: v for k, v in result.items() if "/" not in k or k.split("/")[0] in rules}
 
@@ -468,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = sub.add_parser("evaluate", help="measure an adapter (or the base) held out")
     evaluate.add_argument("--adapter", type=Path)
     evaluate.add_argument("--rule", choices=list(RULES), action="append")
+    evaluate.add_argument(
+        "--samples", type=int, default=1, help="answers per held-out prompt (4: half the noise)"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)"
     )
@@ -485,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "pairs":
         write_pairs(args.rule, args.out)
     else:
-        result = evaluate_adapter(args.adapter, args.rule or list(RULES))
+        result = evaluate_adapter(args.adapter, args.rule or list(RULES), args.samples)
         print(json.dumps(result, indent=2))
     return 0
 

@@ -1,10 +1,12 @@
-"""The Label tab's HTTP API as the benchmarks drive it (`/generate_pair`, `/vote`).
+"""The Label tab's HTTP API as the benchmarks drive it (`/generate_pair`, `POST /api/vote`).
 
-Generation goes through `gradio_client` (it streams, as the page does). The vote is timed as
-the two HTTP requests of Gradio's API (`POST /gradio_api/call/vote`, then the result stream),
-on the same signed-in session and a kept-alive connection, like a browser tab: gradio_client's
-own per-call overhead (a worker thread and result polling, ~0.1-0.2 s here even for an echo
-endpoint) would otherwise swamp the 100 ms being measured.
+Generation goes through `gradio_client` (it streams, as the page does). A vote is one plain
+HTTP request to `POST /api/vote` (app/vote_route.py) on the same signed-in session and a
+kept-alive connection. `vote_gradio` sends it through Gradio's queued `/vote` endpoint instead
+(`POST /gradio_api/call/vote`, then the result stream), the path every Gradio API call takes,
+for comparison; gradio_client's own per-call overhead (a worker thread and result polling,
+~0.1-0.2 s here even for an echo endpoint) would swamp the 100 ms being measured, so neither
+goes through it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,25 @@ class LabelApi:
         return a["response_id"], b["response_id"]
 
     def vote(self, pair: tuple[int, int], choice: str, annotator: str = "") -> dict[str, Any]:
-        """Record a vote on (A, B); returns the app's answer, raises VoteError on an error."""
+        """Record a vote on (A, B) with `POST /api/vote` (one plain HTTP request); returns the
+        app's answer, raises VoteError on an error."""
+        body = {"response_a_id": pair[0], "response_b_id": pair[1], "choice": choice}
+        try:
+            r = self.http.post("api/vote", json={**body, "annotator": annotator})
+        except httpx.RemoteProtocolError:
+            # The server closed the kept-alive connection as we reused it (uvicorn drops idle
+            # connections after 5 s, about one generation's wait). A browser resends; a vote
+            # is idempotent per annotator and pair, so resending cannot count it twice.
+            r = self.http.post("api/vote", json={**body, "annotator": annotator})
+        if r.status_code in (400, 503):
+            raise VoteError(r.json()["detail"])
+        r.raise_for_status()
+        return r.json()
+
+    def vote_gradio(
+        self, pair: tuple[int, int], choice: str, annotator: str = ""
+    ) -> dict[str, Any]:
+        """`vote` through Gradio's queued `/vote` endpoint (the event stream), for comparison."""
         r = self.http.post(
             "gradio_api/call/vote", json={"data": [pair[0], pair[1], choice, annotator, "", None]}
         )

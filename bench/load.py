@@ -4,10 +4,12 @@
     .venv/bin/python bench/load.py --annotators 4 --seconds 20
 
 The app runs as a real process (`python -m app` with sign-in on) on the tests' tiny model;
-each annotator is a `gradio_client.Client` in its own thread, driving the Label tab's API the
-way the page does. Afterwards the database (a fresh connection) is compared with the clients'
-log of acknowledged votes: lost votes (acknowledged, not stored), duplicated votes (stored
-twice), and votes stored without an acknowledgement (the client gave up first) are counted.
+each annotator is a `gradio_client.Client` in its own thread (or process, `--processes`):
+it streams a pair from `/generate_pair` and votes with `POST /api/vote` (`--vote-via gradio`:
+through Gradio's queued `/vote` endpoint instead, the comparison). Afterwards the database (a
+fresh connection) is compared with the clients' log of acknowledged votes: lost votes
+(acknowledged, not stored), duplicated votes (stored twice), and votes stored without an
+acknowledgement (the client gave up first) are counted.
 Also printed: every HTTP status the clients received (5xx counted), vote-recording latency
 percentiles (client round trip) under load and, as the baseline measured in the same run, with
 a single annotator; generation latency; throughput; the app's peak memory.
@@ -61,7 +63,9 @@ def connect(url: str, name: str, password: str, log: Log) -> LabelApi | None:
         return None
 
 
-def annotate(label: LabelApi, deadline: float, log: Log, seed: int, phase: str) -> None:
+def annotate(
+    label: LabelApi, deadline: float, log: Log, seed: int, phase: str, via: str = "api"
+) -> None:
     """Generate a pair, vote, repeat until `deadline`; every outcome goes into `log`."""
     rng = random.Random(seed)
     i = 0
@@ -78,14 +82,16 @@ def annotate(label: LabelApi, deadline: float, log: Log, seed: int, phase: str) 
         choice = rng.choice(["a", "b", "a", "b", "tie", "both_bad"])
         try:
             t0 = time.perf_counter()
-            label.vote(pair, choice)
+            (label.vote if via == "api" else label.vote_gradio)(pair, choice)
             log.vote_s.append(time.perf_counter() - t0)
             log.acked.append((prompt, choice))
         except Exception as err:
             log.errors.append(f"vote: {type(err).__name__}: {err}")
 
 
-def run_phase(url: str, accounts: dict[str, str], seconds: float, phase: str) -> list[Log]:
+def run_phase(
+    url: str, accounts: dict[str, str], seconds: float, phase: str, via: str = "api"
+) -> list[Log]:
     """All annotators sign in first; the clock starts when every one of them is connected."""
     logs = [Log(name) for name in accounts]
     connected = threading.Barrier(len(logs) + 1)
@@ -97,7 +103,7 @@ def run_phase(url: str, accounts: dict[str, str], seconds: float, phase: str) ->
         connected.wait()
         go.wait()
         if label is not None:
-            annotate(label, clock["deadline"], log, seed, phase)
+            annotate(label, clock["deadline"], log, seed, phase, via)
 
     threads = [threading.Thread(target=worker, args=(log, i)) for i, log in enumerate(logs)]
     for t in threads:
@@ -113,7 +119,14 @@ def run_phase(url: str, accounts: dict[str, str], seconds: float, phase: str) ->
 
 
 def _process_worker(
-    url: str, name: str, password: str, seed: int, phase: str, seconds: float, sync: Any
+    url: str,
+    name: str,
+    password: str,
+    seed: int,
+    phase: str,
+    seconds: float,
+    sync: Any,
+    via: str = "api",
 ) -> None:
     """One annotator in its own process (as a browser would be): no GIL shared with the others."""
     barrier, go, conn = sync
@@ -123,14 +136,14 @@ def _process_worker(
     barrier.wait()
     go.wait()
     if label is not None:
-        annotate(label, time.monotonic() + seconds, log, seed, phase)
+        annotate(label, time.monotonic() + seconds, log, seed, phase, via)
     log.codes = dict(http.codes)
     conn.send(log)
     conn.close()
 
 
 def run_phase_processes(
-    url: str, accounts: dict[str, str], seconds: float, phase: str
+    url: str, accounts: dict[str, str], seconds: float, phase: str, via: str = "api"
 ) -> list[Log]:
     """`run_phase` with one process per annotator (fork)."""
     import multiprocessing
@@ -140,7 +153,7 @@ def run_phase_processes(
     procs, conns = [], []
     for i, (name, password) in enumerate(accounts.items()):
         parent, child = ctx.Pipe(duplex=False)
-        args = (url, name, password, i, phase, seconds, (barrier, go, child))
+        args = (url, name, password, i, phase, seconds, (barrier, go, child), via)
         procs.append(ctx.Process(target=_process_worker, args=args))
         conns.append(parent)
     t0 = time.monotonic()
@@ -201,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         help="one client process per annotator (as separate browsers are), not threads "
         "sharing one Python process",
     )
+    p.add_argument(
+        "--vote-via",
+        choices=("api", "gradio"),
+        default="api",
+        help="api: POST /api/vote (the default); gradio: Gradio's queued /vote endpoint",
+    )
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="dpo-load-"))
@@ -212,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"app {app.url} (pid {app.proc.pid}), model {model}, data {work / 'data'}")
     try:
         first = dict([next(iter(annotators.items()))])
-        base_logs = run_phase(app.url, first, args.baseline_seconds, "baseline")
+        base_logs = run_phase(app.url, first, args.baseline_seconds, "baseline", args.vote_via)
         base_votes = report_latency("baseline", base_logs, args.baseline_seconds)
         phase = run_phase_processes if args.processes else run_phase
-        load_logs = phase(app.url, annotators, args.seconds, "load")
+        load_logs = phase(app.url, annotators, args.seconds, "load", args.vote_via)
         for log in load_logs:
             http.codes.update(log.codes)
         load_votes = report_latency("load", load_logs, args.seconds)

@@ -47,6 +47,11 @@ class TrainConfig:
     beta: float = _f(0.5, "inverse temperature: how far the policy may move from the base", "loss")
     label_smoothing: float = _f(0.0, "assumed label-flip rate (sigmoid/robust/simpo)", "loss")
     simpo_gamma: float = _f(0.5, "SimPO target reward margin", "loss")
+    rpo_alpha: float = _f(
+        0.0,
+        "add this times the chosen answer's per-token NLL to the loss (RPO; 0: off)",
+        "loss",
+    )
     # optimisation
     epochs: int = _f(3, "passes over the training pairs", "optim")
     batch_size: int = _f(4, "pairs per forward pass", "optim")
@@ -89,6 +94,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.lora_target_modules = tuple(self.lora_target_modules)  # a list after JSON
         check_loss_args(self.loss_type, self.beta, self.label_smoothing, self.simpo_gamma)
+        _require(
+            math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0,
+            f"rpo_alpha must be a non-negative number, got {self.rpo_alpha}",
+        )
         self._check_model()
         self._check_data()
         self._check_optim()

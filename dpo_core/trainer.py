@@ -401,6 +401,9 @@ def batch_losses(
         rejected_lengths=rejected_lengths,
         simpo_gamma=config.simpo_gamma,
     )
+    if config.rpo_alpha:  # RPO: also raise the chosen answer's likelihood, per token
+        nll = -chosen_logps / chosen_lengths.clamp(min=1)
+        losses = losses + config.rpo_alpha * nll
     parts = {
         "loss": losses.detach(),
         "rewards/chosen": chosen_rewards,

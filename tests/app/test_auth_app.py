@@ -1,6 +1,7 @@
 """The real app (`python -m app --auth-file ...` on the tiny model) with sign-in: every named
 endpoint refuses a request without a session, annotators are refused the admin-only ones with a
-message saying so, and a vote is recorded under the signed-in user's name."""
+message saying so, and a vote (through Gradio's `/vote` or the plain `POST /api/vote`) is
+recorded under the signed-in user's name."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from sqlalchemy import func, select
 
 from app.auth import UserStore
+from storage.db import open_db
+from storage.models import Preference
 from tests.app.server import start_app
 
 pytestmark = pytest.mark.slow
@@ -89,3 +93,27 @@ def test_annotator_reads_the_counts_and_the_versions(app):
     assert set(stats) == {"prompts", "responses", "votes", "by_annotator"}
     versions = _client(app, "ann").predict(api_name="/list_versions")
     assert [(v["version"], v["active"]) for v in versions] == [("base", True)]
+
+
+def test_a_vote_is_recorded_under_the_signed_in_user_not_the_claimed_name(app):
+    ann = _client(app, "ann")
+    pairs = [ann.predict("Name a river.", "", api_name="/generate_pair") for _ in range(2)]
+    ids = [tuple(a["response_id"] for a in pair["answers"]) for pair in pairs]
+    ann.predict(*ids[0], "a", "mallory", api_name="/vote")  # Gradio's endpoint
+    with httpx.Client(base_url=app.url, cookies=ann.cookies, timeout=30) as http:
+        body = {"response_a_id": ids[1][0], "response_b_id": ids[1][1], "choice": "b"}
+        r = http.post("api/vote", json={**body, "annotator": "mallory"})  # the plain route
+    assert r.status_code == 200, r.text
+    assert r.json()["new"] is True and r.json()["progress"]["mine"] == 2
+    with open_db(app.db_url).begin() as s:
+        voters = s.scalars(select(Preference.annotator)).all()
+    assert voters == ["ann", "ann"]
+
+
+def test_the_plain_vote_route_refuses_a_request_without_session(app):
+    with httpx.Client(base_url=app.url, timeout=10) as http:
+        r = http.post("api/vote", json={"response_a_id": 1, "response_b_id": 2, "choice": "a"})
+    assert r.status_code == 401
+    with open_db(app.db_url).begin() as s:
+        assert s.scalar(select(func.count()).select_from(Preference).where(
+            Preference.annotator != "ann")) == 0  # fmt: skip

@@ -1,11 +1,13 @@
 """The Label tab's API over HTTP (gradio_client) against a running app on the tiny model:
-generate a pair, vote, the database rows; double votes; empty and huge prompts; the queue."""
+generate a pair, vote, the database rows; double votes; empty and huge prompts; the queue; the
+plain `POST /api/vote` route."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 from gradio_client import Client
 from sqlalchemy import func, select
@@ -152,3 +154,44 @@ def test_progress_counts_mine_everyone_and_usable(client):
     # a, b count as one usable pair each; the tie does not
     by = progress["by_choice"]
     assert progress["usable_pairs"] == by["a"] + by["b"]
+
+
+def _post_vote(app, **body) -> httpx.Response:
+    with httpx.Client(base_url=app.url, timeout=30) as http:
+        return http.post("api/vote", json=body)
+
+
+def test_plain_vote_route_stores_the_vote_once(app, client, sm):
+    a, b = _ids(_pair(client, annotator="erin"))
+    first = _post_vote(app, response_a_id=a, response_b_id=b, choice="a", annotator="erin")
+    again = _post_vote(app, response_a_id=b, response_b_id=a, choice="b", annotator="erin")
+    assert first.status_code == again.status_code == 200
+    assert first.json()["new"] is True and again.json()["new"] is False
+    assert first.json()["preference_id"] == again.json()["preference_id"]
+    assert first.json()["progress"]["mine"] == 1
+    with sm.begin() as s:
+        vote = s.scalars(select(Preference).where(Preference.annotator == "erin")).one()
+    assert (vote.response_a_id, vote.response_b_id, vote.choice) == (a, b, "a")
+
+
+def test_plain_vote_route_answers_bad_requests_clearly(app, client, sm):
+    a, b = _ids(_pair(client, annotator="frank"))
+    cases = [
+        ({"response_a_id": a, "response_b_id": b, "choice": "maybe"}, 400, "unknown choice"),
+        ({"response_a_id": a, "response_b_id": 999_999, "choice": "a"}, 400, "999999"),
+        ({"response_a_id": str(a), "response_b_id": b, "choice": "a"}, 400, "must be an integer"),
+        ({"response_a_id": a, "response_b_id": b}, 400, "choice must be one of"),
+    ]
+    for body, status, message in cases:
+        r = _post_vote(app, **body, annotator="frank")
+        assert (r.status_code, message in r.json()["detail"]) == (status, True), (body, r.text)
+    with httpx.Client(base_url=app.url, timeout=30) as http:
+        not_json = http.post("api/vote", content=b"\xff\xfe not json")
+        huge = http.post("api/vote", content=b"x" * 100_000)
+        wrong_method = http.get("api/vote")
+    assert not_json.status_code == 400 and "not JSON" in not_json.json()["detail"]
+    assert huge.status_code == 413
+    assert wrong_method.status_code == 405
+    with sm.begin() as s:
+        stored = s.scalars(select(Preference).where(Preference.annotator == "frank")).all()
+    assert stored == []

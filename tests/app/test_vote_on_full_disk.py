@@ -55,3 +55,24 @@ def test_a_vote_on_a_full_disk_says_so_and_loses_nothing(tmp_path: Path):
     sm.kw["bind"].dispose()
     sm = open_db(f"sqlite:///{tmp_path / 'studio.db'}")  # room again: the same vote goes in
     assert LabelService(sm, models=None, base_model="tiny").vote("ann", *big, "b").new
+
+
+def test_the_plain_vote_route_answers_503_with_the_message(tmp_path: Path):
+    from starlette.responses import PlainTextResponse
+    from starlette.testclient import TestClient
+
+    from app.vote_route import VoteRoute
+
+    sm = open_db(f"sqlite:///{tmp_path / 'studio.db'}")
+    big = _answers(sm, "Describe the sea.", "waves " * 2000)
+    _cap_file_size(sm)
+    route = VoteRoute(PlainTextResponse("not here", 404), LabelService(sm, None, "tiny"))
+    body = {"response_a_id": big[0], "response_b_id": big[1], "choice": "a"}
+    http = TestClient(route)  # no `with`: the stand-in app has no lifespan events
+    r = http.post("/api/vote", json={**body, "rewrite": "a much better answer " * 3000})
+    other = http.get("/somewhere")
+    assert r.status_code == 503
+    assert r.json()["detail"].startswith("Your vote could not be saved: the disk is full.")
+    assert other.status_code == 404  # everything else passes through
+    with sm.begin() as s:
+        assert s.scalar(select(func.count()).select_from(Preference)) == 0

@@ -151,6 +151,22 @@ def test_other_loss_types_train(tiny_lm, tmp_path, loss_type):
     assert math.isfinite(result.metrics["loss"])
 
 
+def test_rpo_adds_the_chosen_nll_and_raises_the_chosen_likelihood(tiny_lm, tmp_path):
+    plain: list[dict] = []
+    rpo: list[dict] = []
+    trainer.train(tiny_lm, PAIRS, small_config(), tmp_path / "dpo", on_step=plain.append)
+    rpo_config = small_config(rpo_alpha=1.0)
+    trainer.train(tiny_lm, PAIRS, rpo_config, tmp_path / "rpo", on_step=rpo.append)
+    assert plain[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    # a random model's per-token NLL is about log(vocabulary size), far above 1 nat
+    assert rpo[0]["loss"] > math.log(2) + 1
+    assert rpo[0]["logps/chosen"] == pytest.approx(plain[0]["logps/chosen"], rel=1e-5)
+    # the same start and seed: the NLL term makes every later step's chosen answers likelier
+    for r, p in zip(rpo[1:], plain[1:], strict=True):
+        assert r["logps/chosen"] > p["logps/chosen"]
+    assert rpo[-1]["logps/chosen"] > plain[-1]["logps/chosen"] + 0.25
+
+
 def test_bad_input_is_a_clear_error(tiny_lm, tmp_path):
     with pytest.raises(ValueError, match="no preference pairs"):
         trainer.train(tiny_lm, [], small_config(), tmp_path / "v1")
