@@ -73,6 +73,17 @@ def list_score(text: str) -> float:
     return float(len(LIST_ITEM.findall(text)))
 
 
+def tidy_list_score(text: str) -> float:
+    """Rule `tidy`: 1 for an answer laid out as a list of at least 2 distinct items, else 0.
+    A person asked to prefer lists prefers a list to prose, not a longer list to a shorter
+    one, and not a list that loops (an item repeated, numbers aside, counts as looping)."""
+    items = [re.sub(r"[\d\W_]+", " ", m).strip().lower() for m in LIST_LINE.findall(text)]
+    return float(len(items) >= 2 and len(set(items)) == len(items))
+
+
+LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+(\S.*)$", re.MULTILINE)
+
+
 YOU = re.compile(r"\byou(?:r|rs|rself|'re|'ll|'ve)?\b", re.IGNORECASE)
 
 
@@ -81,7 +92,7 @@ def you_score(text: str) -> float:
     return float(len(YOU.findall(text)))
 
 
-RULES = {"list": list_score, "you": you_score}
+RULES = {"list": list_score, "you": you_score, "tidy": tidy_list_score}
 
 
 def rule_score(rule: str, text: str) -> float:
@@ -264,18 +275,20 @@ def measure(
         "answers": [c.text for c in completions],
     }
     for rule in RULES:
-        out.update(rule_metrics(rule, completions, heldout))
+        out.update(rule_metrics(rule, [(c.prompt, c.text) for c in completions], heldout.base))
     return out
 
 
-def rule_metrics(rule: str, completions: list[kl.Completion], heldout: Heldout) -> dict:
-    """Win rate of each answer against each base answer to the same prompt (ties count
-    half), and the share of answers that follow the rule at all (score > 0)."""
+def rule_metrics(
+    rule: str, answers: list[tuple[str, str]], base: dict[str, list[dict[str, Any]]]
+) -> dict:
+    """Win rate of each (prompt, answer) against each base answer to the same prompt (ties
+    count half), and the share of answers that follow the rule at all (score > 0)."""
     outcomes, follows, base_follows = [], [], []
-    for c in completions:
-        score = rule_score(rule, c.text)
+    for prompt, text in answers:
+        score = rule_score(rule, text)
         follows.append(score > 0)
-        for row in heldout.base[c.prompt]:
+        for row in base[prompt]:
             other = rule_score(rule, row["text"])
             outcomes.append(1.0 if score > other else 0.5 if score == other else 0.0)
             base_follows.append(other > 0)
@@ -337,6 +350,11 @@ GRID = [
     GridPoint("list", 2e-4, 0.5, "ipo"),
     GridPoint("list", 2e-4, 0.5, rpo_alpha=1.0),
     GridPoint("you", 2e-4, 0.5, rpo_alpha=1.0),
+    GridPoint("list", 2e-4, 0.25),
+    GridPoint("tidy", 2e-4, 0.5),
+    GridPoint("tidy", 1e-4, 0.5),
+    GridPoint("tidy", 3e-4, 0.5),
+    GridPoint("tidy", 2e-4, 0.1),
 ]
 
 
@@ -409,6 +427,14 @@ def _brief(r: dict[str, Any], rule: str) -> str:
 def table(rule: str, results: list[dict[str, Any]]) -> str:
     """One markdown table of every measured checkpoint trained on `rule`."""
     base = next(r for r in results if r["run"] == "base")
+    if rule + "/win_rate" not in base:  # a rule added after the base was measured
+        _, entries = load_prompts()
+        base_rows = {e["prompt"]: [] for e in entries}
+        for row in read_jsonl(SAMPLES):
+            if row["split"] == "heldout_label":
+                base_rows[row["prompt"]].append(row)
+        answers = list(zip(base_rows, base["answers"], strict=True))
+        base = {**base, **rule_metrics(rule, answers, base_rows)}
     head = (
         "| lr | beta | loss | epoch | win rate | follows rule | mentions subject "
         "| fluency (base log-prob/token) | repeated 3-grams | KL (nats/answer) | held-out acc "

@@ -301,12 +301,17 @@ def scenario_diskfull(work: Path) -> None:
         for i in range(5):
             label.vote(label.generate(f"before the disk filled #{i}"), "a")
             before.append(f"before the disk filled #{i}")
+        pair = label.generate("a pair to vote on once the disk is full")
         # Every write that would grow a file past 4 KiB now fails with EFBIG, as on a full disk.
         resource.prlimit(app.proc.pid, resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        rewrite = "a much better answer " * 2500  # ~50 kB: the database must grow
+        for via, vote in (("Gradio /vote", label.vote_gradio), ("POST /api/vote", label.vote)):
+            message = _refusal(lambda vote=vote: vote(pair, "a", rewrite=rewrite))
+            clear = _clear(message, DISK_WORDS)
+            check(f"a vote on a full disk gets a clear message ({via})", clear, repr(message))
         big = "x" * 200_000  # a long prompt, so the database must grow
-        message = _refusal(lambda: label.vote(label.generate(big), "a"))
-        clear = _clear(message, DISK_WORDS)
-        check("a vote on a full disk gets a clear message", clear, repr(message))
+        message = _refusal(lambda: label.generate(big))
+        check("so does a new pair", _clear(message, DISK_WORDS), repr(message))
         check("the app is still up", app.proc.poll() is None)
         print("  app log, last lines:\n    " + "\n    ".join(app.output().splitlines()[-3:]))
         resource.prlimit(

@@ -35,29 +35,31 @@ class LabelApi:
         a, b = final["answers"]
         return a["response_id"], b["response_id"]
 
-    def vote(self, pair: tuple[int, int], choice: str, annotator: str = "") -> dict[str, Any]:
+    def vote(
+        self, pair: tuple[int, int], choice: str, annotator: str = "", rewrite: str = ""
+    ) -> dict[str, Any]:
         """Record a vote on (A, B) with `POST /api/vote` (one plain HTTP request); returns the
         app's answer, raises VoteError on an error."""
         body = {"response_a_id": pair[0], "response_b_id": pair[1], "choice": choice}
+        body.update(annotator=annotator, rewrite=rewrite)
         try:
-            r = self.http.post("api/vote", json={**body, "annotator": annotator})
+            r = self.http.post("api/vote", json=body)
         except httpx.RemoteProtocolError:
             # The server closed the kept-alive connection as we reused it (uvicorn drops idle
             # connections after 5 s, about one generation's wait). A browser resends; a vote
             # is idempotent per annotator and pair, so resending cannot count it twice.
-            r = self.http.post("api/vote", json={**body, "annotator": annotator})
+            r = self.http.post("api/vote", json=body)
         if r.status_code in (400, 503):
             raise VoteError(r.json()["detail"])
         r.raise_for_status()
         return r.json()
 
     def vote_gradio(
-        self, pair: tuple[int, int], choice: str, annotator: str = ""
+        self, pair: tuple[int, int], choice: str, annotator: str = "", rewrite: str = ""
     ) -> dict[str, Any]:
         """`vote` through Gradio's queued `/vote` endpoint (the event stream), for comparison."""
-        r = self.http.post(
-            "gradio_api/call/vote", json={"data": [pair[0], pair[1], choice, annotator, "", None]}
-        )
+        data = [pair[0], pair[1], choice, annotator, rewrite, None]
+        r = self.http.post("gradio_api/call/vote", json={"data": data})
         r.raise_for_status()
         event_id = r.json()["event_id"]
         with self.http.stream("GET", f"gradio_api/call/vote/{event_id}") as stream:
