@@ -319,6 +319,8 @@ class GridPoint:
     pairs: int = MAX_PAIRS
     measured: tuple[int, ...] = (1, 2, 3)
     rpo_alpha: float = 0.0
+    seed: int = 0
+    lora_r: int = 16  # lora_alpha = 2 r, as the defaults
 
     @property
     def loss(self) -> str:
@@ -327,7 +329,8 @@ class GridPoint:
     @property
     def key(self) -> str:
         key = f"{self.rule} lr={self.learning_rate:g} beta={self.beta:g} {self.loss}"
-        key += f" epochs={self.epochs}"
+        key += f" epochs={self.epochs}" + (f" seed={self.seed}" if self.seed else "")
+        key += f" r={self.lora_r}" if self.lora_r != 16 else ""
         return key if self.pairs == MAX_PAIRS else f"{key} pairs={self.pairs}"
 
 
@@ -352,9 +355,10 @@ GRID = [
     GridPoint("you", 2e-4, 0.5, rpo_alpha=1.0),
     GridPoint("list", 2e-4, 0.25),
     GridPoint("tidy", 2e-4, 0.5),
-    GridPoint("tidy", 1e-4, 0.5),
-    GridPoint("tidy", 3e-4, 0.5),
-    GridPoint("tidy", 2e-4, 0.1),
+    GridPoint("list", 2.5e-4, 0.5),
+    GridPoint("list", 2e-4, 0.5, seed=1),
+    GridPoint("list", 2.5e-4, 0.5, lora_r=4),
+    GridPoint("list", 5e-4, 0.5, lora_r=4),
 ]
 
 
@@ -376,7 +380,8 @@ def run_grid_point(lm: Any, point: GridPoint, samples: list, heldout: Heldout) -
     `point.measured` as they happen (the trainer evaluates at the end of every epoch)."""
     config = TrainConfig(
         learning_rate=point.learning_rate, beta=point.beta, loss_type=point.loss_type,
-        epochs=point.epochs, early_stopping=False, kl_prompts=0, seed=0,
+        epochs=point.epochs, early_stopping=False, kl_prompts=0, seed=point.seed,
+        lora_r=point.lora_r, lora_alpha=2 * point.lora_r,
         rpo_alpha=point.rpo_alpha,
     )  # fmt: skip
     pairs = rule_pairs(point.rule, samples, TRAIN_SPLITS)[: point.pairs]
@@ -399,6 +404,7 @@ def run_grid_point(lm: Any, point: GridPoint, samples: list, heldout: Heldout) -
         record = {
             "run": point.key, "rule": point.rule, "learning_rate": point.learning_rate,
             "beta": point.beta, "loss_type": point.loss, "epochs": point.epochs,
+            "seed": point.seed, "lora_r": point.lora_r,
             "epoch": round(metrics["epoch"]), "pairs": len(pairs),
             "heldout_pairs": len(heldout_pairs), "train_loss": metrics["loss"],
             "eval_loss": metrics["eval/loss"], "eval_acc": metrics["eval/rewards/accuracies"],
@@ -424,6 +430,13 @@ def _brief(r: dict[str, Any], rule: str) -> str:
 # --- tables ---------------------------------------------------------------------------------
 
 
+def _row_order(r: dict[str, Any]) -> tuple:
+    return (
+        r["pairs"], r["loss_type"], r.get("lora_r", 16) != 16, r.get("seed", 0), r["beta"],
+        r["learning_rate"], r["epoch"],
+    )  # fmt: skip
+
+
 def table(rule: str, results: list[dict[str, Any]]) -> str:
     """One markdown table of every measured checkpoint trained on `rule`."""
     base = next(r for r in results if r["run"] == "base")
@@ -447,10 +460,12 @@ def table(rule: str, results: list[dict[str, Any]]) -> str:
         f"| {_mean(map(repetition, base['answers'])):.2f} | 0 | | |"
     ]
     rows = [r for r in results if r.get("rule") == rule]
-    rows.sort(key=lambda r: (r["pairs"], r["loss_type"], r["beta"], r["learning_rate"], r["epoch"]))
+    rows.sort(key=_row_order)
     for r in rows:
         repeated = _mean(map(repetition, r["answers"]))
         pairs = "" if r["pairs"] == MAX_PAIRS else f" ({r['pairs']} pairs)"
+        pairs += f" (seed {r['seed']})" if r.get("seed") else ""
+        pairs += f" (LoRA r{r['lora_r']})" if r.get("lora_r", 16) != 16 else ""
         lines.append(
             f"| {r['learning_rate']:g} | {r['beta']:g} | {r['loss_type']}{pairs} | {r['epoch']}"
             f"/{r['epochs']} | {r[rule + '/win_rate']:.2f} | {r[rule + '/share']:.2f} "
