@@ -88,7 +88,9 @@ class TrainConfig:
         8.0, "KL(policy || base) per sampled answer, in nats, that stops the run", "eval"
     )
     patience: int = _f(2, "evaluations without a better held-out accuracy or loss", "eval")
-    kl_prompts: int = _f(8, "held-out prompts sampled for the KL readout (0: no readout)", "eval")
+    kl_prompts: int = _f(
+        8, "answers sampled for the KL readout, from the held-out prompts in turn (0: none)", "eval"
+    )
     kl_max_new_tokens: int = _f(96, "tokens per answer sampled for the KL readout", "eval")
 
     def __post_init__(self) -> None:

@@ -487,9 +487,11 @@ def evaluate_point(
 
 
 def kl_readout(model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig) -> dict:
-    """Monte Carlo KL(policy || base) per answer on the first `kl_prompts` held-out prompts
-    (`eval/kl`, its standard error `eval/kl_stderr`); the same seed at every point."""
-    prompts = list(dict.fromkeys(tuple(p.prompt_ids) for p in dataset.pairs))[: config.kl_prompts]
+    """Monte Carlo KL(policy || base) per answer over `kl_prompts` answers, sampled from the
+    held-out prompts in turn, so a few distinct prompts still give that many answers (`eval/kl`,
+    its standard error `eval/kl_stderr`); the same seed at every point."""
+    distinct = list(dict.fromkeys(tuple(p.prompt_ids) for p in dataset.pairs))
+    prompts = [distinct[i % len(distinct)] for i in range(config.kl_prompts)] if distinct else []
     completions = sample_from_ids(
         lm, model, [list(p) for p in prompts], max_new_tokens=config.kl_max_new_tokens,
         seed=config.seed, batch_size=config.batch_size * 4,
