@@ -359,6 +359,7 @@ GRID = [
     GridPoint("list", 2e-4, 0.5, seed=1),
     GridPoint("list", 2.5e-4, 0.5, lora_r=4),
     GridPoint("list", 5e-4, 0.5, lora_r=4),
+    GridPoint("list", 2e-4, 2.0, "ipo"),
 ]
 
 
