@@ -433,8 +433,9 @@ def register_api(service: LabelService) -> None:
         return service.progress(annotator_name(request, annotator)).to_dict()
 
     gr.api(generate_pair, api_name="generate_pair", concurrency_limit=None)
-    # Votes and progress are short database transactions (~9 ms): served as plain HTTP
-    # requests, not through the queue and its event stream (bench/load.py: p99 of a vote at 16
-    # annotators 415 ms through the queue, 114 ms without, with another process on one core).
+    # Votes and progress are short database transactions (~9 ms). API clients still reach them
+    # through Gradio's queue and event stream (queue=False only changes the browser's path):
+    # p99 177 ms at 16 annotators in bench/load.py. Scripts that need a fast vote use the plain
+    # `POST /api/vote` route instead (app/vote_route.py: p99 28.5 ms in the same benchmark).
     gr.api(vote, api_name="vote", queue=False)
     gr.api(label_progress, api_name="label_progress", queue=False)
