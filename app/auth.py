@@ -267,4 +267,9 @@ def require_role(request: Any, role: str, action: str = "do this") -> str:
 def annotator_name(request: Any, fallback: str = "") -> str:
     """Who is voting: the signed-in user with auth on, else the free-text `fallback`."""
     username = getattr(request, "username", None) if request is not None else None
+    return annotator_for(username, fallback)
+
+
+def annotator_for(username: str | None, fallback: str = "") -> str:
+    """`annotator_name` from the signed-in user name itself (routes outside Gradio)."""
     return username or fallback.strip() or "anonymous"

@@ -16,23 +16,20 @@ from __future__ import annotations
 import asyncio
 import html
 import ipaddress
-import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from app.asgi import Receive, Scope, Send, read_body, send_bytes, send_json
 from app.auth import ROLE_STATE_KEY, USER_STATE_KEY, AuthFileError, User, UserStore
 
 logger = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 LOGIN_PATHS = ("/login", "/login/")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -110,18 +107,8 @@ class LoginThrottle:
             self._failures = dict(newest[len(newest) // 2 :])
 
 
-async def _send_bytes(
-    send: Send, status: int, body: bytes, content_type: str, headers: list | None = None
-) -> None:
-    raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    raw += [(b"cache-control", b"no-store")] + (headers or [])
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _send_json(send: Send, status: int, detail: str, headers: list | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await _send_bytes(send, status, body, "application/json", headers)
+    await send_json(send, status, {"detail": detail}, headers)
 
 
 def _cross_site(scope: Scope) -> bool:
@@ -178,7 +165,7 @@ class AuthGate:
             await self.app(scope, receive, send)
         elif path == "/" and method in ("GET", "HEAD"):
             page = login_page(self.title).encode()
-            await _send_bytes(send, 200, b"" if method == "HEAD" else page, "text/html")
+            await send_bytes(send, 200, b"" if method == "HEAD" else page, "text/html")
         else:
             await _send_json(send, 401, "Not signed in. Sign in at / first.")
 
@@ -210,15 +197,10 @@ class AuthGate:
         return user
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = bytearray()
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if len(body) > MAX_LOGIN_BODY:
-                await _send_json(send, 413, "Sign-in request too large.")
-                return
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive, MAX_LOGIN_BODY)
+        if body is None:
+            await _send_json(send, 413, "Sign-in request too large.")
+            return
         username = parse_qs(body.decode("latin-1")).get("username", [""])[0].strip()
         ip = (scope.get("client") or ("unknown", 0))[0]
         wait = self.throttle.wait_seconds(ip, username)
@@ -239,7 +221,7 @@ class AuthGate:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         status = 0

@@ -98,6 +98,11 @@ class VoteResult:
     new: bool  # False: the same vote was already recorded (double click, retry)
     progress: Progress
 
+    def to_dict(self) -> dict[str, Any]:
+        """The vote endpoints' answer (Gradio's `/vote` and `POST /api/vote`)."""
+        progress = self.progress.to_dict()
+        return {"preference_id": self.preference_id, "new": self.new, "progress": progress}
+
 
 class LabelService:
     def __init__(

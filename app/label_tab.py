@@ -419,11 +419,7 @@ def register_api(service: LabelService) -> None:
             )
         except (ValueError, StorageError) as err:
             raise gr.Error(str(err)) from err
-        return {
-            "preference_id": result.preference_id,
-            "new": result.new,
-            "progress": result.progress.to_dict(),
-        }
+        return result.to_dict()
 
     def label_progress(
         annotator: str = "",

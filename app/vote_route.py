@@ -18,24 +18,17 @@ nothing is lost, retry).
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 
-from app.auth import USER_STATE_KEY
+from app.asgi import Receive, Scope, Send, read_body, send_json
+from app.auth import USER_STATE_KEY, annotator_for
 from app.label import LabelService
 from storage.db import StorageError, WriteError
 
-logger = logging.getLogger(__name__)
-
 PATH = "/api/vote"
 MAX_BODY = 64 * 1024  # a vote with a rewrite; anything larger is refused unread
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class BadVote(ValueError):
@@ -65,9 +58,8 @@ def parse_vote(body: bytes, signed_in: str | None) -> dict[str, Any]:
     seconds = data.get("seconds_spent")
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float)):
         raise BadVote("seconds_spent must be a number of seconds.")
-    annotator = signed_in or str(data.get("annotator") or "").strip() or "anonymous"
     return {
-        "annotator": annotator,
+        "annotator": annotator_for(signed_in, str(data.get("annotator") or "")),
         "response_a_id": ids[0],
         "response_b_id": ids[1],
         "choice": choice,
@@ -88,43 +80,20 @@ class VoteRoute:
             await self.app(scope, receive, send)
             return
         if scope["method"] != "POST":
-            await _reply(send, 405, {"detail": f"Use POST {PATH}."}, [(b"allow", b"POST")])
+            await send_json(send, 405, {"detail": f"Use POST {PATH}."}, [(b"allow", b"POST")])
             return
-        body = await _read_body(receive)
+        body = await read_body(receive, MAX_BODY)
         if body is None:
-            await _reply(send, 413, {"detail": f"A vote is at most {MAX_BODY} bytes."})
+            await send_json(send, 413, {"detail": f"A vote is at most {MAX_BODY} bytes."})
             return
         signed_in = scope.get("state", {}).get(USER_STATE_KEY)
         try:
             kwargs = parse_vote(body, signed_in)
             result = await anyio.to_thread.run_sync(lambda: self.service.vote(**kwargs))
         except WriteError as err:
-            await _reply(send, 503, {"detail": str(err)})
+            await send_json(send, 503, {"detail": str(err)})
             return
         except (ValueError, StorageError) as err:
-            await _reply(send, 400, {"detail": str(err)})
+            await send_json(send, 400, {"detail": str(err)})
             return
-        answer = {
-            "preference_id": result.preference_id,
-            "new": result.new,
-            "progress": result.progress.to_dict(),
-        }
-        await _reply(send, 200, answer)
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    body = bytearray()
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if len(body) > MAX_BODY:
-            return None
-        if not message.get("more_body", False):
-            return bytes(body)
-
-
-async def _reply(send: Send, status: int, payload: dict, headers: list | None = None) -> None:
-    body = json.dumps(payload).encode()
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": head + (headers or [])})
-    await send({"type": "http.response.body", "body": body})
+        await send_json(send, 200, result.to_dict())

@@ -228,12 +228,19 @@ class Heldout:
     base_fluency: dict[str, list[float]]  # prompt -> per-token base log-prob of each answer
 
 
-def load_heldout(lm: Any, samples: list[dict[str, Any]]) -> Heldout:
+def heldout_base_rows(samples: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Held-out prompt -> the base answers sampled for it (Label-tab sampling), prompt order."""
     _, entries = load_prompts()
     base: dict[str, list[dict[str, Any]]] = {e["prompt"]: [] for e in entries}
     for row in samples:
         if row["split"] == "heldout_label":
             base[row["prompt"]].append(row)
+    return base
+
+
+def load_heldout(lm: Any, samples: list[dict[str, Any]]) -> Heldout:
+    _, entries = load_prompts()
+    base = heldout_base_rows(samples)
     rows = [r for p in base for r in base[p]]
     logps = kl.answer_logps(lm, lm.model, [as_completion(lm, r) for r in rows])
     fluency: dict[str, list[float]] = {p: [] for p in base}
@@ -442,11 +449,7 @@ def table(rule: str, results: list[dict[str, Any]]) -> str:
     """One markdown table of every measured checkpoint trained on `rule`."""
     base = next(r for r in results if r["run"] == "base")
     if rule + "/win_rate" not in base:  # a rule added after the base was measured
-        _, entries = load_prompts()
-        base_rows = {e["prompt"]: [] for e in entries}
-        for row in read_jsonl(SAMPLES):
-            if row["split"] == "heldout_label":
-                base_rows[row["prompt"]].append(row)
+        base_rows = heldout_base_rows(read_jsonl(SAMPLES))
         answers = list(zip(base_rows, base["answers"], strict=True))
         base = {**base, **rule_metrics(rule, answers, base_rows)}
     head = (
