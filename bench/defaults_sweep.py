@@ -7,12 +7,14 @@
     .venv/bin/python bench/defaults_sweep.py evaluate [--adapter DIR] --rule list
 
 The embedded model answers 96 varied prompts (bench/defaults_prompts.json), 96 new tokens at
-most: 64 training prompts get 4 answers each sampled as the Label tab samples (temperature 0.8,
-top-p 0.95); 32 held-out prompts get 2 such base answers plus 2 from the model's own
-distribution (temperature 1). A rule labels the answers as a person following it would: two
-answers to one prompt whose rule scores differ make a pair, the higher one chosen. Each grid
-point trains with `dpo_core.trainer.train` on 64 training pairs and is measured at the end of
-chosen epochs on the held-out prompts:
+most: 64 training prompts get 8 answers each sampled as the Label tab samples (temperature 0.8,
+top-p 0.95; the first two rounds labelled answers 0-3 only); 32 held-out prompts get 2 such base
+answers plus 2 from the model's own distribution (temperature 1). 64 more training prompts
+(bench/defaults_prompts_more.json, third round) get 8 answers each. A rule labels the answers as
+a person following it would: two answers to one prompt whose rule scores differ make a pair,
+the higher one chosen (`rule_pairs`: every such two, or `fresh`: two new answers at a time, as
+the Label tab shows them). Each grid point trains with `dpo_core.trainer.train` on 64 training
+pairs and is measured at the end of chosen epochs on the held-out prompts:
 
 - win rate: the rule's score of a tuned answer (Label-tab sampling) against each base answer to
   the same prompt, ties counting half; and the share of answers that follow the rule at all;
@@ -50,15 +52,18 @@ from dpo_core.modeling import load_model
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = HERE / "defaults_prompts.json"
+MORE_PROMPTS = HERE / "defaults_prompts_more.json"  # 64 more training prompts (third round)
 OUT = HERE / "out" / "defaults"
 SAMPLES = OUT / "samples.jsonl"
 RESULTS = OUT / "results.jsonl"
 N_TRAIN_PROMPTS, N_HELDOUT = 64, 32
-TRAIN_ANSWERS, BASE_ANSWERS = 4, 2
+TRAIN_ANSWERS, BASE_ANSWERS = 8, 2
+FIRST_ROUND_ANSWERS = 4  # the first two rounds labelled answers 0-3 of each training prompt
 MAX_NEW_TOKENS = 96
 LABEL_SAMPLING = {"temperature": 0.8, "top_p": 0.95}  # what the Label tab shows a person
 MAX_PAIRS = 64
 TRAIN_SPLITS, HELDOUT_SPLITS = ("train",), ("heldout", "heldout_label")
+MORE_SPLITS = ("train", "train_more")  # the training prompts plus MORE_PROMPTS
 
 logger = logging.getLogger("defaults_sweep")
 
@@ -139,13 +144,19 @@ def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def sample_stage(lm: Any, batch_size: int) -> None:
     """Sample the training candidates and the held-out base answers, resuming a partial run."""
     train, heldout = load_prompts()
-    jobs = [("train", e["prompt"], i, LABEL_SAMPLING) for i in range(TRAIN_ANSWERS) for e in train]
+    first = range(FIRST_ROUND_ANSWERS)
+    jobs = [("train", e["prompt"], i, LABEL_SAMPLING) for i in first for e in train]
     jobs += [("heldout", e["prompt"], i, {}) for i in range(BASE_ANSWERS) for e in heldout]
     jobs += [
         ("heldout_label", e["prompt"], i, LABEL_SAMPLING)
         for i in range(BASE_ANSWERS)
         for e in heldout
     ]
+    later = range(FIRST_ROUND_ANSWERS, TRAIN_ANSWERS)  # added in the third round, sampled last
+    jobs += [("train", e["prompt"], i, LABEL_SAMPLING) for i in later for e in train]
+    more = [e["prompt"] for e in json.loads(MORE_PROMPTS.read_text())]
+    jobs += [("train_more", p, i, LABEL_SAMPLING) for i in range(TRAIN_ANSWERS) for p in more]
+    position = {j[:3]: n for n, j in enumerate(jobs)}
     done = {(r["split"], r["prompt"], r["index"]) for r in read_jsonl(SAMPLES)}
     todo = [j for j in jobs if j[:3] not in done]
     logger.info("%d of %d answers to sample", len(todo), len(jobs))
@@ -157,7 +168,7 @@ def sample_stage(lm: Any, batch_size: int) -> None:
             part = [j for j in chunk if j[3] == params]
             if not part:
                 continue
-            seed = 1000 * (start // batch_size) + len(params)
+            seed = 1000 * (position[chunk[0][:3]] // batch_size) + len(params)
             completions = kl.sample_completions(
                 lm, lm.model, [j[1] for j in part], max_new_tokens=MAX_NEW_TOKENS,
                 seed=seed, batch_size=batch_size, **params,
@@ -188,27 +199,37 @@ def as_completion(lm: Any, row: dict[str, Any]) -> kl.Completion:
 
 
 def rule_pairs(
-    rule: str, samples: list[dict[str, Any]], splits: tuple[str, ...]
+    rule: str,
+    samples: list[dict[str, Any]],
+    splits: tuple[str, ...],
+    answers: int = FIRST_ROUND_ANSWERS,
+    fresh: bool = False,
 ) -> list[dict[str, Any]]:
-    """Pairs a person following the rule would label: for each prompt of `splits`, every two
-    answers whose rule scores differ (the higher one chosen), ordered round-robin over the
-    prompts (largest score gap first), so the first N pairs spread over as many prompts as
-    possible, as repeated labelling of the same prompts in the Label tab would."""
+    """Pairs a person following the rule would label from the first `answers` answers of each
+    prompt of `splits`, the higher-scoring answer chosen, ties skipped, ordered round-robin
+    over the prompts so the first N pairs spread over as many prompts as possible.
+
+    By default every two answers whose scores differ make a pair (largest score gap first), so
+    one answer can appear in several pairs. `fresh` pairs the answers as the Label tab shows
+    them, two new answers at a time (answers 0 and 1, 2 and 3, ...): every answer is judged at
+    most once."""
     by_prompt: dict[str, list[dict[str, Any]]] = {}
     for row in samples:
-        if row["split"] in splits and row["text"]:
+        if row["split"] in splits and row["text"] and row["index"] < answers:
             by_prompt.setdefault(row["prompt"], []).append(row)
     queues = []
     for prompt, rows in by_prompt.items():
         rows = sorted(rows, key=lambda r: r["index"])
         scored = [(rule_score(rule, r["text"]), r["text"]) for r in rows]
-        candidates = [
-            (a[0] - b[0], {"prompt": prompt, "chosen": a[1], "rejected": b[1]})
-            for a in scored
-            for b in scored
-            if a[0] > b[0]
-        ]
-        queues.append([pair for _, pair in sorted(candidates, key=lambda c: -c[0])])
+        if fresh:
+            shown = [(scored[i], scored[i + 1]) for i in range(0, len(scored) - 1, 2)]
+            shown = [(a, b) if a[0] > b[0] else (b, a) for a, b in shown if a[0] != b[0]]
+        else:
+            shown = sorted(
+                ((a, b) for a in scored for b in scored if a[0] > b[0]),
+                key=lambda ab: ab[1][0] - ab[0][0],
+            )
+        queues.append([{"prompt": prompt, "chosen": a[1], "rejected": b[1]} for a, b in shown])
     pairs = []
     for depth in range(max((len(q) for q in queues), default=0)):
         pairs += [q[depth] for q in queues if depth < len(q)]
@@ -328,6 +349,9 @@ class GridPoint:
     rpo_alpha: float = 0.0
     seed: int = 0
     lora_r: int = 16  # lora_alpha = 2 r, as the defaults
+    answers: int = FIRST_ROUND_ANSWERS  # answers per training prompt the pairs come from
+    fresh: bool = False  # pairs as the Label tab shows them: each answer judged once
+    more_prompts: bool = False  # label the answers to MORE_PROMPTS too
 
     @property
     def loss(self) -> str:
@@ -338,6 +362,9 @@ class GridPoint:
         key = f"{self.rule} lr={self.learning_rate:g} beta={self.beta:g} {self.loss}"
         key += f" epochs={self.epochs}" + (f" seed={self.seed}" if self.seed else "")
         key += f" r={self.lora_r}" if self.lora_r != 16 else ""
+        key += f" answers={self.answers}" if self.answers != FIRST_ROUND_ANSWERS else ""
+        key += " fresh" if self.fresh else ""
+        key += " more-prompts" if self.more_prompts else ""
         return key if self.pairs == MAX_PAIRS else f"{key} pairs={self.pairs}"
 
 
@@ -392,7 +419,9 @@ def run_grid_point(lm: Any, point: GridPoint, samples: list, heldout: Heldout) -
         lora_r=point.lora_r, lora_alpha=2 * point.lora_r,
         rpo_alpha=point.rpo_alpha,
     )  # fmt: skip
-    pairs = rule_pairs(point.rule, samples, TRAIN_SPLITS)[: point.pairs]
+    splits = MORE_SPLITS if point.more_prompts else TRAIN_SPLITS
+    pairs = rule_pairs(point.rule, samples, splits, point.answers, point.fresh)
+    pairs = pairs[: point.pairs]
     heldout_pairs = rule_pairs(point.rule, samples, HELDOUT_SPLITS)
     logger.info("%s: %d pairs, %d held-out pairs", point.key, len(pairs), len(heldout_pairs))
     t0 = time.perf_counter()
@@ -412,7 +441,9 @@ def run_grid_point(lm: Any, point: GridPoint, samples: list, heldout: Heldout) -
         record = {
             "run": point.key, "rule": point.rule, "learning_rate": point.learning_rate,
             "beta": point.beta, "loss_type": point.loss, "epochs": point.epochs,
-            "seed": point.seed, "lora_r": point.lora_r,
+            "seed": point.seed, "lora_r": point.lora_r, "answers": point.answers,
+            "fresh": point.fresh, "more_prompts": point.more_prompts,
+            "prompts": len({p["prompt"] for p in pairs}),
             "epoch": round(metrics["epoch"]), "pairs": len(pairs),
             "heldout_pairs": len(heldout_pairs), "train_loss": metrics["loss"],
             "eval_loss": metrics["eval/loss"], "eval_acc": metrics["eval/rewards/accuracies"],
@@ -480,16 +511,24 @@ def table(rule: str, results: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines)
 
 
-def write_pairs(rule: str, out: Path) -> None:
-    """The first 64 training pairs and all held-out pairs of a rule, as JSONL for the CLI."""
+def write_pairs(
+    rule: str,
+    out: Path,
+    answers: int = FIRST_ROUND_ANSWERS,
+    fresh: bool = False,
+    more_prompts: bool = False,
+) -> None:
+    """The first 64 training pairs (`rule_pairs` of the first `answers` answers of each
+    training prompt) and all held-out pairs of a rule, as JSONL for the CLI."""
     samples = read_jsonl(SAMPLES)
+    splits = MORE_SPLITS if more_prompts else TRAIN_SPLITS
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (
-        ("train.jsonl", rule_pairs(rule, samples, TRAIN_SPLITS)[:MAX_PAIRS]),
+        ("train.jsonl", rule_pairs(rule, samples, splits, answers, fresh)[:MAX_PAIRS]),
         ("heldout.jsonl", rule_pairs(rule, samples, HELDOUT_SPLITS)),
     ):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"{out / name}: {len(rows)} pairs")
+        print(f"{out / name}: {len(rows)} pairs from {len({r['prompt'] for r in rows})} prompts")
 
 
 def evaluate_adapter(adapter: Path | None, rules: list[str], samples: int = 1) -> dict[str, Any]:
@@ -522,6 +561,14 @@ def main(argv: list[str] | None = None) -> int:
     pairs = sub.add_parser("pairs", help="write a rule's pairs as JSONL for the CLI")
     pairs.add_argument("--rule", choices=list(RULES), default="list")
     pairs.add_argument("--out", type=Path, required=True)
+    pairs.add_argument(
+        "--answers", type=int, default=FIRST_ROUND_ANSWERS, choices=range(2, TRAIN_ANSWERS + 1),
+        metavar=f"2..{TRAIN_ANSWERS}", help="label the first N answers of each training prompt",
+    )  # fmt: skip
+    pairs.add_argument(
+        "--fresh", action="store_true", help="pair answers 0-1, 2-3, ...: each judged once"
+    )
+    pairs.add_argument("--more-prompts", action="store_true", help=f"label {MORE_PROMPTS.name} too")
     evaluate = sub.add_parser("evaluate", help="measure an adapter (or the base) held out")
     evaluate.add_argument("--adapter", type=Path)
     evaluate.add_argument("--rule", choices=list(RULES), action="append")
@@ -543,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         for rule in RULES:
             print(f"### rule `{rule}`\n\n{table(rule, results)}\n")
     elif args.command == "pairs":
-        write_pairs(args.rule, args.out)
+        write_pairs(args.rule, args.out, args.answers, args.fresh, args.more_prompts)
     else:
         result = evaluate_adapter(args.adapter, args.rule or list(RULES), args.samples)
         print(json.dumps(result, indent=2))

@@ -1,11 +1,17 @@
 """Monte Carlo estimate of KL(policy || base) per answer, on a set of prompts.
 
 KL(pi || ref) = E_{y ~ pi}[log pi(y|x) - log ref(y|x)]: sample answers y from the policy (the
-LoRA model), score each with both models, average the difference. The base is the same PEFT
-model with its adapter disabled, so no second copy of the weights is needed. The answers are
-sampled from the full distribution (temperature 1, no top-p) and scored token for token as they
-were sampled (the end token included when the answer ended), so the estimate is unbiased; each
-answer is capped at `max_new_tokens`, which makes it the KL of the answers' first tokens.
+LoRA model) and average over them. The base is the same PEFT model with its adapter disabled,
+so no second copy of the weights is needed. The answers are sampled from the full distribution
+(temperature 1, no top-p); each is capped at `max_new_tokens`, which makes it the KL of the
+answers' first tokens.
+
+Each answer contributes the sum, over its positions t (the end token's included when the
+answer ended), of the exact KL between the two next-token distributions given y_<t, computed
+over the whole vocabulary (`stepwise_kl`). By the chain rule its mean is the same sequence KL
+as the mean of log pi(y) - log ref(y) over the sampled tokens (`answer_logps`, which the tests
+use as the reference), but it does not depend on which token was drawn at each position, so it
+is never negative and much less noisy: the guard's readout decides on 8 answers.
 
     completions = sample_completions(lm, model, prompts, max_new_tokens=64, seed=0)
     estimate = kl_from_completions(lm, model, completions)   # KLEstimate(kl=..., stderr=...)
@@ -14,7 +20,7 @@ answer is capped at `max_new_tokens`, which makes it the KL of the answers' firs
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,7 +30,7 @@ from torch import Tensor
 
 from dpo_core.data import PairBatch
 from dpo_core.generation import chat_input_ids
-from dpo_core.logprobs import completion_logps
+from dpo_core.logprobs import CHUNK_ELEMENTS, completion_logps, lm_head, scored_hidden
 from dpo_core.modeling import LoadedModel
 
 
@@ -42,7 +48,7 @@ class Completion:
 
 @dataclass(frozen=True)
 class KLEstimate:
-    """Mean and standard error of log pi(y) - log ref(y) over the sampled answers, in nats."""
+    """Mean and standard error of the per-answer KL over the sampled answers, in nats."""
 
     kl: float
     stderr: float
@@ -190,11 +196,56 @@ def answer_batch(completions: list[Completion], pad_token_id: int) -> PairBatch:
     )
 
 
-@torch.no_grad()
 def answer_logps(
     lm: LoadedModel, model: Any, completions: list[Completion], batch_size: int = 8
 ) -> Tensor:
     """Summed log-probs (n,) of each completion's answer tokens under `model` as it is."""
+
+    def score(batch: PairBatch, n: int) -> Tensor:
+        return completion_logps(model, batch)[0][:n]
+
+    return _per_answer(lm, model, completions, batch_size, score)
+
+
+def base_logps(lm: LoadedModel, model: Any, completions: list[Completion]) -> Tensor:
+    """`answer_logps` under the base: the adapter disabled (a plain model is its own base)."""
+    with _base(model):
+        return answer_logps(lm, model, completions)
+
+
+def _base(model: Any) -> Any:
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+
+def answer_kls(
+    lm: LoadedModel, model: Any, completions: list[Completion], batch_size: int = 8
+) -> Tensor:
+    """Per answer (n,), the sum over its positions of KL(policy || base) between the next-token
+    distributions (`stepwise_kl`): `model` with its adapter on, then off."""
+    head = lm_head(model)
+
+    def score(batch: PairBatch, n: int) -> Tensor:
+        policy = scored_hidden(model, batch)
+        with _base(model):
+            base = scored_hidden(model, batch)
+        per_position = stepwise_kl(policy, base, head.weight, head.bias)
+        return torch.zeros(n, device=per_position.device).index_add(
+            0, batch.score_seqs, per_position
+        )
+
+    return _per_answer(lm, model, completions, batch_size, score)
+
+
+@torch.no_grad()
+def _per_answer(
+    lm: LoadedModel,
+    model: Any,
+    completions: list[Completion],
+    batch_size: int,
+    score: Callable[[PairBatch, int], Tensor],
+) -> Tensor:
+    """`score(batch, n)` -> (n,) for the answers in batches of `batch_size`, the model in eval
+    mode (no LoRA dropout) and autocast: (len(completions),) float32 on the CPU."""
     out = torch.zeros(len(completions))
     was_training = model.training
     model.eval()
@@ -202,31 +253,40 @@ def answer_logps(
         chunk = completions[start : start + batch_size]
         batch = answer_batch(chunk, lm.tokenizer.pad_token_id).to(lm.device)
         with _autocast(lm):
-            logps, _ = completion_logps(model, batch)
-        out[start : start + len(chunk)] = logps[: len(chunk)].float().cpu()
+            out[start : start + len(chunk)] = score(batch, len(chunk)).float().cpu()
     model.train(was_training)
     return out
 
 
-def base_logps(lm: LoadedModel, model: Any, completions: list[Completion]) -> Tensor:
-    """`answer_logps` under the base: the adapter disabled (a plain model is its own base)."""
-    context = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    with context:
-        return answer_logps(lm, model, completions)
+def stepwise_kl(
+    policy_hidden: Tensor, base_hidden: Tensor, weight: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """KL(softmax(W p + b) || softmax(W q + b)) for each row of the hidden states p, q (M, H):
+    (M,) float32 >= 0. The head runs in float32, in chunks of rows, so that the two
+    distributions' rounding does not show up as a divergence."""
+    weight = weight.float()
+    bias = None if bias is None else bias.float()
+    out = torch.empty(policy_hidden.shape[0], dtype=torch.float32, device=policy_hidden.device)
+    rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    for s in range(0, policy_hidden.shape[0], rows):
+        p, q = (
+            torch.log_softmax(torch.nn.functional.linear(h[s : s + rows].float(), weight, bias), -1)
+            for h in (policy_hidden, base_hidden)
+        )
+        out[s : s + rows] = (p.exp() * (p - q)).sum(-1).clamp_(min=0.0)
+    return out
 
 
 def kl_from_completions(lm: LoadedModel, model: Any, completions: list[Completion]) -> KLEstimate:
     """KL(policy || base) from answers sampled from the policy (`model` with its adapter on)."""
     if not completions:
         raise ValueError("no sampled answers to estimate the KL from")
-    policy = answer_logps(lm, model, completions)
-    reference = base_logps(lm, model, completions)
-    diffs = (policy - reference).tolist()
-    return summarise(diffs, [len(c.answer_ids) for c in completions])
+    kls = answer_kls(lm, model, completions).tolist()
+    return summarise(kls, [len(c.answer_ids) for c in completions])
 
 
 def summarise(diffs: list[float], lengths: list[int]) -> KLEstimate:
-    """Mean and standard error of per-answer log-ratios."""
+    """Mean and standard error of per-answer KL estimates."""
     n = len(diffs)
     mean = sum(diffs) / n
     var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0

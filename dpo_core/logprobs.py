@@ -29,6 +29,24 @@ def completion_logps(model: Any, batch: PairBatch) -> tuple[Tensor, Tensor]:
         (logps, lengths), each (2B,) in the `[chosen; rejected]` order; logps is float32 and
         differentiable.
     """
+    scored = scored_hidden(model, batch)
+    head = lm_head(model)
+    token_logps = token_logps_from_hidden(scored, head.weight, batch.score_labels, head.bias)
+    n = batch.num_sequences
+    logps = torch.zeros(n, dtype=torch.float32, device=scored.device)
+    logps = logps.index_add(0, batch.score_seqs, token_logps)
+    lengths = torch.bincount(batch.score_seqs, minlength=n)
+    return logps, lengths
+
+
+def lm_head(model: Any) -> Any:
+    """The output layer of a causal LM or of a `peft` wrapper around one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings()
+
+
+def scored_hidden(model: Any, batch: PairBatch) -> Tensor:
+    """The backbone's last hidden states (M, H) at the positions `batch` scores, in order."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(
         input_ids=batch.input_ids,
@@ -36,14 +54,7 @@ def completion_logps(model: Any, batch: PairBatch) -> tuple[Tensor, Tensor]:
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state  # (R, L, H)
-    head = base.get_output_embeddings()
-    scored = hidden[batch.score_rows, batch.score_cols]  # (M, H)
-    token_logps = token_logps_from_hidden(scored, head.weight, batch.score_labels, head.bias)
-    n = batch.num_sequences
-    logps = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-    logps = logps.index_add(0, batch.score_seqs, token_logps)
-    lengths = torch.bincount(batch.score_seqs, minlength=n)
-    return logps, lengths
+    return hidden[batch.score_rows, batch.score_cols]
 
 
 def token_logps_from_hidden(

@@ -106,33 +106,47 @@ def test_sampling_keeps_the_exact_tokens_and_leaves_the_rng_alone(tiny_lm):
 
 
 def _exact_stepwise_kl(lm, model, completions) -> list[float]:
-    """Per answer, sum over its positions of the exact KL between the next-token
-    distributions of policy and base (a lower-variance estimate of the same sequence KL)."""
+    """Per answer, the sum over its positions of the exact KL between the next-token
+    distributions of policy and base, from the model's full logits."""
     batch = kl.answer_batch(completions, lm.tokenizer.pad_token_id)
+    model.eval()  # no LoRA dropout
     with torch.no_grad():
-        policy = torch.log_softmax(model(input_ids=batch.input_ids).logits, -1)
+        policy = torch.log_softmax(model(input_ids=batch.input_ids).logits.float(), -1)
         with model.disable_adapter():
-            base = torch.log_softmax(model(input_ids=batch.input_ids).logits, -1)
+            base = torch.log_softmax(model(input_ids=batch.input_ids).logits.float(), -1)
     rows, cols = batch.score_rows, batch.score_cols  # the positions that predict answer tokens
     per_position = (policy.exp() * (policy - base)).sum(-1)[rows, cols]  # (M,)
     return torch.zeros(len(completions)).index_add(0, rows, per_position).tolist()
 
 
-def test_the_estimate_agrees_with_the_exact_stepwise_kl(tiny_lm):
+def _sampled_log_ratios(lm, model, completions) -> list[float]:
+    """Per answer, log pi(y) - log ref(y) of the tokens drawn: the plain Monte Carlo estimate."""
+    policy = kl.answer_logps(lm, model, completions)
+    return (policy - kl.base_logps(lm, model, completions)).tolist()
+
+
+def test_the_estimate_is_the_stepwise_kl_and_agrees_with_the_sampled_log_ratio(tiny_lm):
     model = attach_lora(tiny_lm.model)
     _perturb_lora(model, 0.3)
     prompts = PROMPTS * 6  # 66 answers
     sample = {"max_new_tokens": 16, "seed": 1, "batch_size": len(prompts)}
     completions = kl.sample_completions(tiny_lm, model, prompts, **sample)
     estimate = kl.kl_from_completions(tiny_lm, model, completions)
-    exact = kl.summarise(_exact_stepwise_kl(tiny_lm, model, completions), [1] * len(prompts))
-    assert exact.kl > 0.25  # the perturbation moved the policy clearly
-    assert estimate.kl > 0
-    assert abs(estimate.kl - exact.kl) < 4 * (estimate.stderr + exact.stderr)
-    # answers drawn from the base instead would give a negative estimate (-KL(base || policy))
+    exact = _exact_stepwise_kl(tiny_lm, model, completions)
+    assert estimate.per_answer == pytest.approx(exact, abs=1e-3)
+    assert min(estimate.per_answer) >= 0
+    plain = kl.summarise(_sampled_log_ratios(tiny_lm, model, completions), [1] * len(prompts))
+    assert estimate.kl > 0.25  # the perturbation moved the policy clearly
+    assert abs(estimate.kl - plain.kl) < 4 * (estimate.stderr + plain.stderr)  # same mean
+    assert estimate.stderr < plain.stderr  # less noise from the same answers
+    # the plain estimate on answers drawn from the base instead is -KL(base || policy) < 0
     with model.disable_adapter():
         from_base = kl.sample_completions(tiny_lm, model, prompts, **sample)
-    assert kl.kl_from_completions(tiny_lm, model, from_base).kl < 0
+    assert _mean(_sampled_log_ratios(tiny_lm, model, from_base)) < 0
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def test_training_reports_a_positive_kl_at_each_evaluation(sharp_lm, tmp_path):
