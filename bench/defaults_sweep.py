@@ -519,7 +519,8 @@ def write_pairs(
     more_prompts: bool = False,
 ) -> None:
     """The first 64 training pairs (`rule_pairs` of the first `answers` answers of each
-    training prompt) and all held-out pairs of a rule, as JSONL for the CLI."""
+    training prompt) and all held-out pairs of a rule, as JSONL for the CLI, and every
+    held-out prompt (most have no pair) for the KL readout."""
     samples = read_jsonl(SAMPLES)
     splits = MORE_SPLITS if more_prompts else TRAIN_SPLITS
     out.mkdir(parents=True, exist_ok=True)
@@ -529,6 +530,9 @@ def write_pairs(
     ):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"{out / name}: {len(rows)} pairs from {len({r['prompt'] for r in rows})} prompts")
+    prompts = [{"prompt": e["prompt"]} for e in load_prompts()[1]]  # for --kl-prompts-from
+    (out / "heldout_prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    print(f"{out / 'heldout_prompts.jsonl'}: all {len(prompts)} held-out prompts")
 
 
 def evaluate_adapter(adapter: Path | None, rules: list[str], samples: int = 1) -> dict[str, Any]:

@@ -30,6 +30,11 @@ def add_train_parser(sub: Any, add_model_args: Any) -> None:
     p.add_argument("--pairs", required=True, type=Path, help="JSONL: prompt, chosen, rejected")
     p.add_argument("--out", required=True, type=Path, help="new adapter directory to write")
     p.add_argument("--heldout", type=Path, help="JSONL of held-out pairs to evaluate")
+    p.add_argument(
+        "--kl-prompts-from", type=Path, metavar="JSONL",
+        help="sample the KL readout from these prompts (a `prompt` per line; default: the "
+        "held-out pairs' prompts)",
+    )  # fmt: skip
     p.add_argument("--config", type=Path, help="a train_config.json to start from")
     add_model_args(p)
     for f in fields(TrainConfig):
@@ -118,13 +123,14 @@ class StopOnInterrupt:
 def cmd_train(args: argparse.Namespace) -> int:
     from dpo_core.data import normalise_pairs
     from dpo_core.modeling import load_model
-    from dpo_core.trainer import load_pairs_jsonl, train
+    from dpo_core.trainer import load_pairs_jsonl, load_prompts_jsonl, train
 
     config = build_config(args)
     if args.out.exists():
         raise FileExistsError(f"{args.out} already exists; choose a new adapter directory")
     pairs = load_pairs_jsonl(args.pairs)
     heldout = load_pairs_jsonl(args.heldout) if args.heldout else None
+    kl_prompts = load_prompts_jsonl(args.kl_prompts_from) if args.kl_prompts_from else None
     for checked in (pairs, heldout):  # fail on a bad file before loading the model
         if checked is not None:
             normalise_pairs(checked)
@@ -136,8 +142,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress, stop = ProgressBar(), StopOnInterrupt()
     try:
         result = train(
-            lm, pairs, config, args.out, heldout=heldout, on_step=progress, should_stop=stop
-        )
+            lm, pairs, config, args.out, heldout=heldout, kl_prompts=kl_prompts,
+            on_step=progress, should_stop=stop,
+        )  # fmt: skip
     finally:
         progress.close()
         stop.restore()

@@ -26,7 +26,7 @@ from dpo_core import data
 from dpo_core.config import TrainConfig
 from dpo_core.guard import EvalPoint, Guard, few_pairs_warning
 from dpo_core.guard import summary as guard_summary
-from dpo_core.kl import kl_from_completions, sample_from_ids
+from dpo_core.kl import kl_from_completions, prompt_ids, sample_from_ids
 from dpo_core.logprobs import completion_logps
 from dpo_core.losses import preference_loss
 from dpo_core.modeling import DTYPES, LoadedModel, attach_lora, load_adapter, save_adapter
@@ -67,6 +67,7 @@ class Dataset:
     costs: list[int]  # tokens per pair in the batch layout, for length grouping
     reference_chosen_logps: Tensor | None = None  # (n,)
     reference_rejected_logps: Tensor | None = None
+    readout_prompts: list[list[int]] | None = None  # the KL readout's prompts (None: the pairs')
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Policy:
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
 
-def load_pairs_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def load_pairs_jsonl(path: str | Path, what: str = "pairs") -> list[dict[str, Any]]:
     """Read one JSON pair per line (blank lines skipped); errors name the file and line."""
     path = Path(path)
     try:
@@ -99,7 +100,7 @@ def load_pairs_jsonl(path: str | Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot read pairs ({err})") from err
+        raise ValueError(f"{path}: cannot read {what} ({err})") from err
     pairs = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -109,8 +110,19 @@ def load_pairs_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
     if not pairs:
-        raise ValueError(f"{path}: no pairs (expected one JSON object per line)")
+        raise ValueError(f"{path}: no {what} (expected one JSON object per line)")
     return pairs
+
+
+def load_prompts_jsonl(path: str | Path) -> list[str]:
+    """The `prompt` of each JSON line (a pairs file will do); errors name the file and line."""
+    prompts = []
+    for number, row in enumerate(load_pairs_jsonl(path, "prompts"), 1):
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f'{path}, entry {number}: expected a non-empty "prompt" string')
+        prompts.append(prompt)
+    return prompts
 
 
 def train(
@@ -120,6 +132,7 @@ def train(
     out_dir: Path,
     *,
     heldout: list[dict[str, Any]] | None = None,
+    kl_prompts: list[str] | None = None,
     on_step: StepCallback | None = None,
     should_stop: StopCheck | None = None,
     on_eval: EvalHook | None = None,
@@ -129,7 +142,9 @@ def train(
     `heldout` pairs are evaluated at evaluation points; without them, `config.heldout_fraction`
     of the prompts are held out when that leaves `config.min_heldout_pairs`. With enough
     held-out pairs the guard (`dpo_core.guard`) keeps the best checkpoint within the KL
-    ceiling and may stop early; `TrainResult.stop_reason` says what happened.
+    ceiling and may stop early; `TrainResult.stop_reason` says what happened. The KL readout
+    samples `config.kl_prompts` answers from the held-out pairs' prompts in turn, or from
+    `kl_prompts` when given (e.g. every held-out prompt, also those without a pair).
 
     `on_step` gets each step's metrics (TRL names plus `step`, `total_steps`, `epoch`, and
     `eval/...` incl. `eval/kl` at evaluation points). `should_stop` is polled between optimiser
@@ -148,6 +163,8 @@ def train(
         pairs, heldout = split_heldout(pairs, config)
     train_set = prepare_dataset(lm.tokenizer, pairs, config, "training")
     eval_set = heldout_dataset(lm.tokenizer, heldout, config)
+    if eval_set is not None and kl_prompts:
+        eval_set.readout_prompts = [prompt_ids(lm.tokenizer, p) for p in kl_prompts]
     total_steps = config.epochs * steps_per_epoch(len(train_set.pairs), config)
     torch.manual_seed(config.seed)
     policy = prepare_policy(lm, config, total_steps)
@@ -488,16 +505,26 @@ def evaluate_point(
 
 def kl_readout(model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig) -> dict:
     """Monte Carlo KL(policy || base) per answer over `kl_prompts` answers, sampled from the
-    held-out prompts in turn, so a few distinct prompts still give that many answers (`eval/kl`,
-    its standard error `eval/kl_stderr`); the same seed at every point."""
-    distinct = list(dict.fromkeys(tuple(p.prompt_ids) for p in dataset.pairs))
-    prompts = [distinct[i % len(distinct)] for i in range(config.kl_prompts)] if distinct else []
+    held-out prompts (or `dataset.readout_prompts`): each in turn, so a few distinct prompts
+    still give that many answers, or evenly spaced ones when there are more (`eval/kl`, its
+    standard error `eval/kl_stderr`); the same seed at every point."""
+    own = dataset.readout_prompts or [p.prompt_ids for p in dataset.pairs]
+    prompts = spread(list(dict.fromkeys(tuple(p) for p in own)), config.kl_prompts)
     completions = sample_from_ids(
         lm, model, [list(p) for p in prompts], max_new_tokens=config.kl_max_new_tokens,
         seed=config.seed, batch_size=config.batch_size * 4,
     )  # fmt: skip
     estimate = kl_from_completions(lm, model, completions)
     return {"eval/kl": estimate.kl, "eval/kl_stderr": estimate.stderr}
+
+
+def spread(items: list[Any], n: int) -> list[Any]:
+    """n of `items`: each in turn when there are at most n, else n evenly spaced ones."""
+    if not items:
+        return []
+    if len(items) <= n:
+        return [items[i % len(items)] for i in range(n)]
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def snapshot(policy: Policy) -> list[Tensor]:

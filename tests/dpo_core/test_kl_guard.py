@@ -163,6 +163,35 @@ def test_training_reports_a_positive_kl_at_each_evaluation(sharp_lm, tmp_path):
     assert "No early stopping: early_stopping is off" in result.stop_reason
 
 
+def test_the_readout_takes_each_prompt_in_turn_or_evenly_spaced_ones():
+    assert trainer.spread(["a", "b"], 5) == ["a", "b", "a", "b", "a"]
+    assert trainer.spread(list("abcdefgh"), 4) == ["a", "c", "e", "g"]
+    assert trainer.spread([], 3) == []
+
+
+def test_the_kl_readout_samples_the_prompts_it_is_given(sharp_lm):
+    model = attach_lora(sharp_lm.model)
+    _perturb_lora(model, 0.3)
+    config = small_config(kl_prompts=4)
+    dataset = trainer.prepare_dataset(sharp_lm.tokenizer, PAIRS, config, "held-out")
+
+    def readout_of(prompts: list[str]) -> dict:
+        completions = kl.sample_from_ids(
+            sharp_lm, model, [kl.prompt_ids(sharp_lm.tokenizer, p) for p in prompts],
+            max_new_tokens=config.kl_max_new_tokens, seed=config.seed, batch_size=16,
+        )  # fmt: skip
+        estimate = kl.kl_from_completions(sharp_lm, model, completions)
+        return {"eval/kl": estimate.kl, "eval/kl_stderr": estimate.stderr}
+
+    own = trainer.kl_readout(model, dataset, sharp_lm, config)
+    spaced = [PROMPTS[i] for i in (0, 2, 5, 8)]  # 4 of the 11 held-out prompts, evenly spaced
+    assert own == pytest.approx(readout_of(spaced))
+    dataset.readout_prompts = [kl.prompt_ids(sharp_lm.tokenizer, "Sing about the sea.")]
+    given = trainer.kl_readout(model, dataset, sharp_lm, config)
+    assert given == pytest.approx(readout_of(["Sing about the sea."] * 4))
+    assert given != own
+
+
 # --- the guard -------------------------------------------------------------------------------
 
 

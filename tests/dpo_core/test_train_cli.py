@@ -40,8 +40,10 @@ def test_trains_32_pairs_into_a_loadable_adapter(tiny_model_dir, tmp_path):
         "--pairs", str(pairs), "--out", str(out), "--model", str(tiny_model_dir),
         "--dtype", "fp32", "--epochs", "1", "--lora-r", "4", "--max-length", "96",
         "--heldout", str(pairs), "--loss-type", "ipo", "--beta", "0.5",
+        "--kl-prompts-from", str(pairs), "--kl-prompts", "2",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
+    assert "eval/kl" in res.stdout
     assert "rewards/accuracies" in res.stdout and "eval/rewards/accuracies" in res.stdout
     assert f"adapter saved to {out}" in res.stdout
     config = json.loads((out / "train_config.json").read_text())
@@ -70,6 +72,8 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, tmp_path, capsys):
     empty.write_text("")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi", "chosen": "", "rejected": "x"}\n')
+    no_prompt = tmp_path / "no_prompt.jsonl"
+    no_prompt.write_text('{"text": "hi"}\n')
     cases = [
         (["--pairs", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
         (["--pairs", str(empty)], "no pairs"),
@@ -77,6 +81,8 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, tmp_path, capsys):
         (["--pairs", str(pairs), "--beta", "0"], "beta must be a positive number"),
         (["--pairs", str(pairs), "--epochs", "0"], "epochs must be a positive integer"),
         (["--pairs", str(pairs), "--loss-type", "magic"], "unknown loss_type 'magic'"),
+        (["--pairs", str(pairs), "--kl-prompts-from", str(empty)], "empty.jsonl: no prompts"),
+        (["--pairs", str(pairs), "--kl-prompts-from", str(no_prompt)], "entry 1: expected a non"),
     ]
     for args, message in cases:
         assert main(["train", *args, *base]) == 2, args
