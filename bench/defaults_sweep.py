@@ -349,9 +349,6 @@ class GridPoint:
     rpo_alpha: float = 0.0
     seed: int = 0
     lora_r: int = 16  # lora_alpha = 2 r, as the defaults
-    answers: int = FIRST_ROUND_ANSWERS  # answers per training prompt the pairs come from
-    fresh: bool = False  # pairs as the Label tab shows them: each answer judged once
-    more_prompts: bool = False  # label the answers to MORE_PROMPTS too
 
     @property
     def loss(self) -> str:
@@ -362,9 +359,6 @@ class GridPoint:
         key = f"{self.rule} lr={self.learning_rate:g} beta={self.beta:g} {self.loss}"
         key += f" epochs={self.epochs}" + (f" seed={self.seed}" if self.seed else "")
         key += f" r={self.lora_r}" if self.lora_r != 16 else ""
-        key += f" answers={self.answers}" if self.answers != FIRST_ROUND_ANSWERS else ""
-        key += " fresh" if self.fresh else ""
-        key += " more-prompts" if self.more_prompts else ""
         return key if self.pairs == MAX_PAIRS else f"{key} pairs={self.pairs}"
 
 
@@ -419,9 +413,7 @@ def run_grid_point(lm: Any, point: GridPoint, samples: list, heldout: Heldout) -
         lora_r=point.lora_r, lora_alpha=2 * point.lora_r,
         rpo_alpha=point.rpo_alpha,
     )  # fmt: skip
-    splits = MORE_SPLITS if point.more_prompts else TRAIN_SPLITS
-    pairs = rule_pairs(point.rule, samples, splits, point.answers, point.fresh)
-    pairs = pairs[: point.pairs]
+    pairs = rule_pairs(point.rule, samples, TRAIN_SPLITS)[: point.pairs]
     heldout_pairs = rule_pairs(point.rule, samples, HELDOUT_SPLITS)
     logger.info("%s: %d pairs, %d held-out pairs", point.key, len(pairs), len(heldout_pairs))
     t0 = time.perf_counter()
@@ -441,9 +433,7 @@ def run_grid_point(lm: Any, point: GridPoint, samples: list, heldout: Heldout) -
         record = {
             "run": point.key, "rule": point.rule, "learning_rate": point.learning_rate,
             "beta": point.beta, "loss_type": point.loss, "epochs": point.epochs,
-            "seed": point.seed, "lora_r": point.lora_r, "answers": point.answers,
-            "fresh": point.fresh, "more_prompts": point.more_prompts,
-            "prompts": len({p["prompt"] for p in pairs}),
+            "seed": point.seed, "lora_r": point.lora_r,
             "epoch": round(metrics["epoch"]), "pairs": len(pairs),
             "heldout_pairs": len(heldout_pairs), "train_loss": metrics["loss"],
             "eval_loss": metrics["eval/loss"], "eval_acc": metrics["eval/rewards/accuracies"],
