@@ -129,21 +129,28 @@ class StoredPairs:
     heldout: list[dict[str, Any]]
     ties: int
     both_bad: int
+    readout_prompts: list[str]  # the KL readout's: held-out pairs' and `heldout` split prompts
 
 
 def stored_pairs(s: Session, heldout_fraction: float, min_heldout: int) -> StoredPairs:
     """Pairs of the `heldout` split plus a stable share of the `train` split are held out
-    (`app.heldout.split_pairs`); ties and both-bad votes are counted, not used."""
+    (`app.heldout.split_pairs`); ties and both-bad votes are counted, not used. The KL readout
+    samples the held-out pairs' prompts and every prompt of the `heldout` split, also those
+    without a usable pair (docs/defaults.md: a readout on the prompts with pairs only can
+    stop a run on the few prompts that moved most)."""
     train_set = repo.preference_pairs(s, split="train")
     heldout_set = repo.preference_pairs(s, split="heldout")
     train, heldout = split_pairs(
         [as_pair(p) for p in train_set.pairs], heldout_fraction, min_heldout
     )
+    heldout += [as_pair(p) for p in heldout_set.pairs]
+    split_prompts = [p.text for p in repo.list_prompts(s, split="heldout")]
     return StoredPairs(
         train=train,
-        heldout=heldout + [as_pair(p) for p in heldout_set.pairs],
+        heldout=heldout,
         ties=train_set.excluded_ties + heldout_set.excluded_ties,
         both_bad=train_set.excluded_both_bad + heldout_set.excluded_both_bad,
+        readout_prompts=list(dict.fromkeys([*(p["prompt"] for p in heldout), *split_prompts])),
     )
 
 
@@ -181,6 +188,7 @@ def train_and_register(
         train_config,
         out_dir,
         heldout=heldout,  # the app's split; empty: no evaluation (the trainer must not re-split)
+        kl_prompts=pairs.readout_prompts,
         on_step=callbacks.on_step,
         should_stop=callbacks.should_stop,
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.training import TrainingService, TrainRequest, pid_alive, steps_table
-from app.worker import pid_file
+from app.worker import pid_file, stored_pairs
 from storage import repo, runs
 from storage.db import open_db
 
@@ -33,9 +33,9 @@ def service(sm, tmp_path: Path) -> TrainingService:
     return svc
 
 
-def _vote(sm, prompt: str, choice: str) -> None:
+def _vote(sm, prompt: str, choice: str, split: str = "train") -> None:
     with sm.begin() as s:
-        prompt_id = repo.add_prompt(s, prompt).id
+        prompt_id = repo.add_prompt(s, prompt, split=split).id
         a, b = (
             repo.record_response(s, prompt_id=prompt_id, model_version_id=None, text=text)
             for text in (f"first answer to {prompt}", f"second answer to {prompt}")
@@ -170,6 +170,20 @@ def test_status_reports_step_total_and_eta(service, sm):
     assert status.eta_s == pytest.approx(6 * 4.0)  # 6 steps left at 4 s each
     assert service.head() == (run_id, "running")
     assert [m["loss"] for m in status.metrics] == pytest.approx([0.6, 0.5])
+
+
+def test_the_kl_readout_samples_every_heldout_prompt_also_those_without_a_pair(sm):
+    _vote(sm, "Tell me about tea.", "a")
+    _vote(sm, "Tell me about jazz.", "b", split="heldout")
+    _vote(sm, "Tell me about salt.", "tie", split="heldout")  # no usable pair
+    with sm.begin() as s:
+        repo.add_prompt(s, "Why is the sea salty?", split="heldout")  # no votes yet
+        pairs = stored_pairs(s, heldout_fraction=0.0, min_heldout=8)
+    assert [p["prompt"] for p in pairs.train] == ["Tell me about tea."]
+    assert [p["prompt"] for p in pairs.heldout] == ["Tell me about jazz."]
+    assert pairs.readout_prompts == [
+        "Tell me about jazz.", "Tell me about salt.", "Why is the sea salty?",
+    ]  # fmt: skip
 
 
 def test_steps_table_pivots_series_by_step():
