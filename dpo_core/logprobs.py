@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dpo_core.data import PairBatch
+from dpo_core.fast_llama import base_model_of
 
 CHUNK_ELEMENTS = 1 << 23  # logits held at once: 8 M floats (32 MB), e.g. 170 rows of 49k
 
@@ -41,14 +42,13 @@ def completion_logps(model: Any, batch: PairBatch) -> tuple[Tensor, Tensor]:
 
 def lm_head(model: Any) -> Any:
     """The output layer of a causal LM or of a `peft` wrapper around one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_output_embeddings()
+    return base_model_of(model).get_output_embeddings()
 
 
 def scored_hidden(model: Any, batch: PairBatch) -> Tensor:
     """The backbone's last hidden states (M, H) at the positions `batch` scores, in order."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(
+    decoder = base_model_of(model).get_decoder()
+    hidden = decoder(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
