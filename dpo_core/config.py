@@ -89,7 +89,7 @@ class TrainConfig:
     )
     patience: int = _f(2, "evaluations without a better held-out accuracy or loss", "eval")
     kl_prompts: int = _f(
-        8, "answers sampled for the KL readout, from the held-out prompts in turn (0: none)", "eval"
+        8, "answers sampled for the KL readout, spread over the held-out prompts (0: none)", "eval"
     )
     kl_max_new_tokens: int = _f(96, "tokens per answer sampled for the KL readout", "eval")
 
