@@ -92,7 +92,7 @@ def data_dir_problem(data_dir: Path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["users"]:
-        from app.users_cli import main as users_main
+        from app.auth.cli import main as users_main
 
         return users_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = config_from_args(args)
-    from app.auth import AuthFileError
-    from app.auth_web import sign_in_options
+    from app.auth.users import AuthFileError
+    from app.auth.web import sign_in_options
 
     try:
         sign_in = sign_in_options(config.auth_file, config.host)
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     state = AppState(config=config, lm=lm, model_name=config.model, services=services)
     from starlette.middleware import Middleware
 
-    from app.label import open_label_service
-    from app.vote_route import VoteRoute
+    from app.label.route import VoteRoute
+    from app.label.service import open_label_service
 
     label = open_label_service(services.sm, services.models, config.model, config.data_dir)
     demo = build_ui(state, label)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     # of the collector's full passes, whose pauses otherwise stall every request.
     gc.collect()
     gc.freeze()
-    # Votes get a plain HTTP route (app/vote_route.py), inside the sign-in gate.
+    # Votes get a plain HTTP route (app/label/route.py), inside the sign-in gate.
     app_kwargs = sign_in.setdefault("app_kwargs", {})
     vote_route = Middleware(VoteRoute, service=label)
     app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), vote_route]

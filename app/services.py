@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.compare import CompareService
+from app.compare.service import CompareService
 from app.config import AppConfig
-from app.training import TrainingService
-from app.versions import VersionedModel
+from app.serving.versions import VersionedModel
+from app.train.service import TrainingService
 from dpo_core.modeling import LoadedModel
 from storage import runs
 from storage.db import open_db

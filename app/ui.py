@@ -8,18 +8,18 @@ from typing import Any
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from app.compare_tab import build_compare_tab
-from app.compare_tab import register_api as register_compare_api
-from app.data import DataService
-from app.data_tab import build_data_tab
-from app.data_tab import register_api as register_data_api
-from app.label import LabelService, open_label_service
-from app.label_tab import build_label_tab
-from app.label_tab import register_api as register_label_api
-from app.train_tab import build_train_tab
-from app.train_tab import register_api as register_train_api
-from app.version_panel import build_version_panel
-from app.version_panel import register_api as register_version_api
+from app.compare.tab import build_compare_tab
+from app.compare.tab import register_api as register_compare_api
+from app.data.service import DataService
+from app.data.tab import build_data_tab
+from app.data.tab import register_api as register_data_api
+from app.label.service import LabelService, open_label_service
+from app.label.tab import build_label_tab
+from app.label.tab import register_api as register_label_api
+from app.train.tab import build_train_tab
+from app.train.tab import register_api as register_train_api
+from app.train.version_panel import build_version_panel
+from app.train.version_panel import register_api as register_version_api
 
 TITLE = "DPO Studio"
 

@@ -71,7 +71,7 @@ def _seed_pairs(db_url: str, n: int) -> None:
 
 
 def _service(db_url: str, data_dir: Path, model: str):
-    from app.training import TrainingService
+    from app.train.service import TrainingService
     from storage.db import open_db
 
     service = TrainingService(
@@ -86,7 +86,7 @@ def _service(db_url: str, data_dir: Path, model: str):
 
 
 def _small_run():
-    from app.training import TrainRequest
+    from app.train.service import TrainRequest
 
     return TrainRequest(
         epochs=1, batch_size=4, max_length=64, lora_r=4, lora_alpha=8, heldout_fraction=0.0

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/load.py` from the repository root
     sys.path.insert(0, str(ROOT))
 
-from app.auth import UserStore  # noqa: E402
+from app.auth.users import UserStore  # noqa: E402
 from tests.app.server import AppProcess, free_port, start_app  # noqa: E402, F401
 
 ADMIN = "lead"

@@ -1,7 +1,7 @@
 """The Label tab's HTTP API as the benchmarks drive it (`/generate_pair`, `POST /api/vote`).
 
 Generation goes through `gradio_client` (it streams, as the page does). A vote is one plain
-HTTP request to `POST /api/vote` (app/vote_route.py) on the same signed-in session and a
+HTTP request to `POST /api/vote` (app/label/route.py) on the same signed-in session and a
 kept-alive connection. `vote_gradio` sends it through Gradio's queued `/vote` endpoint instead
 (`POST /gradio_api/call/vote`, then the result stream), the path every Gradio API call takes,
 for comparison; gradio_client's own per-call overhead (a worker thread and result polling,

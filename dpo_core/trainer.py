@@ -9,7 +9,6 @@ optimiser keeps fp32 copies of the LoRA weights (`dpo_core.optim.MasterWeights`)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from dpo_core import data
 from dpo_core.config import TrainConfig
 from dpo_core.guard import EvalPoint, Guard, few_pairs_warning
 from dpo_core.guard import summary as guard_summary
+from dpo_core.heldout import split_pairs
 from dpo_core.kl import kl_from_completions, prompt_ids, sample_from_ids
 from dpo_core.logprobs import completion_logps
 from dpo_core.losses import preference_loss
@@ -234,27 +234,13 @@ def _run(
 def split_heldout(
     pairs: list[dict[str, Any]], config: TrainConfig
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """Hold out `config.heldout_fraction` of the prompts, when that leaves at least
-    `config.min_heldout_pairs`; else keep every pair for training. Stable: a prompt is held
-    out when a hash of its text falls below the fraction (the rule of `app.heldout`)."""
-    held = [p for p in pairs if _prompt_bucket(p) < config.heldout_fraction]
-    if len(held) < config.min_heldout_pairs or len(held) == len(pairs):
+    """Hold out `config.heldout_fraction` of the prompts by `dpo_core.heldout.split_pairs`
+    when that leaves at least `config.min_heldout_pairs`; else keep every pair for training."""
+    kept, held = split_pairs(pairs, config.heldout_fraction, config.min_heldout_pairs)
+    if not held:
         return pairs, None
-    kept = [p for p in pairs if _prompt_bucket(p) >= config.heldout_fraction]
     logger.info("holding out %d of %d pairs for evaluation", len(held), len(pairs))
     return kept, held
-
-
-def _prompt_bucket(pair: Any) -> float:
-    """A stable number in [0, 1) for a pair's prompt text (2.0 for a malformed pair, which
-    then stays in training and gets its error message there)."""
-    prompt = pair.get("prompt") if isinstance(pair, dict) else None
-    if isinstance(prompt, list):
-        prompt = "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
-    if not isinstance(prompt, str):
-        return 2.0
-    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def make_guard(eval_set: Dataset | None, config: TrainConfig) -> tuple[Guard | None, str | None]:

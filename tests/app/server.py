@@ -42,7 +42,8 @@ class AppProcess:
         for pid_path in (self.data_dir / "runs").glob("run-*.pid"):
             with contextlib.suppress(OSError, ValueError):
                 pid = int(pid_path.read_text())
-                if b"app.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():  # not a reused pid
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"app.train.worker" in cmdline:  # not a reused pid
                     os.kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)

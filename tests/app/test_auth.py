@@ -18,7 +18,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from app.__main__ import main as app_main
-from app.auth import (
+from app.auth.users import (
     AuthFileError,
     UserStore,
     annotator_name,
@@ -27,7 +27,7 @@ from app.auth import (
     require_role,
     verify_password,
 )
-from app.auth_web import LoginThrottle, is_loopback, launch_options, warn_if_exposed
+from app.auth.web import LoginThrottle, is_loopback, launch_options, warn_if_exposed
 
 PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-12", "carol": "carol-secret-3"}
 PASSWORDS["dave"] = "dave-secret-44"
@@ -155,11 +155,11 @@ def test_serving_with_a_missing_or_empty_auth_file_fails_clearly(tmp_path: Path,
 
 
 def test_exposed_without_auth_warns_loudly(caplog):
-    with caplog.at_level(logging.WARNING, logger="app.auth_web"):
+    with caplog.at_level(logging.WARNING, logger="app.auth.web"):
         assert warn_if_exposed("0.0.0.0", auth_enabled=False)
     assert "WITHOUT SIGN-IN" in caplog.text and "--auth-file" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="app.auth_web"):
+    with caplog.at_level(logging.WARNING, logger="app.auth.web"):
         assert not warn_if_exposed("0.0.0.0", auth_enabled=True)
         assert not warn_if_exposed("127.0.0.1", auth_enabled=False)
         assert not warn_if_exposed("localhost", auth_enabled=False)

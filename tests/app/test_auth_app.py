@@ -13,7 +13,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from sqlalchemy import func, select
 
-from app.auth import UserStore
+from app.auth.users import UserStore
 from storage.db import open_db
 from storage.models import Preference
 from tests.app.server import start_app
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 ACCOUNTS = {"boss": ("admin", "boss-password-1"), "ann": ("annotator", "ann-password-1")}
 # Endpoint -> keyword arguments for a harmless call. Every one must be in the app's API.
-A_FILE = str(Path(__file__).resolve().parents[2] / "app" / "default_prompts.txt")
+A_FILE = str(Path(__file__).resolve().parents[2] / "app" / "label" / "default_prompts.txt")
 ADMIN_ONLY = {
     "/train_start": {"epochs": 1},
     "/train_cancel": {},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.compare_stats import WinRate, format_rate, tally, wilson_interval
+from app.compare.stats import WinRate, format_rate, tally, wilson_interval
 
 
 @pytest.mark.parametrize(

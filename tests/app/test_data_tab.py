@@ -14,9 +14,9 @@ import gradio as gr
 import pytest
 from gradio.utils import get_upload_folder
 
-from app.auth import ROLE_STATE_KEY
-from app.data import DataService
-from app.data_tab import layout, make_handlers
+from app.auth.users import ROLE_STATE_KEY
+from app.data.service import DataService
+from app.data.tab import layout, make_handlers
 from storage.db import open_db
 from storage.repo import store_stats
 

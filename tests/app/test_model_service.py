@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.model_service import ModelService, Waiting
-from app.versions import VersionedModel
+from app.serving.service import ModelService, Waiting
+from app.serving.versions import VersionedModel
 from dpo_core.generation import AnswerSpec, GenerationUpdate, SamplingParams
 
 

@@ -15,8 +15,8 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from app.compare_stats import WinRate, format_rate
-from app.worker import pid_file
+from app.compare.stats import WinRate, format_rate
+from app.train.worker import pid_file
 from storage import repo, runs
 from storage.db import open_db
 from storage.io import import_pairs

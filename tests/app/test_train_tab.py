@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from app.train_tab import PLOTS, metric_frames
+from app.train.tab import PLOTS, metric_frames
 
 
 def test_every_curve_is_in_the_first_frame_so_the_plot_can_colour_it():

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from app.training import TrainingService, TrainRequest, pid_alive, steps_table
-from app.worker import pid_file, stored_pairs
+from app.train.pairs import stored_pairs
+from app.train.service import TrainingService, TrainRequest, pid_alive, steps_table
+from app.train.worker import pid_file
 from storage import repo, runs
 from storage.db import open_db
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app.training import TrainingService
-from app.versions import VersionedModel
+from app.serving.versions import VersionedModel
+from app.train.service import TrainingService
 from storage import runs
 from storage.db import open_db
 from tests.tiny import save_random_adapter

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.versions import BASE, VersionedModel
+from app.serving.versions import BASE, VersionedModel
 from dpo_core.config import TrainConfig
 from dpo_core.generation import SamplingParams, chat_input_ids
 from dpo_core.trainer import train

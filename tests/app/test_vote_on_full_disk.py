@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, func, select
 
-from app.label import LabelService
+from app.label.service import LabelService
 from storage import repo
 from storage.db import WriteError, open_db
 from storage.models import Preference
@@ -61,7 +61,7 @@ def test_the_plain_vote_route_answers_503_with_the_message(tmp_path: Path):
     from starlette.responses import PlainTextResponse
     from starlette.testclient import TestClient
 
-    from app.vote_route import VoteRoute
+    from app.label.route import VoteRoute
 
     sm = open_db(f"sqlite:///{tmp_path / 'studio.db'}")
     big = _answers(sm, "Describe the sea.", "waves " * 2000)

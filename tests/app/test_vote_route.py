@@ -1,4 +1,4 @@
-"""`app.vote_route.parse_vote`: what a `POST /api/vote` body must hold, and who votes."""
+"""`app.label.route.parse_vote`: what a `POST /api/vote` body must hold, and who votes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from app.vote_route import BadVote, parse_vote
+from app.label.route import BadVote, parse_vote
 
 
 def _body(**fields) -> bytes:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from app.train_tab import default_values, request_from_values
-from app.training import TrainingService, TrainRequest
+from app.train.service import TrainingService, TrainRequest
+from app.train.tab import default_values, request_from_values
 from storage import runs
 from storage.db import open_db
 from storage.io import import_pairs

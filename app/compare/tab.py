@@ -13,8 +13,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from app.auth import annotator_name
-from app.compare import CompareService, write_csv
+from app.auth.users import annotator_name
+from app.compare.service import CompareService, write_csv
 from app.safe_text import safe_markdown
 from storage.db import StorageError
 

@@ -14,8 +14,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from app.auth import ADMIN, require_role
-from app.training import (
+from app.auth.users import ADMIN, require_role
+from app.train.service import (
     ACTIVE_STATES,
     RunStatus,
     TrainingService,

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from app.asgi import Receive, Scope, Send, read_body, send_bytes, send_json
-from app.auth import ROLE_STATE_KEY, USER_STATE_KEY, AuthFileError, User, UserStore
+from app.auth.users import ROLE_STATE_KEY, USER_STATE_KEY, AuthFileError, User, UserStore
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The training worker: `python -m app.worker --db URL --run-id N --data-dir DIR`.
+"""The training worker: `python -m app.train.worker --db URL --run-id N --data-dir DIR`.
 
 Runs one queued training run in its own process, so a page refresh or an app restart does not
 stop it and a crash in training cannot take the app down. It reads the run's resolved config and
@@ -17,14 +17,13 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.heldout import split_pairs
-from storage import repo, runs
+from app.train.pairs import stored_pairs
+from storage import runs
 from storage.db import open_db
 from storage.runs import RunStateError
 
@@ -121,43 +120,6 @@ def _fail(sm: sessionmaker[Session], run_id: int, error: str) -> None:
         pass
 
 
-@dataclass(frozen=True)
-class StoredPairs:
-    """The database's usable pairs as a run splits them, and the votes DPO cannot use."""
-
-    train: list[dict[str, Any]]
-    heldout: list[dict[str, Any]]
-    ties: int
-    both_bad: int
-    readout_prompts: list[str]  # the KL readout's: held-out pairs' and `heldout` split prompts
-
-
-def stored_pairs(s: Session, heldout_fraction: float, min_heldout: int) -> StoredPairs:
-    """Pairs of the `heldout` split plus a stable share of the `train` split are held out
-    (`app.heldout.split_pairs`); ties and both-bad votes are counted, not used. The KL readout
-    samples the held-out pairs' prompts and every prompt of the `heldout` split, also those
-    without a usable pair (docs/defaults.md: a readout on the prompts with pairs only can
-    stop a run on the few prompts that moved most)."""
-    train_set = repo.preference_pairs(s, split="train")
-    heldout_set = repo.preference_pairs(s, split="heldout")
-    train, heldout = split_pairs(
-        [as_pair(p) for p in train_set.pairs], heldout_fraction, min_heldout
-    )
-    heldout += [as_pair(p) for p in heldout_set.pairs]
-    split_prompts = [p.text for p in repo.list_prompts(s, split="heldout")]
-    return StoredPairs(
-        train=train,
-        heldout=heldout,
-        ties=train_set.excluded_ties + heldout_set.excluded_ties,
-        both_bad=train_set.excluded_both_bad + heldout_set.excluded_both_bad,
-        readout_prompts=list(dict.fromkeys([*(p["prompt"] for p in heldout), *split_prompts])),
-    )
-
-
-def as_pair(pair: Any) -> dict[str, Any]:
-    return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
-
-
 def train_and_register(
     sm: sessionmaker[Session], run_id: int, config: dict[str, Any], data_dir: Path
 ) -> str:
@@ -219,7 +181,7 @@ def _discard(out_dir: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m app.worker", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m app.train.worker", description=__doc__)
     p.add_argument("--db", required=True, help="SQLAlchemy URL of the studio database")
     p.add_argument("--run-id", type=int, required=True, help="the queued training run to execute")
     p.add_argument("--data-dir", type=Path, required=True, help="holds adapters/")

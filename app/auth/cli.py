@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from app.auth import MIN_PASSWORD_LENGTH, ROLES, AuthFileError, UserStore
+from app.auth.users import MIN_PASSWORD_LENGTH, ROLES, AuthFileError, UserStore
 
 
 def default_auth_file() -> Path:

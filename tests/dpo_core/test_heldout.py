@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.heldout import prompt_bucket, split_pairs
+from dpo_core.heldout import prompt_bucket, split_pairs
 
 
 def _pairs(n: int) -> list[dict[str, str]]:
@@ -47,16 +47,11 @@ def test_too_few_hashed_pairs_are_all_kept_for_training():
     assert split_pairs(pairs, 0.2, min_heldout=len(heldout) + 1) == (pairs, [])
 
 
-def test_same_rule_as_the_trainer():
-    """dpo_core's own split (used when it is given no held-out pairs) holds out the same
-    prompts, so the Compare tab's held-out set is what a run evaluated on."""
-    from dpo_core.config import TrainConfig
-    from dpo_core.trainer import split_heldout
-
-    pairs = _pairs(200)
-    config = TrainConfig(heldout_fraction=0.15, min_heldout_pairs=8)
-    train, heldout = split_heldout(pairs, config)
-    assert (train, heldout) == split_pairs(pairs, 0.15, min_heldout=8)
+def test_a_malformed_pair_stays_in_training():
+    """The trainer's pair check gives a malformed pair its error message, so the split keeps it."""
+    pairs = [*_pairs(40), {"prompt": None, "chosen": "a", "rejected": "b"}]
+    train, _ = split_pairs(pairs, 0.5)
+    assert pairs[-1] in train
 
 
 def test_conversational_prompts_are_hashed_by_their_text():

@@ -1,7 +1,7 @@
 """Compare model versions: side by side, blind votes, batch before/after, held-out accuracy.
 
-The service generates with the one in-memory model (`app.versions.VersionedModel`: both versions
-answer in one batch, same seed), records every answer as a response with its sampling
+The service generates with the one in-memory model (`app.serving.versions.VersionedModel`:
+both versions answer in one batch, same seed), records every answer as a response with its sampling
 parameters, and reads/writes blind votes in storage.
 """
 
@@ -17,10 +17,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.compare_stats import WinRate, format_rate
-from app.training import TrainRequest, config_default
-from app.versions import VersionedModel
-from app.worker import stored_pairs
+from app.compare.stats import WinRate, format_rate
+from app.serving.versions import VersionedModel
+from app.train.pairs import stored_pairs
+from app.train.service import TrainRequest, config_default
 from dpo_core.generation import SamplingParams
 from storage import repo, runs
 from storage.db import transaction
@@ -222,10 +222,6 @@ class CompareService:
                 }
             )
         return rows
-
-
-def as_pair(pair: Any) -> dict[str, Any]:
-    return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
 
 
 def storable(text: str) -> str:

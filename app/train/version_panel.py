@@ -13,8 +13,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from app.auth import ADMIN, request_role, require_role
-from app.training import TrainingService
+from app.auth.users import ADMIN, request_role, require_role
+from app.train.service import TrainingService
 from storage import runs
 
 VERSION_COLUMNS = ["version", "active", "parent", "made by run", "created", "adapter"]

@@ -17,8 +17,8 @@ from typing import Any
 
 import gradio as gr
 
-from app.auth import annotator_name
-from app.label import CHOICES, MAX_NAME_CHARS, LabelService, LabelSettings, PairProgress
+from app.auth.users import annotator_name
+from app.label.service import CHOICES, MAX_NAME_CHARS, LabelService, LabelSettings, PairProgress
 from app.safe_text import safe_markdown
 from storage.db import StorageError
 
@@ -432,6 +432,6 @@ def register_api(service: LabelService) -> None:
     # Votes and progress are short database transactions (~9 ms). API clients still reach them
     # through Gradio's queue and event stream (queue=False only changes the browser's path):
     # p99 177 ms at 16 annotators in bench/load.py. Scripts that need a fast vote use the plain
-    # `POST /api/vote` route instead (app/vote_route.py: p99 28.5 ms in the same benchmark).
+    # `POST /api/vote` route instead (app/label/route.py: p99 28.5 ms in the same benchmark).
     gr.api(vote, api_name="vote", queue=False)
     gr.api(label_progress, api_name="label_progress", queue=False)

@@ -1,6 +1,6 @@
 """Labeling: pick a prompt, stream two answers from the served version, record them and the vote.
 
-The service owns the rules; the Label tab (`app.label_tab`) and the API endpoints are thin
+The service owns the rules; the Label tab (`app.label.tab`) and the API endpoints are thin
 wrappers around it. Each answer gets its own temperature and a random seed; which one appears
 as A is random. Both answers are stored (with version, sampling parameters, seed, token count
 and latency) once both are complete; a vote refers to the two stored responses, so recording it
@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.model_service import ModelService, Waiting
+from app.serving.service import ModelService, Waiting
 from dpo_core.generation import AnswerSpec, GenerationUpdate, SamplingParams
 from storage import repo, runs
 from storage.db import transaction
@@ -308,8 +308,9 @@ def _answer(spec: AnswerSpec, progress: Any) -> PairAnswer:
 def open_label_service(
     sm: sessionmaker[Session], versions: Any, base_model: str, data_dir: Path
 ) -> LabelService:
-    """The Label tab's service on the app's shared model (`app.versions.VersionedModel`); fills
-    an empty prompt queue with the default prompts."""
+    """The Label tab's service on the app's shared model
+    (`app.serving.versions.VersionedModel`); fills an empty prompt queue with the
+    default prompts."""
     service = LabelService(
         sm, ModelService(versions), base_model, guidelines_path=data_dir / "guidelines.md"
     )

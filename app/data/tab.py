@@ -15,8 +15,8 @@ import gradio as gr
 import pandas as pd
 from gradio.utils import get_upload_folder, is_in_or_equal
 
-from app.auth import ADMIN, request_role, require_role
-from app.data import EXPORT_FILE_TYPES, EXPORT_SPLITS, DataError, DataService
+from app.auth.users import ADMIN, request_role, require_role
+from app.data.service import EXPORT_FILE_TYPES, EXPORT_SPLITS, DataError, DataService
 from storage.io import EXPORT_FORMATS
 from storage.models import CHOICES, SPLITS
 

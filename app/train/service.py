@@ -1,6 +1,6 @@
 """Training runs as the app sees them: start (validated), cancel, live status, history.
 
-The run itself executes in a separate worker process (`app.worker`); this module creates the
+The run itself executes in a separate worker process (`app.train.worker`); this module creates the
 queued run, launches the worker with `subprocess`, watches it, marks runs whose worker died as
 failed, and tells the model service when a new version became active.
 """
@@ -21,15 +21,16 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.heldout import MAX_HELDOUT_FRACTION
-from app.worker import log_file, pid_file, stored_pairs
+from app.train.pairs import stored_pairs
+from app.train.worker import log_file, pid_file
+from dpo_core.heldout import MAX_HELDOUT_FRACTION
 from dpo_core.modeling import is_adapter_dir, remove_partial_saves
 from storage import runs
 from storage.runs import RunStateError
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ACTIVE_STATES = ("queued", "running")
 # A worker that wrote no heartbeat for this long is dead (it beats every 2 s, even mid-step).
 STALE_AFTER_S = 60.0
@@ -283,7 +284,7 @@ class TrainingService:
         cmd = [
             sys.executable,
             "-m",
-            "app.worker",
+            "app.train.worker",
             "--db",
             self.db_url,
             "--run-id",

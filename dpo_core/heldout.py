@@ -1,5 +1,7 @@
 """Which preference pairs are held out from training (for evaluation and the Compare tab).
 
+The one owner of this rule: the trainer, the app's Train service and the Compare tab import it.
+
 A pair is held out when its prompt is in the `heldout` split, or when a hash of the prompt text
 falls below the held-out fraction. Hashing (rather than shuffling) keeps the choice stable:
 with the same fraction every run holds out the same prompts, so iterative runs never train on a
@@ -35,15 +37,18 @@ def split_pairs(
         )
     fixed = [p for p in pairs if p.get("split") == "heldout"]
     rest = [p for p in pairs if p.get("split") != "heldout"]
-    hashed = [p for p in rest if prompt_bucket(_prompt_text(p)) < fraction]
+    hashed = [p for p in rest if pair_bucket(p) < fraction]
     if len(hashed) < min_heldout or len(hashed) == len(rest):
         return rest, fixed
-    return [p for p in rest if prompt_bucket(_prompt_text(p)) >= fraction], fixed + hashed
+    return [p for p in rest if pair_bucket(p) >= fraction], fixed + hashed
 
 
-def _prompt_text(pair: dict[str, Any]) -> str:
-    prompt = pair["prompt"]
-    if isinstance(prompt, str):
-        return prompt
-    # Conversational pairs: the prompt is a list of {role, content} messages.
-    return "\n".join(str(m.get("content", "")) for m in prompt)
+def pair_bucket(pair: Any) -> float:
+    """`prompt_bucket` of a pair's prompt text; 2.0 (never held out) for a malformed pair, which
+    then stays in training and gets its error message from the pair check there."""
+    prompt = pair.get("prompt") if isinstance(pair, dict) else None
+    if isinstance(prompt, list):  # conversational: a list of {role, content} messages
+        prompt = "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
+    if not isinstance(prompt, str):
+        return 2.0
+    return prompt_bucket(prompt)

@@ -23,8 +23,8 @@ from typing import Any
 import anyio
 
 from app.asgi import Receive, Scope, Send, read_body, send_json
-from app.auth import USER_STATE_KEY, annotator_for
-from app.label import LabelService
+from app.auth.users import USER_STATE_KEY, annotator_for
+from app.label.service import LabelService
 from storage.db import StorageError, WriteError
 
 PATH = "/api/vote"

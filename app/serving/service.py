@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from app.versions import VersionedModel
+from app.serving.versions import VersionedModel
 from dpo_core.generation import AnswerSpec, GenerationUpdate
 
 logger = logging.getLogger(__name__)

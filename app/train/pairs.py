@@ -1,0 +1,51 @@
+"""The preference pairs a training run uses, read from storage: the one place that turns the
+database's votes into `{prompt, chosen, rejected}` pairs split into train and held out. The Train
+service (pair counts before a run), the worker (the run itself) and the Compare tab (held-out
+pairs for the reward evaluation) all read pairs through it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from dpo_core.heldout import split_pairs
+from storage import repo
+
+
+@dataclass(frozen=True)
+class StoredPairs:
+    """The database's usable pairs as a run splits them, and the votes DPO cannot use."""
+
+    train: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    ties: int
+    both_bad: int
+    readout_prompts: list[str]  # the KL readout's: held-out pairs' and `heldout` split prompts
+
+
+def stored_pairs(s: Session, heldout_fraction: float, min_heldout: int) -> StoredPairs:
+    """Pairs of the `heldout` split plus a stable share of the `train` split are held out
+    (`dpo_core.heldout.split_pairs`); ties and both-bad votes are counted, not used. The KL readout
+    samples the held-out pairs' prompts and every prompt of the `heldout` split, also those
+    without a usable pair (docs/defaults.md: a readout on the prompts with pairs only can
+    stop a run on the few prompts that moved most)."""
+    train_set = repo.preference_pairs(s, split="train")
+    heldout_set = repo.preference_pairs(s, split="heldout")
+    train, heldout = split_pairs(
+        [as_pair(p) for p in train_set.pairs], heldout_fraction, min_heldout
+    )
+    heldout += [as_pair(p) for p in heldout_set.pairs]
+    split_prompts = [p.text for p in repo.list_prompts(s, split="heldout")]
+    return StoredPairs(
+        train=train,
+        heldout=heldout,
+        ties=train_set.excluded_ties + heldout_set.excluded_ties,
+        both_bad=train_set.excluded_both_bad + heldout_set.excluded_both_bad,
+        readout_prompts=list(dict.fromkeys([*(p["prompt"] for p in heldout), *split_prompts])),
+    )
+
+
+def as_pair(pair: Any) -> dict[str, Any]:
+    return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
