@@ -13,6 +13,7 @@ import sys
 from sqlalchemy import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.agreement import AgreementReport, agreement_report, load_judgements
 from storage.db import StorageError, default_url, open_db
 from storage.io import EXPORT_FORMATS, export_preferences, import_pairs, import_prompts
 from storage.models import SCHEMA_VERSION, SPLITS
@@ -65,7 +66,30 @@ def cmd_stats(db: sessionmaker[Session], args: argparse.Namespace) -> int:
         print(
             f"votes {who}: {counts.votes} ({choices}); usable training pairs {counts.usable_pairs}"
         )
+    with db.begin() as session:
+        print_agreement(agreement_report(load_judgements(session)))
     return 0
+
+
+def print_agreement(report: AgreementReport) -> None:
+    def num(x: float | None, fmt: str = ".3f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    print(
+        f"agreement: Krippendorff's alpha {num(report.alpha)}, Gwet's AC1 {num(report.ac1)} "
+        f"over {report.units_with_overlap} pairs with two or more votes"
+    )
+    for q in report.annotators:
+        flag = "  <- position bias" if q.side_biased else ""
+        print(
+            f"  {q.annotator}: {q.votes} votes, agrees with the others' majority "
+            f"{num(q.agreement_with_majority, '.0%')} of {q.compared_units}, median "
+            f"{num(q.median_seconds, '.1f')} s, left side {num(q.share_left, '.0%')}{flag}"
+        )
+    for u in report.contested[:5]:
+        if u.disagreement > 0:
+            votes = ", ".join(f"{v} {n}" for v, n in u.counts.items())
+            print(f"  contested: responses {u.unit[0]} and {u.unit[1]}: {votes}")
 
 
 def build_parser() -> argparse.ArgumentParser:

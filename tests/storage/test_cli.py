@@ -114,3 +114,25 @@ def test_storage_never_imports_torch_or_gradio(tmp_path: Path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_stats_reports_agreement_per_answer(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """x and y import the same four pairs; z prefers the other answer on the first. By hand:
+    p_a = (1/3 + 3) / 4, pi = (11/12, 1/12), p_e = 2 pi_1 pi_2 / 3, AC1 = 0.824; alpha is 0
+    (one dissenting vote in twelve, so the observed disagreement equals the expected)."""
+    rows = [
+        {"prompt": f"Question {i}?", "chosen": f"Good {i}.", "rejected": f"Bad {i}."}
+        for i in range(4)
+    ]
+    swapped = [r | {"chosen": r["rejected"], "rejected": r["chosen"]} for r in rows[:1]] + rows[1:]
+    for name, data in (("x", rows), ("y", rows), ("z", swapped)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
+        assert main(["import-pairs", str(path), "--db", db_url, "--annotator", name]) == 0
+    assert main(["stats", "--db", db_url]) == 0
+    out = capsys.readouterr().out
+    assert "alpha 0.000, Gwet's AC1 0.824 over 4 pairs with two or more votes" in out
+    assert "z: 4 votes, agrees with the others' majority 75% of 4" in out
+    assert "contested: responses" in out
