@@ -39,7 +39,7 @@ class Judgement:
     unit: tuple[int, int]  # (lower response id, higher response id)
     annotator: str
     value: str  # one of VALUES
-    chose_left: bool | None  # True: "A" (left side) won; None: a tie or both bad
+    chose_left: bool | None  # True: "A" (left side) won; None: a tie, both bad, or not known
     seconds: float | None
 
 
@@ -76,11 +76,12 @@ class AgreementReport:
 def as_judgement(pref: Preference) -> Judgement:
     """A stored vote expressed per answer: which of the two responses won, not which side."""
     lo, hi = sorted((pref.response_a_id, pref.response_b_id))
+    value, left = pref.choice, None
     if pref.choice in ("a", "b"):
         winner = pref.response_a_id if pref.choice == "a" else pref.response_b_id
-        value, left = ("first" if winner == lo else "second"), pref.choice == "a"
-    else:
-        value, left = pref.choice, None
+        value = "first" if winner == lo else "second"
+        if pref.left_response_id is not None:  # unknown for imported votes
+            left = winner == pref.left_response_id
     return Judgement((lo, hi), pref.annotator, value, left, pref.seconds_spent)
 
 

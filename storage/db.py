@@ -14,17 +14,31 @@ schema version is refused with a message that says what to do.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert, inspect, make_url, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    make_url,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import SCHEMA_VERSION, Base, SchemaInfo, now_utc
+
+logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 BACKENDS = ("sqlite", "postgresql")
@@ -159,7 +173,9 @@ def ensure_schema(engine: Engine) -> None:
         tables = set(inspect(conn).get_table_names())
         if SchemaInfo.__tablename__ in tables:
             found = conn.scalar(select(SchemaInfo.version).where(SchemaInfo.id == 1))
-            if found != SCHEMA_VERSION:
+            if found in MIGRATIONS:
+                migrate(conn, found)
+            elif found != SCHEMA_VERSION:
                 raise SchemaVersionError(schema_mismatch_message(where, found))
             return
         ours = tables & set(Base.metadata.tables)
@@ -171,6 +187,28 @@ def ensure_schema(engine: Engine) -> None:
             )
         Base.metadata.create_all(conn)
         conn.execute(insert(SchemaInfo).values(id=1, version=SCHEMA_VERSION, created_at=now_utc()))
+
+
+# Version -> the DDL that brings a database of that version to the next. New tables need no
+# entry's DDL (create_all adds missing tables); new columns must be nullable or defaulted.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "ALTER TABLE preferences ADD COLUMN left_response_id INTEGER",
+        "ALTER TABLE preferences ADD COLUMN suggested_choice VARCHAR(10)",
+        "ALTER TABLE preferences ADD COLUMN suggested_by VARCHAR(200)",
+    ),
+}
+
+
+def migrate(conn: Connection, found: int) -> None:
+    """Upgrade a database of schema `found` to SCHEMA_VERSION, in the caller's transaction
+    (a failed step leaves the database as it was, on PostgreSQL and on SQLite)."""
+    for version in range(found, SCHEMA_VERSION):
+        for ddl in MIGRATIONS[version]:
+            conn.execute(text(ddl))
+        logger.info("database upgraded from schema %d to %d", version, version + 1)
+    Base.metadata.create_all(conn)  # tables added since `found`
+    conn.execute(update(SchemaInfo).where(SchemaInfo.id == 1).values(version=SCHEMA_VERSION))
 
 
 def schema_mismatch_message(where: str, found: int | None) -> str:

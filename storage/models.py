@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # storage/db.py MIGRATIONS upgrades older databases in place
 
 SPLITS = ("train", "heldout")
 VERSION_KINDS = ("base", "adapter")
@@ -199,6 +199,11 @@ class Preference(Base):
     annotator: Mapped[str] = mapped_column(String(200), index=True)
     seconds_spent: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=now_utc)
+    # Schema 2. The answer shown on the left (A), for position bias; NULL for imported votes.
+    left_response_id: Mapped[int | None]  # response_a_id or response_b_id (no FK: a plain copy)
+    # An AI judge's suggestion, stored like `choice` (in stored order); NULL when none was shown.
+    suggested_choice: Mapped[str | None] = mapped_column(String(10))
+    suggested_by: Mapped[str | None] = mapped_column(String(200))
 
     prompt: Mapped[Prompt] = relationship()
     response_a: Mapped[Response] = relationship(foreign_keys=[response_a_id])

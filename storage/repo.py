@@ -210,18 +210,26 @@ def record_preference(
     annotator: str,
     rewrite: str | None = None,
     seconds_spent: float | None = None,
+    suggestion: Suggested | None = None,
 ) -> tuple[Preference, bool]:
     """Record a vote; returns it and whether it is new.
 
-    Idempotent: the same annotator voting on the same two answers again (double click, retry,
-    either display order) leaves the first vote as it is. A rewrite, if given, is a better
-    answer written by the annotator: it becomes `chosen` in the training pairs.
+    `response_a_id` is the answer shown on the left (A). Idempotent: the same annotator voting
+    on the same two answers again (double click, retry, either display order) leaves the first
+    vote as it is. A rewrite, if given, is a better answer written by the annotator: it becomes
+    `chosen` in the training pairs. `suggestion`: what an AI judge suggested (A/B as shown).
     """
     _check_in(choice, CHOICES, "choice")
+    if suggestion is not None:
+        _check_in(suggestion.choice, CHOICES, "suggested choice")
     annotator = _checked_annotator(annotator)
     if seconds_spent is not None and not seconds_spent >= 0:
         raise ValueError(f"seconds_spent must be >= 0, got {seconds_spent}")
     prompt_id, _, _ = _two_responses(session, response_a_id, response_b_id)
+    left = response_a_id
+    suggested = (
+        _stored_order(response_a_id, response_b_id, suggestion.choice)[2] if suggestion else None
+    )
     response_a_id, response_b_id, choice = _stored_order(response_a_id, response_b_id, choice)
     key = {"annotator": annotator, "response_a_id": response_a_id, "response_b_id": response_b_id}
     row = {
@@ -231,10 +239,21 @@ def record_preference(
         "rewrite": check_storable(rewrite or "", "the rewrite").strip() or None,
         "seconds_spent": seconds_spent,
         "created_at": now_utc(),
+        "left_response_id": left,
+        "suggested_choice": suggested,
+        "suggested_by": suggestion.judge if suggestion else None,
     }
     created = insert_ignore(session, Preference, [row], list(key)) == 1
     preference = session.scalars(select(Preference).filter_by(**key)).one()
     return preference, created
+
+
+@dataclass(frozen=True)
+class Suggested:
+    """An AI judge's suggestion shown with a pair: `choice` as shown (a = left)."""
+
+    choice: str
+    judge: str
 
 
 def _stored_order(response_a_id: int, response_b_id: int, choice: str) -> tuple[int, int, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from sqlalchemy.orm import Session
 
 from storage.agreement import (
     Judgement,
@@ -12,8 +13,10 @@ from storage.agreement import (
     as_judgement,
     gwet_ac1,
     krippendorff_alpha,
+    load_judgements,
 )
-from storage.models import Preference
+from storage.repo import add_imported_pairs, record_preference
+from tests.storage.test_repo import answers
 
 # Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability", example C: four observers,
 # twelve units, values 1-5, missing entries None. Gwet (2014, table 4.7) uses the same data.
@@ -57,32 +60,36 @@ def test_ac1_stays_high_when_one_answer_is_usually_preferred():
     assert report.ac1 == pytest.approx(0.94917, abs=1e-5)
 
 
-def _pref(a: int, b: int, choice: str, who: str = "ann") -> Preference:
-    return Preference(response_a_id=a, response_b_id=b, choice=choice, annotator=who)
+def vote(session: Session, shown: tuple[int, int], choice: str, who: str) -> Judgement:
+    """Record a vote through the repository (left answer first) and read it back."""
+    pref, _ = record_preference(
+        session, response_a_id=shown[0], response_b_id=shown[1], choice=choice, annotator=who
+    )
+    return as_judgement(pref)
 
 
-def test_a_vote_is_expressed_per_answer_not_per_side():
+def test_a_vote_is_expressed_per_answer_not_per_side(session: Session):
     """The same answer preferred from the left and from the right side is the same value."""
-    left = as_judgement(_pref(7, 9, "a", "x"))
-    right = as_judgement(_pref(9, 7, "b", "y"))
-    assert left.unit == right.unit == (7, 9)
+    x, y = answers(session, "Name a planet.", "Mars.", "A banana.")
+    left, right = vote(session, (x, y), "a", "p"), vote(session, (y, x), "b", "q")
+    assert left.unit == right.unit == (x, y)
     assert left.value == right.value == "first"
     assert (left.chose_left, right.chose_left) == (True, False)
-    assert as_judgement(_pref(9, 7, "tie")).value == "tie"
+    assert vote(session, (y, x), "tie", "r").value == "tie"
 
 
-def test_side_randomisation_does_not_bias_agreement():
+def test_side_randomisation_does_not_bias_agreement(session: Session):
     """Two annotators who always prefer the same answer agree perfectly, whichever side it
     was shown on; an annotator who always presses A is flagged for position bias."""
-    prefs = []
+    judgements = []
     for u in range(30):
-        better, worse = 2 * u, 2 * u + 1
-        first = (better, worse) if u % 2 else (worse, better)
-        prefs.append(_pref(*first, "a" if first[0] == better else "b", "careful"))
-        second = (worse, better) if u % 3 else (better, worse)
-        prefs.append(_pref(*second, "a" if second[0] == better else "b", "also careful"))
-        prefs.append(_pref(*first, "a", "presses A"))
-    report = agreement_report([as_judgement(p) for p in prefs])
+        better, worse = answers(session, f"Question {u}?", f"Good {u}.", f"Bad {u}.")
+        for who, flip in (("careful", u % 2), ("also careful", u % 3 == 0)):
+            shown = (worse, better) if flip else (better, worse)
+            judgements.append(vote(session, shown, "b" if flip else "a", who))
+        shown = (better, worse) if u % 2 else (worse, better)
+        judgements.append(vote(session, shown, "a", "presses A"))
+    report = agreement_report(judgements)
     quality = {q.annotator: q for q in report.annotators}
     # where the other two agree, they agree on the better answer: so does "careful"
     assert quality["careful"].agreement_with_majority == 1.0
@@ -90,6 +97,12 @@ def test_side_randomisation_does_not_bias_agreement():
     assert quality["presses A"].side_biased and quality["presses A"].share_left == 1.0
     assert report.units_with_overlap == 30
     assert report.contested[0].disagreement == pytest.approx(1 / 3)
+
+
+def test_imported_votes_have_no_side(session: Session):
+    add_imported_pairs(session, [("p", "x", "y")], annotator="i")
+    [judgement] = load_judgements(session)
+    assert judgement.chose_left is None and judgement.value in ("first", "second")
 
 
 def test_agreement_with_the_others_majority():

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text, update
+from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -20,9 +20,10 @@ from storage.models import (
     SchemaInfo,
     text_hash,
 )
-from storage.repo import add_prompt, record_response
+from storage.repo import add_prompt, record_preference, record_response
 from storage.runs import ensure_base_version
 from tests.storage.conftest import PG_ENV, PG_URL
+from tests.storage.test_repo import answers
 
 
 def test_postgresql_is_tested_in_ci():
@@ -79,6 +80,32 @@ def test_other_schema_version_is_refused_with_a_clear_message(db_url: str, found
     with pytest.raises(SchemaVersionError, match=words) as err:
         open_db(db_url)
     assert f"schema version {found}" in str(err.value)
+
+
+def test_a_schema_1_database_is_upgraded_in_place_and_keeps_its_votes(db_url: str):
+    """A team's database from before schema 2 (no side, no judge columns) opens, gains the
+    columns, and keeps every vote; new votes record their side."""
+    sm = open_db(db_url)
+    with sm.begin() as session:
+        x, y = answers(session, "Name a planet.", "Mars.", "A banana.")
+        record_preference(session, response_a_id=y, response_b_id=x, choice="b", annotator="old")
+    sm.kw["bind"].dispose()
+    engine = create_engine(db_url)
+    with engine.begin() as conn:  # back to schema 1: drop what schema 2 added
+        for column in ("left_response_id", "suggested_choice", "suggested_by"):
+            conn.execute(text(f"ALTER TABLE preferences DROP COLUMN {column}"))
+        conn.execute(update(SchemaInfo).values(version=1))
+    engine.dispose()
+    sm = open_db(db_url)
+    with sm.begin() as session:
+        assert session.get_one(SchemaInfo, 1).version == SCHEMA_VERSION
+        [old] = session.scalars(select(Preference)).all()
+        assert (old.annotator, old.choice, old.left_response_id) == ("old", "a", None)
+        new, _ = record_preference(
+            session, response_a_id=y, response_b_id=x, choice="a", annotator="new"
+        )
+        assert new.left_response_id == y
+    sm.kw["bind"].dispose()
 
 
 def test_studio_tables_without_a_version_are_refused(db_url: str):
