@@ -177,6 +177,7 @@ def ensure_schema(engine: Engine) -> None:
                 migrate(conn, found)
             elif found != SCHEMA_VERSION:
                 raise SchemaVersionError(schema_mismatch_message(where, found))
+            Base.metadata.create_all(conn)  # tables are additive: add any this version has new
             return
         ours = tables & set(Base.metadata.tables)
         if ours:
@@ -190,7 +191,7 @@ def ensure_schema(engine: Engine) -> None:
 
 
 # Version -> the DDL that brings a database of that version to the next. New tables need no
-# entry's DDL (create_all adds missing tables); new columns must be nullable or defaulted.
+# entry (ensure_schema adds missing tables at every open); new columns must be nullable.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         "ALTER TABLE preferences ADD COLUMN left_response_id INTEGER",
@@ -207,7 +208,6 @@ def migrate(conn: Connection, found: int) -> None:
         for ddl in MIGRATIONS[version]:
             conn.execute(text(ddl))
         logger.info("database upgraded from schema %d to %d", version, version + 1)
-    Base.metadata.create_all(conn)  # tables added since `found`
     conn.execute(update(SchemaInfo).where(SchemaInfo.id == 1).values(version=SCHEMA_VERSION))
 
 

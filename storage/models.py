@@ -269,3 +269,27 @@ class ComparisonVote(Base):
 
     response_left: Mapped[Response] = relationship(foreign_keys=[response_left_id])
     response_right: Mapped[Response] = relationship(foreign_keys=[response_right_id])
+
+
+class Setting(Base):
+    """A team-wide setting an admin changes at run time (shared by every app replica)."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[Any] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(default=now_utc)
+
+
+class PairClaim(Base):
+    """An annotator was handed a pair that others judged (overlap), and has not voted yet:
+    it counts as a pending vote so the pair is not handed to more than k people."""
+
+    __tablename__ = "pair_claims"
+    __table_args__ = (UniqueConstraint("response_a_id", "response_b_id", "annotator"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    response_a_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))  # the lower id
+    response_b_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    annotator: Mapped[str] = mapped_column(String(200))
+    claimed_at: Mapped[datetime] = mapped_column(default=now_utc)
