@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from app.auth.users import UserStore
 from app.compare.tab import build_compare_tab
 from app.compare.tab import register_api as register_compare_api
+from app.data.agreement import AgreementService, build_agreement_panel
+from app.data.agreement import register_api as register_agreement_api
 from app.data.service import DataService
 from app.data.tab import build_data_tab
 from app.data.tab import register_api as register_data_api
@@ -22,6 +26,14 @@ from app.train.version_panel import build_version_panel
 from app.train.version_panel import register_api as register_version_api
 
 TITLE = "DPO Studio"
+
+
+def team_size(auth_file: Path | None) -> Callable[[], int | None]:
+    """How many people can label: the users file's users (read afresh: users come and go);
+    unknown without sign-in."""
+    if auth_file is None:
+        return lambda: None
+    return lambda: len(UserStore(Path(auth_file)).users())
 
 
 def build_ui(state: Any, label: LabelService | None = None) -> gr.Blocks:
@@ -40,11 +52,14 @@ def build_ui(state: Any, label: LabelService | None = None) -> gr.Blocks:
         with gr.Tab("Compare") as compare_tab:
             build_compare_tab(state.services.compare, compare_tab)
         data = DataService(state.services.sm, Path(get_upload_folder()) / "dpo-studio-exports")
+        agreement = AgreementService(state.services.sm, team_size(state.config.auth_file))
         with gr.Tab("Data") as data_tab:
             build_data_tab(data, demo, data_tab)
+            build_agreement_panel(agreement, demo, data_tab)
         register_label_api(label)
         register_train_api(state.services.training)
         register_compare_api(state.services.compare)
         register_data_api(data)
+        register_agreement_api(agreement)
         register_version_api(state.services.training)
     return demo

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import krippendorff
 import numpy as np
 from scipy.stats import binomtest
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from storage.models import Preference
@@ -190,3 +190,28 @@ def agreement_report(judgements: list[Judgement], contested: int = 10) -> Agreem
         annotators=[annotator_quality(n, units, v) for n, v in sorted(per_annotator.items())],
         contested=sorted(overlap, key=lambda u: (-u.disagreement, -u.votes))[:contested],
     )
+
+
+@dataclass(frozen=True)
+class JudgeFollowed:
+    """How often people picked what an AI judge suggested (ties of the judge included)."""
+
+    judge: str
+    shown: int  # votes cast with this judge's suggestion on the page
+    followed: int
+
+    @property
+    def rate(self) -> float | None:
+        return self.followed / self.shown if self.shown else None
+
+
+def judge_followed(session: Session) -> list[JudgeFollowed]:
+    """Per judge: votes cast with its suggestion shown, and how many followed it."""
+    followed = func.sum(case((Preference.choice == Preference.suggested_choice, 1), else_=0))
+    rows = session.execute(
+        select(Preference.suggested_by, func.count(), followed)
+        .where(Preference.suggested_choice.is_not(None))
+        .group_by(Preference.suggested_by)
+        .order_by(Preference.suggested_by)
+    )
+    return [JudgeFollowed(judge or "?", shown, int(n or 0)) for judge, shown, n in rows]

@@ -30,6 +30,7 @@ ADMIN_ONLY = {
     "/import_pairs": {"file": handle_file(A_FILE)},
     "/export_preferences": {},
     "/activate_version": {"name": "base"},
+    "/set_overlap": {"k": 2},
 }
 
 
@@ -86,6 +87,18 @@ def test_admin_may_call_them(app):
     }
     with pytest.raises(AppError, match="no usable preference pairs to export yet"):
         _client(app, "boss").predict(api_name="/export_preferences")
+
+
+def test_overlap_is_bounded_by_the_team_and_everyone_reads_agreement(app):
+    boss = _client(app, "boss")
+    with pytest.raises(AppError, match="overlap 3 needs 3 annotators, but only 2 can label"):
+        boss.predict(3, api_name="/set_overlap")
+    with pytest.raises(AppError, match="1 or more"):
+        boss.predict(0, api_name="/set_overlap")
+    assert "judged by 2 annotators" in boss.predict(2, api_name="/set_overlap")
+    report = _client(app, "ann").predict(api_name="/agreement")
+    assert report["overlap_k"] == 2 and report["alpha"] is None
+    assert boss.predict(1, api_name="/set_overlap").startswith("Overlap off")
 
 
 def test_annotator_reads_the_counts_and_the_versions(app):

@@ -118,3 +118,21 @@ def test_no_overlap_means_no_coefficients():
     report = agreement_report([Judgement((1, 2), "x", "first", True, None)])
     assert report.alpha is None and report.ac1 is None and report.units_with_overlap == 0
     assert not math.isnan(report.annotators[0].share_left or 0.0)
+
+
+def test_how_often_people_follow_the_judge(session: Session):
+    from storage.agreement import judge_followed
+    from storage.repo import Suggested
+
+    for i, (shown, picked) in enumerate([("a", "a"), ("b", "b"), ("a", "b"), (None, "a")]):
+        x, y = answers(session, f"Q{i}?", "x", "y")
+        record_preference(  # shown in reverse id order: the stored choices flip, consistently
+            session,
+            response_a_id=y,
+            response_b_id=x,
+            choice=picked,
+            annotator="ann",
+            suggestion=Suggested(shown, "judge:embedded") if shown else None,
+        )
+    [row] = judge_followed(session)
+    assert (row.judge, row.shown, row.followed, row.rate) == ("judge:embedded", 3, 2, 2 / 3)

@@ -1,0 +1,254 @@
+"""The Data tab's agreement panel: how much annotators agree, how each one votes, the most
+contested pairs, how often people follow the AI judge, and the overlap setting (admins).
+
+The statistics are `storage.agreement`'s; the overlap rule is `storage.overlap`'s. This module
+turns them into tables and messages, and gives them endpoints (`/agreement`, `/set_overlap`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.auth.users import ADMIN, request_role, require_role
+from storage.agreement import (
+    AgreementReport,
+    JudgeFollowed,
+    agreement_report,
+    judge_followed,
+    load_judgements,
+)
+from storage.overlap import JUDGE_PREFIX, overlap_k, set_overlap_k
+
+ANNOTATOR_COLUMNS = [
+    "annotator",
+    "votes",
+    "agrees with majority",
+    "compared pairs",
+    "median s",
+    "left side",
+    "position bias",
+]
+CONTESTED_COLUMNS = ["responses", "votes", "first", "second", "tie", "both_bad", "disagreement"]
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.0%}"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+@dataclass(frozen=True)
+class AgreementView:
+    report: AgreementReport
+    judges: list[JudgeFollowed]
+    overlap_k: int
+
+    def summary(self) -> str:
+        r = self.report
+        lines = [
+            f"**Krippendorff's alpha:** {_num(r.alpha)} · **Gwet's AC1:** {_num(r.ac1)} · "
+            f"over **{r.units_with_overlap}** pairs with two or more votes",
+            f"**Overlap:** each pair is judged by {self.overlap_k} annotator(s)",
+        ]
+        if r.units_with_overlap == 0:
+            lines.append("Agreement needs pairs judged by two or more people: raise the overlap.")
+        lines += [
+            f"**{j.judge}:** followed on {j.followed} of {j.shown} votes ({_pct(j.rate)})"
+            for j in self.judges
+        ]
+        return "  \n".join(lines)
+
+    def annotator_frame(self) -> pd.DataFrame:
+        rows = [
+            [
+                q.annotator,
+                q.votes,
+                _pct(q.agreement_with_majority),
+                q.compared_units,
+                _num(q.median_seconds, ".1f"),
+                _pct(q.share_left),
+                f"yes (p={q.side_p_value:.3g})" if q.side_biased else "no",
+            ]
+            for q in self.report.annotators
+        ]
+        return pd.DataFrame(rows, columns=ANNOTATOR_COLUMNS)
+
+    def contested_frame(self) -> pd.DataFrame:
+        rows = [
+            [f"{u.unit[0]} / {u.unit[1]}", u.votes]
+            + [u.counts.get(v, 0) for v in ("first", "second", "tie", "both_bad")]
+            + [f"{u.disagreement:.0%}"]
+            for u in self.report.contested
+            if u.disagreement > 0
+        ]
+        return pd.DataFrame(rows, columns=CONTESTED_COLUMNS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "overlap_k": self.overlap_k,
+            **asdict(self.report),
+            "judges": [asdict(j) | {"rate": j.rate} for j in self.judges],
+        }
+
+
+class AgreementService:
+    """Reads agreement from the database; sets the overlap. `team_size` says how many people
+    can label (the users file's users with sign-in on), None when unknown."""
+
+    def __init__(self, sm: sessionmaker[Session], team_size: Callable[[], int | None]) -> None:
+        self.sm, self.team_size = sm, team_size
+
+    def view(self) -> AgreementView:
+        with self.sm.begin() as s:
+            judgements = load_judgements(s, exclude_prefix=JUDGE_PREFIX)
+            return AgreementView(agreement_report(judgements), judge_followed(s), overlap_k(s))
+
+    def set_overlap(self, k: Any) -> str:
+        """Set k; a message for the admin. Raises ValueError for a bad k."""
+        try:
+            k = int(k) if float(k) == int(float(k)) else k
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"overlap must be a whole number of annotators; got {k!r}") from err
+        with self.sm.begin() as s:
+            set_overlap_k(s, k, self.team_size())
+        if k == 1:
+            return "Overlap off: each pair is judged once."
+        return f"Each pair is now judged by {k} annotators: queues offer judged pairs first."
+
+    def export_json(self) -> Path:
+        fd, name = tempfile.mkstemp(prefix="agreement-", suffix=".json")
+        with open(fd, "w", encoding="utf-8") as fh:
+            json.dump(self.view().to_dict(), fh, indent=2)
+        return Path(name)
+
+
+@dataclass
+class AgreementPanel:
+    summary: gr.Markdown
+    annotators: gr.Dataframe
+    contested: gr.Dataframe
+    overlap: gr.Number
+    overlap_btn: gr.Button
+    overlap_message: gr.Markdown
+    download_btn: gr.Button
+    download: gr.File
+
+
+def refresh(service: AgreementService, panel: AgreementPanel) -> dict[Any, Any]:
+    view = service.view()
+    return {
+        panel.summary: view.summary(),
+        panel.annotators: view.annotator_frame(),
+        panel.contested: view.contested_frame(),
+        panel.overlap: view.overlap_k,
+    }
+
+
+def set_overlap(
+    service: AgreementService, panel: AgreementPanel, k: float, request: gr.Request
+) -> dict[Any, Any]:
+    require_role(request, ADMIN, "change the overlap")
+    try:
+        message = f"✅ {service.set_overlap(k)}"
+    except ValueError as err:
+        return {panel.overlap_message: f"⚠️ {err}"}
+    return {panel.overlap_message: message, **refresh(service, panel)}
+
+
+def layout() -> AgreementPanel:
+    with gr.Accordion("Agreement between annotators", open=False, elem_id="data-agreement"):
+        summary = gr.Markdown(elem_id="agreement-summary")
+        annotators = gr.Dataframe(
+            headers=ANNOTATOR_COLUMNS,
+            label="Per annotator",
+            interactive=False,
+            elem_id="agreement-annotators",
+        )
+        contested = gr.Dataframe(
+            headers=CONTESTED_COLUMNS,
+            label="Most contested pairs (response ids)",
+            interactive=False,
+            elem_id="agreement-contested",
+        )
+        with gr.Row():
+            overlap = gr.Number(
+                value=1,
+                precision=0,
+                minimum=1,
+                label="Annotators per pair (admins)",
+                elem_id="agreement-overlap",
+            )
+            overlap_btn = gr.Button("Set overlap", scale=0, elem_id="agreement-set-overlap")
+            download_btn = gr.Button("Download (JSON)", scale=0, elem_id="agreement-download")
+        overlap_message = gr.Markdown(elem_id="agreement-message")
+        download = gr.File(label="Agreement", interactive=False, visible=True)
+    return AgreementPanel(
+        summary,
+        annotators,
+        contested,
+        overlap,
+        overlap_btn,
+        overlap_message,
+        download_btn,
+        download,
+    )
+
+
+def build_agreement_panel(
+    service: AgreementService, demo: gr.Blocks, tab_block: gr.Tab | None = None
+) -> AgreementPanel:
+    """Declare the panel inside the open Data tab and wire its events."""
+    panel = layout()
+    outputs = [panel.summary, panel.annotators, panel.contested, panel.overlap]
+    private = {"api_visibility": "private"}
+    demo.load(lambda: refresh(service, panel), outputs=outputs, **private)
+    if tab_block is not None:
+        tab_block.select(lambda: refresh(service, panel), outputs=outputs, **private)
+
+    def on_set(k: float, request: gr.Request) -> dict[Any, Any]:
+        return set_overlap(service, panel, k, request)
+
+    def on_download(request: gr.Request) -> dict[Any, Any]:
+        require_role(request, ADMIN, "export data")
+        return {panel.download: str(service.export_json())}
+
+    panel.overlap_btn.click(
+        on_set, inputs=[panel.overlap], outputs=[panel.overlap_message, *outputs], **private
+    )
+    panel.download_btn.click(on_download, outputs=[panel.download], **private)
+
+    def show_admin_controls(request: gr.Request) -> dict[Any, Any]:
+        return {panel.overlap_btn: gr.Button(visible=request_role(request) == ADMIN)}
+
+    demo.load(show_admin_controls, outputs=[panel.overlap_btn], **private)
+    return panel
+
+
+def register_api(service: AgreementService) -> None:
+    """/agreement (anyone signed in) and /set_overlap (admins)."""
+
+    def agreement() -> dict[str, Any]:
+        """Alpha, AC1, per-annotator quality, contested pairs, judges followed, overlap k."""
+        return service.view().to_dict()
+
+    def set_overlap_api(k: int, request: gr.Request = None) -> str:  # type: ignore[assignment]
+        """Set how many annotators judge each pair (1 = no overlap). Admins only."""
+        require_role(request, ADMIN, "change the overlap")
+        try:
+            return service.set_overlap(k)
+        except ValueError as err:
+            raise gr.Error(str(err), title="Overlap") from err
+
+    gr.api(agreement, api_name="agreement")
+    gr.api(set_overlap_api, api_name="set_overlap")
