@@ -9,6 +9,12 @@ startup-events call `launch()` makes before anyone can connect); everything else
 It also attaches the user's role to the request for `require_role`, refuses a session whose
 user was removed from the users file, and refuses cross-site POSTs (CSRF: another site making
 a signed-in admin's browser start training).
+
+With `share_sign_in` (the app does it), sessions and failed sign-ins live in the database
+(`SharedSessions`, `SharedLoginThrottle`), so replicas behind one proxy share them: Gradio's
+login flow is kept, the new session is stored before its cookie is sent, a session found in
+the database is put into this replica's `app.tokens` so Gradio's own checks agree, and
+`/logout` ends it in the database for every replica.
 """
 
 from __future__ import annotations
