@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     config = config_from_args(args)
     from app.auth.users import AuthFileError
-    from app.auth.web import sign_in_options
+    from app.auth.web import share_sign_in, sign_in_options
 
     try:
         sign_in = sign_in_options(config.auth_file, config.host)
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # Replicas: sign-in sessions and failed sign-ins live in the shared database.
+    share_sign_in(sign_in, services.sm)
     state = AppState(config=config, lm=lm, model_name=config.model, services=services)
     from starlette.middleware import Middleware
 

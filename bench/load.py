@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/load.py                          # 16 annotators, 120 s, tiny model
     .venv/bin/python bench/load.py --annotators 4 --seconds 20
+    .venv/bin/python bench/load.py --replicas 2             # one replica, then two, same run
 
 The app runs as a real process (`python -m app` with sign-in on) on the tests' tiny model;
 each annotator is a `gradio_client.Client` in its own thread (or process, `--processes`):
@@ -90,16 +91,17 @@ def annotate(
 
 
 def run_phase(
-    url: str, accounts: dict[str, str], seconds: float, phase: str, via: str = "api"
+    urls: list[str], accounts: dict[str, str], seconds: float, phase: str, via: str = "api"
 ) -> list[Log]:
-    """All annotators sign in first; the clock starts when every one of them is connected."""
+    """All annotators sign in first; the clock starts when every one of them is connected.
+    Annotator i uses replica `urls[i % len(urls)]` throughout (as a sticky proxy does)."""
     logs = [Log(name) for name in accounts]
     connected = threading.Barrier(len(logs) + 1)
     go = threading.Event()
     clock: dict[str, float] = {}
 
     def worker(log: Log, seed: int) -> None:
-        label = connect(url, log.name, accounts[log.name], log)
+        label = connect(urls[seed % len(urls)], log.name, accounts[log.name], log)
         connected.wait()
         go.wait()
         if label is not None:
@@ -143,7 +145,7 @@ def _process_worker(
 
 
 def run_phase_processes(
-    url: str, accounts: dict[str, str], seconds: float, phase: str, via: str = "api"
+    urls: list[str], accounts: dict[str, str], seconds: float, phase: str, via: str = "api"
 ) -> list[Log]:
     """`run_phase` with one process per annotator (fork)."""
     import multiprocessing
@@ -153,7 +155,7 @@ def run_phase_processes(
     procs, conns = [], []
     for i, (name, password) in enumerate(accounts.items()):
         parent, child = ctx.Pipe(duplex=False)
-        args = (url, name, password, i, phase, seconds, (barrier, go, child), via)
+        args = (urls[i % len(urls)], name, password, i, phase, seconds, (barrier, go, child), via)
         procs.append(ctx.Process(target=_process_worker, args=args))
         conns.append(parent)
     t0 = time.monotonic()
@@ -220,29 +222,49 @@ def main(argv: list[str] | None = None) -> int:
         default="api",
         help="api: POST /api/vote (the default); gradio: Gradio's queued /vote endpoint",
     )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="app processes on one data directory and database; with 2 or more, the load "
+        "runs on one replica, then spread over all of them (annotator i on replica i mod N)",
+    )
+    p.add_argument("--db", default=None, help="database URL for every replica (default SQLite)")
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="dpo-load-"))
     model = args.model or str(harness.tiny_model(work / "tiny-model"))
     accounts = harness.make_users(work / "users.toml", args.annotators)
     annotators = {k: v for k, v in accounts.items() if k != harness.ADMIN}
-    app = harness.serve(model, work / "data", work / "users.toml")
+    extra = ["--db", args.db] if args.db else []
+    apps = [
+        harness.serve(model, work / "data", work / "users.toml", *extra)
+        for _ in range(args.replicas)
+    ]
+    urls = [app.url for app in apps]
     http = harness.HttpStatus().install()
-    print(f"app {app.url} (pid {app.proc.pid}), model {model}, data {work / 'data'}")
+    print(f"apps {urls}, model {model}, data {work / 'data'}")
+    phases = [("load", urls[:1])] + (
+        [(f"load-{len(urls)}-replicas", urls)] if len(urls) > 1 else []
+    )
     try:
         first = dict([next(iter(annotators.items()))])
-        base_logs = run_phase(app.url, first, args.baseline_seconds, "baseline", args.vote_via)
+        base_logs = run_phase(urls[:1], first, args.baseline_seconds, "baseline", args.vote_via)
         base_votes = report_latency("baseline", base_logs, args.baseline_seconds)
+        all_logs = list(base_logs)
         phase = run_phase_processes if args.processes else run_phase
-        load_logs = phase(app.url, annotators, args.seconds, "load", args.vote_via)
-        for log in load_logs:
-            http.codes.update(log.codes)
-        load_votes = report_latency("load", load_logs, args.seconds)
-        peak = harness.peak_rss_mib(app.proc.pid)
+        for name, on in phases:
+            load_logs = phase(on, annotators, args.seconds, name, args.vote_via)
+            for log in load_logs:
+                http.codes.update(log.codes)
+            load_votes = report_latency(f"{name} ({len(on)} replica(s))", load_logs, args.seconds)
+            all_logs += load_logs
+        peak = max(harness.peak_rss_mib(app.proc.pid) for app in apps)
     finally:
         http.uninstall()
-        app.stop()
-    counts = compare_with_db(base_logs + load_logs, app.db_url)
+        for app in apps:
+            app.stop()
+    counts = compare_with_db(all_logs, args.db or apps[0].db_url)  # every phase's votes
     p99 = 1000 * harness.percentile(load_votes, 99)
     ratio = harness.percentile(load_votes, 50) / harness.percentile(base_votes, 50)
     print("\ndatabase vs client log (fresh connection after the app stopped):")

@@ -41,6 +41,8 @@ from storage.models import SCHEMA_VERSION, Base, SchemaInfo, now_utc
 logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+# PostgreSQL advisory lock held while the schema is checked or created (any fixed number).
+SCHEMA_LOCK_KEY = 4_770_001
 BACKENDS = ("sqlite", "postgresql")
 
 
@@ -166,10 +168,14 @@ def transaction(sm: sessionmaker[Session], what: str) -> Iterator[Session]:
 def ensure_schema(engine: Engine) -> None:
     """Create the tables on an empty database; refuse one written with another schema.
 
-    One transaction, so two processes opening a new SQLite file at once create it once.
+    One transaction, so two processes opening a new SQLite file at once create it once; on
+    PostgreSQL an advisory lock does the same for replicas that start together. Tables added to
+    the code since the database was made are created (add-only tables need no version bump).
     """
     where = engine.url.render_as_string(hide_password=True)
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # replicas starting at once: one at a time
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})")
         tables = set(inspect(conn).get_table_names())
         if SchemaInfo.__tablename__ in tables:
             found = conn.scalar(select(SchemaInfo.version).where(SchemaInfo.id == 1))
@@ -177,7 +183,8 @@ def ensure_schema(engine: Engine) -> None:
                 migrate(conn, found)
             elif found != SCHEMA_VERSION:
                 raise SchemaVersionError(schema_mismatch_message(where, found))
-            Base.metadata.create_all(conn)  # tables are additive: add any this version has new
+            # Tables added since (add-only, no change to existing ones) need no new version.
+            Base.metadata.create_all(conn, checkfirst=True)
             return
         ours = tables & set(Base.metadata.tables)
         if ours:

@@ -293,3 +293,38 @@ class PairClaim(Base):
     response_b_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
     annotator: Mapped[str] = mapped_column(String(200))
     claimed_at: Mapped[datetime] = mapped_column(default=now_utc)
+
+
+class SignInSession(Base):
+    """A signed-in browser, shared by every app replica: the token itself never touches the
+    database, only its SHA-256. `user_stamp` fingerprints the user's password hash, so a changed
+    password or a removed-and-re-added user ends the sessions made before."""
+
+    __tablename__ = "sign_in_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    user_stamp: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=now_utc)
+    last_seen_at: Mapped[datetime] = mapped_column(default=now_utc)
+
+
+class LoginFailure(Base):
+    """Failed sign-ins per key (`ip:<address>` or `user:<name>`), counted across replicas."""
+
+    __tablename__ = "login_failures"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    count: Mapped[int]
+    last_at: Mapped[datetime]
+
+
+class SignInCookie(Base):
+    """One row: the name suffix of the sign-in cookie, the same on every replica (Gradio draws
+    a random one per process, which would sign a user out when the proxy switches replica)."""
+
+    __tablename__ = "sign_in_cookie"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    cookie_id: Mapped[str] = mapped_column(String(64))

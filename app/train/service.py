@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.train.pairs import stored_pairs
-from app.train.worker import log_file, pid_file
+from app.train.worker import host_file, log_file, pid_file, this_host
 from dpo_core.heldout import MAX_HELDOUT_FRACTION
 from dpo_core.modeling import is_adapter_dir, remove_partial_saves
 from storage import runs
@@ -172,12 +172,9 @@ class TrainingService:
 
     def recover(self) -> list[int]:
         """At app start: fail runs whose worker is gone (pid dead, or heartbeat stale)."""
-        failed = self.check_workers()
+        failed = self.check_workers() + self.fail_stale_runs()
         with self.sm.begin() as s:
-            failed += [run.id for run in runs.fail_dead_runs(s, timeout_s=STALE_AFTER_S)]
             idle = runs.live_run(s) is None
-        if failed:
-            logger.warning("marked dead training runs as failed: %s", failed)
         if idle:  # no worker can be saving: a temp directory is what a killed save left
             for tmp in remove_partial_saves(self.data_dir / "adapters"):
                 logger.warning("removed %s, left by an adapter save that was interrupted", tmp)
@@ -198,6 +195,7 @@ class TrainingService:
         while not self._stop.wait(self.poll_interval_s):
             try:
                 self.check_workers()
+                self.fail_stale_runs()  # a worker on another replica's machine that died
                 self.sync_active_version()
             except Exception:
                 logger.exception("training watcher")
@@ -380,7 +378,19 @@ class TrainingService:
                 failed.append(live.id)
         return failed
 
+    def fail_stale_runs(self) -> list[int]:
+        """Fail the runs whose worker stopped beating, wherever it ran: the check that works
+        across replicas (a pid means something only on its own machine)."""
+        with self.sm.begin() as s:
+            failed = [run.id for run in runs.fail_dead_runs(s, timeout_s=STALE_AFTER_S)]
+        if failed:
+            logger.warning("marked dead training runs as failed (no heartbeat): %s", failed)
+        return failed
+
     def _worker_gone(self, run: Any) -> bool:
+        host = read_host(self.data_dir, run.id)
+        if host is not None and host != this_host():
+            return False  # another machine's worker: its heartbeat tells (fail_stale_runs)
         pid = read_pid(self.data_dir, run.id)
         if pid is not None:
             return not pid_alive(pid)
@@ -637,6 +647,14 @@ def read_pid(data_dir: Path, run_id: int) -> int | None:
     try:
         return int(pid_file(data_dir, run_id).read_text().strip())
     except (OSError, ValueError):
+        return None
+
+
+def read_host(data_dir: Path, run_id: int) -> str | None:
+    """The machine the run's worker runs on (`this_host` there); None before it started."""
+    try:
+        return host_file(data_dir, run_id).read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
         return None
 
 

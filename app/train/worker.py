@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -35,6 +36,33 @@ HEARTBEAT_INTERVAL_S = 2.0
 def pid_file(data_dir: Path, run_id: int) -> Path:
     """Where a run's worker pid is kept, so an app restart can tell a dead worker at once."""
     return data_dir / "runs" / f"run-{run_id}.pid"
+
+
+def host_file(data_dir: Path, run_id: int) -> Path:
+    """Which machine the pid belongs to (`this_host`): with replicas sharing the data
+    directory, only a process on that machine may judge the worker by its pid."""
+    return data_dir / "runs" / f"run-{run_id}.host"
+
+
+def this_host() -> str:
+    """`$DPO_STUDIO_HOST_ID`, else the host name and boot id: processes that see one pid
+    table (one machine, one boot) share it."""
+    explicit = os.environ.get("DPO_STUDIO_HOST_ID")
+    if explicit:
+        return explicit
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = ""
+    return f"{socket.gethostname()}/{boot_id}"
+
+
+def write_pid(data_dir: Path, run_id: int) -> None:
+    """Record this worker's pid and host (the host first: a pid is never read without it)."""
+    pid_path = pid_file(data_dir, run_id)
+    pid_path.parent.mkdir(parents=True, exist_ok=True)
+    host_file(data_dir, run_id).write_text(this_host())
+    pid_path.write_text(str(os.getpid()))
 
 
 def log_file(data_dir: Path, run_id: int) -> Path:
@@ -89,9 +117,7 @@ class RunCallbacks:
 
 def run_job(sm: sessionmaker[Session], run_id: int, data_dir: Path) -> int:
     """Execute run `run_id` to its end; returns the process exit code (0 unless it failed)."""
-    pid_path = pid_file(data_dir, run_id)
-    pid_path.parent.mkdir(parents=True, exist_ok=True)
-    pid_path.write_text(str(os.getpid()))
+    write_pid(data_dir, run_id)
     try:
         with sm.begin() as s:
             config = dict(runs.start_run(s, run_id).config)
