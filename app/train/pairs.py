@@ -22,6 +22,7 @@ class StoredPairs:
     heldout: list[dict[str, Any]]
     ties: int
     both_bad: int
+    empty: int  # A/B votes where an answer is empty: a model can say nothing; DPO needs text
     readout_prompts: list[str]  # the KL readout's: held-out pairs' and `heldout` split prompts
 
 
@@ -33,18 +34,25 @@ def stored_pairs(s: Session, heldout_fraction: float, min_heldout: int) -> Store
     stop a run on the few prompts that moved most)."""
     train_set = repo.preference_pairs(s, split="train")
     heldout_set = repo.preference_pairs(s, split="heldout")
-    train, heldout = split_pairs(
-        [as_pair(p) for p in train_set.pairs], heldout_fraction, min_heldout
-    )
-    heldout += [as_pair(p) for p in heldout_set.pairs]
+    usable = [as_pair(p) for p in train_set.pairs if has_text(p)]
+    train, heldout = split_pairs(usable, heldout_fraction, min_heldout)
+    heldout += [as_pair(p) for p in heldout_set.pairs if has_text(p)]
+    empty = len(train_set.pairs) + len(heldout_set.pairs) - len(train) - len(heldout)
     split_prompts = [p.text for p in repo.list_prompts(s, split="heldout")]
     return StoredPairs(
         train=train,
         heldout=heldout,
         ties=train_set.excluded_ties + heldout_set.excluded_ties,
         both_bad=train_set.excluded_both_bad + heldout_set.excluded_both_bad,
+        empty=empty,
         readout_prompts=list(dict.fromkeys([*(p["prompt"] for p in heldout), *split_prompts])),
     )
+
+
+def has_text(pair: Any) -> bool:
+    """Both answers say something (a vote for an empty answer's rival is real, but the pair
+    cannot train: every run on it would fail at the pair check)."""
+    return bool(pair.chosen.strip()) and bool(pair.rejected.strip())
 
 
 def as_pair(pair: Any) -> dict[str, Any]:

@@ -491,6 +491,7 @@ def pair_counts(s: Session, heldout_fraction: float) -> dict[str, int]:
         "heldout": len(pairs.heldout),
         "ties": pairs.ties,
         "both_bad": pairs.both_bad,
+        "empty": pairs.empty,
     }
 
 
@@ -634,8 +635,10 @@ def format_duration(seconds: float | None) -> str:
 
 
 def no_pairs_message(counts: dict[str, int]) -> str:
-    ties, bad = counts.get("ties", 0), counts.get("both_bad", 0)
+    ties, bad, empty = (counts.get(k, 0) for k in ("ties", "both_bad", "empty"))
     extra = f" ({ties} ties and {bad} both-bad votes are not usable for DPO)" if ties or bad else ""
+    if empty:
+        extra += f" ({empty} votes beside an empty answer cannot train)"
     return (
         "No usable preference pairs yet" + extra + ". Label some pairs in the Label tab "
         "(pick A or B, or write a better answer), or import pairs with "
