@@ -283,7 +283,7 @@ def prepare_dataset(
     tokenizer: Any, pairs: list[dict[str, Any]], config: TrainConfig, name: str
 ) -> Dataset:
     """Normalise and tokenize pairs; raise ValueError when none is usable."""
-    normalised = data.normalise_pairs(pairs)
+    normalised = data.normalise_pairs(pairs, source=f"{name} pairs")
     tokenized = data.tokenize_pairs(
         tokenizer, normalised, config.max_length, config.max_prompt_length
     )
