@@ -22,7 +22,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.config import adapters_dir
 from app.train.pairs import stored_pairs
+from common.cli import setup_logging
 from storage import runs
 from storage.db import open_db
 from storage.runs import RunStateError
@@ -143,7 +145,7 @@ def train_and_register(
         device=train_config.device,
     )
     callbacks = RunCallbacks(sm, run_id)
-    out_dir = adapter_dir(sm, data_dir / "adapters", config["base_model"], run_id)
+    out_dir = adapter_dir(sm, adapters_dir(data_dir), config["base_model"], run_id)
     result = train(
         lm,
         train_pairs,
@@ -191,10 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose, server=True)
     return run_job(open_db(args.db), args.run_id, args.data_dir)
 
 
