@@ -128,7 +128,7 @@ def train_and_register(
     """Train on the stored pairs; register and activate the new version. Returns the outcome."""
     from dpo_core.config import TrainConfig
     from dpo_core.modeling import load_model
-    from dpo_core.trainer import steps_per_epoch, train
+    from dpo_core.trainer import planned_steps, train
 
     train_config = TrainConfig.from_dict(config["train"])
     with sm.begin() as s:
@@ -136,7 +136,7 @@ def train_and_register(
     train_pairs, heldout = pairs.train, pairs.heldout
     logger.info("run %d: %d training pairs, %d held out", run_id, len(train_pairs), len(heldout))
     with sm.begin() as s:  # the planned length, for the progress bar until the first step
-        planned = train_config.epochs * steps_per_epoch(len(train_pairs), train_config)
+        planned = planned_steps(len(train_pairs), train_config)
         runs.append_metrics(s, run_id, 0, {"total_steps": planned})
     lm = load_model(
         train_config.model,
