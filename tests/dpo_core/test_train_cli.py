@@ -94,6 +94,8 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, tmp_path, capsys):
     bad.write_text('{"prompt": "hi", "chosen": "", "rejected": "x"}\n')
     no_prompt = tmp_path / "no_prompt.jsonl"
     no_prompt.write_text('{"text": "hi"}\n')
+    a_list = tmp_path / "list.json"
+    a_list.write_text('["beta", 0.1]')
     cases = [
         (["--pairs", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
         (["--pairs", str(empty)], "no pairs"),
@@ -103,6 +105,8 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, tmp_path, capsys):
         (["--pairs", str(pairs), "--loss-type", "magic"], "unknown loss_type 'magic'"),
         (["--pairs", str(pairs), "--kl-prompts-from", str(empty)], "empty.jsonl: no prompts"),
         (["--pairs", str(pairs), "--kl-prompts-from", str(no_prompt)], "entry 1: expected a non"),
+        (["--pairs", str(pairs), "--config", str(a_list)], "a config is a JSON object of"),
+        (["--pairs", str(pairs), "--config", str(empty)], "empty.jsonl: cannot read a config"),
     ]
     for args, message in cases:
         assert main(["train", *args, *base]) == 2, args
