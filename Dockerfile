@@ -38,6 +38,7 @@ RUN TORCH_PIN="$(grep -E '^torch==' requirements.txt)" \
  && python -c "import torch; assert torch.version.cuda, torch.__version__; print(torch.__version__)"
 
 COPY app ./app
+COPY common ./common
 COPY dpo_core ./dpo_core
 COPY storage ./storage
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.config import AppConfig, default_data_dir
+from app.config import AppConfig
+from common.cli import setup_logging
+from storage.db import default_data_dir
 
 
 @dataclass
@@ -23,6 +24,8 @@ class AppState:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dpo_core.modeling import add_model_args
+
     p = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     p.add_argument(
         "--host",
@@ -30,19 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bind address (default $DPO_STUDIO_HOST or 127.0.0.1)",
     )
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument(
-        "--model",
-        default="embedded",
-        help="`embedded` (SmolLM2-135M-Instruct, offline), a HF id or a directory",
-    )
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument(
-        "--load-in-4bit",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="NF4 4-bit via bitsandbytes (default: on with CUDA, off on CPU)",
-    )
-    p.add_argument("--device", default=None)
+    add_model_args(p, adapter=False)
     p.add_argument(
         "--data-dir",
         type=Path,
@@ -74,6 +65,10 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
     )
 
 
+class StartupError(Exception):
+    """The app cannot start; the message says why and what to change."""
+
+
 def data_dir_problem(data_dir: Path) -> str | None:
     """Why votes and adapters could not be saved in `data_dir`, or None when they can."""
     try:
@@ -96,50 +91,62 @@ def main(argv: list[str] | None = None) -> int:
 
         return users_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose, server=True)
     config = config_from_args(args)
+    try:
+        sign_in = sign_in_for(config)
+        state = start(config)
+    except StartupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from app.auth.web import share_sign_in
+
+    share_sign_in(sign_in, state.services.sm)  # replicas: sessions live in the shared database
+    serve(state, sign_in)
+    return 0
+
+
+def sign_in_for(config: AppConfig) -> dict[str, Any]:
+    """Gradio's launch options for the sign-in gate, checked before anything slow is loaded;
+    StartupError for a bad users file or an unusable data directory."""
     from app.auth.users import AuthFileError
-    from app.auth.web import share_sign_in, sign_in_options
+    from app.auth.web import sign_in_options
 
     try:
         sign_in = sign_in_options(config.auth_file, config.host)
     except AuthFileError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise StartupError(err) from err
     problem = data_dir_problem(config.data_dir)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    from app.ui import build_ui
+        raise StartupError(problem)
+    return sign_in
+
+
+def start(config: AppConfig) -> AppState:
+    """Load the model and open the services (database, versions, training, compare)."""
+    from app.services import open_services
     from dpo_core.modeling import ModelLoadError, load_model
+    from storage.db import StorageError
 
     try:
         lm = load_model(
             config.model, dtype=config.dtype, load_in_4bit=config.load_in_4bit, device=config.device
         )
-    except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    from app.services import open_services
-    from storage.db import StorageError
-
-    try:
         services = open_services(config, lm)
-    except StorageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    # Replicas: sign-in sessions and failed sign-ins live in the shared database.
-    share_sign_in(sign_in, services.sm)
-    state = AppState(config=config, lm=lm, model_name=config.model, services=services)
+    except (ModelLoadError, StorageError) as err:
+        raise StartupError(err) from err
+    return AppState(config=config, lm=lm, model_name=config.model, services=services)
+
+
+def serve(state: AppState, sign_in: dict[str, Any]) -> None:
+    """Build the page, add the vote route inside the sign-in gate, and serve until stopped."""
     from starlette.middleware import Middleware
 
     from app.label.route import VoteRoute
     from app.label.service import open_label_service
+    from app.ui import build_ui
 
+    config, services = state.config, state.services
     label = open_label_service(services.sm, services.models, config.model, config.data_dir)
     demo = build_ui(state, label)
     # Everything loaded so far (model, tokenizer, Gradio) lives as long as the app: keep it out
@@ -151,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     vote_route = Middleware(VoteRoute, service=label)
     app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), vote_route]
     demo.queue().launch(server_name=config.host, server_port=config.port, **sign_in)
-    return 0
 
 
 if __name__ == "__main__":

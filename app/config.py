@@ -1,32 +1,32 @@
-"""The app's resolved settings (from the CLI and environment)."""
+"""The app's resolved settings (from the CLI and environment), and the data directory's layout:
+`studio.db` (the default database, `storage.db.default_url`), `adapters/` (one immutable
+directory per model version, `adapters_dir`) and `runs/` (training workers' pid and log files,
+`app.train.worker`)."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.db import default_data_dir, default_url
 
-def default_data_dir() -> Path:
-    """`DPO_STUDIO_DATA`, else ./data: holds the database and adapter versions."""
-    return Path(os.environ.get("DPO_STUDIO_DATA", "data"))
+
+def adapters_dir(data_dir: Path) -> Path:
+    """Where the adapter versions trained in this data directory are written."""
+    return data_dir / "adapters"
 
 
 @dataclass
 class AppConfig:
-    model: str = "embedded"
+    model: str = "embedded"  # dpo_core.modeling.EMBEDDED (importing it would load torch)
     dtype: str = "auto"
     load_in_4bit: bool | None = None
     device: str | None = None
-    data_dir: Path = Path("data")
+    data_dir: Path = field(default_factory=default_data_dir)  # $DPO_STUDIO_DATA, else ./data
     db_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 7860
     auth_file: Path | None = None  # users.toml: sign-in and roles on (None: off)
 
-    @property
-    def adapters_dir(self) -> Path:
-        return self.data_dir / "adapters"
-
     def resolved_db_url(self) -> str:
-        return self.db_url or f"sqlite:///{(self.data_dir / 'studio.db').resolve()}"
+        return self.db_url or default_url(self.data_dir)

@@ -7,21 +7,9 @@ import logging
 import sys
 import time
 
-from dpo_core.modeling import EMBEDDED, ModelLoadError, load_model
+from common.cli import setup_logging
+from dpo_core.modeling import ModelLoadError, add_model_args, load_model
 from dpo_core.train_cli import add_train_parser
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=EMBEDDED, help="`embedded`, a HF id or a directory")
-    parser.add_argument("--adapter", default=None, help="a saved LoRA adapter directory")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    parser.add_argument(
-        "--load-in-4bit",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="NF4 4-bit via bitsandbytes (default: on with CUDA, off on CPU)",
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -56,16 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
-    add_train_parser(sub, add_model_args)
+    add_train_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except (ModelLoadError, ValueError, FileNotFoundError, FileExistsError) as err:

@@ -87,7 +87,12 @@ class TrainConfig:
     kl_ceiling: float = _f(
         8.0, "KL(policy || base) per sampled answer, in nats, that stops the run", "eval"
     )
-    patience: int = _f(2, "evaluations without a better held-out accuracy or loss", "eval")
+    patience: int = _f(
+        2,
+        "stop after this many evaluations in a row whose held-out reward accuracy is below the "
+        "best so far (the held-out loss does not count: dpo_core.guard says why)",
+        "eval",
+    )
     kl_prompts: int = _f(
         8, "answers sampled for the KL readout, spread over the held-out prompts (0: none)", "eval"
     )

@@ -17,81 +17,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from common.pair_format import Pair, PairError, parse_pairs
+
 logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 
 
-class PairError(ValueError):
-    """A preference pair is malformed; the message names the pair and the problem."""
-
-
-def normalise_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Messages]]:
+def normalise_pairs(pairs: list[Any], source: str = "pairs") -> list[dict[str, Messages]]:
     """Check raw pairs and return them as `{prompt, chosen, rejected}` chat messages.
 
-    Accepted shapes for each pair:
-    - strings: `{"prompt": str, "chosen": str, "rejected": str}`;
-    - messages: `prompt` a list of `{"role", "content"}` ending with a user turn (a system
-      turn and earlier turns allowed), `chosen` / `rejected` an assistant message list or str;
-    - implicit prompt (TRL style): `chosen` and `rejected` full conversations whose shared
-      leading turns are the prompt.
-
-    Raises PairError naming the first bad pair; an empty list raises too.
+    Each pair is a row of TRL's standard or conversational format, checked by
+    `common.pair_format` (the rule `python -m storage import-pairs` applies too: single-turn,
+    non-empty texts). Raises PairError `"<source>: row <n>: ..."` naming the first bad pair;
+    an empty list raises too.
     """
     if not pairs:
         raise PairError("no preference pairs: label or import at least one pair")
-    return [_normalise_pair(pair, i) for i, pair in enumerate(pairs)]
+    return [_as_chat(pair) for pair in parse_pairs(pairs, source)]
 
 
-def _normalise_pair(pair: Any, index: int) -> dict[str, Messages]:
-    where = f"pair {index + 1}"
-    if not isinstance(pair, dict):
-        raise PairError(
-            f"{where}: expected an object with prompt/chosen/rejected, got {pair!r:.80}"
-        )
-    missing = [k for k in ("chosen", "rejected") if k not in pair]
-    if missing:
-        raise PairError(f"{where}: missing {' and '.join(missing)}")
-    if "prompt" not in pair:
-        prompt, chosen, rejected = _split_implicit_prompt(pair["chosen"], pair["rejected"], where)
-    else:
-        prompt = _as_messages(pair["prompt"], "user", f"{where} prompt")
-        chosen = _as_messages(pair["chosen"], "assistant", f"{where} chosen")
-        rejected = _as_messages(pair["rejected"], "assistant", f"{where} rejected")
-    if prompt[-1]["role"] != "user":
-        raise PairError(f"{where}: the prompt must end with a user turn")
-    for name, completion in (("chosen", chosen), ("rejected", rejected)):
-        if completion[0]["role"] != "assistant":
-            raise PairError(f"{where}: {name} must start with an assistant turn")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-
-def _as_messages(value: Any, role: str, where: str) -> Messages:
-    if isinstance(value, str):
-        if not value.strip():
-            raise PairError(f"{where} is empty")
-        return [{"role": role, "content": value}]
-    if not isinstance(value, list) or not value:
-        raise PairError(f"{where} must be a non-empty string or list of messages")
-    messages = []
-    for m in value:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
-            raise PairError(f"{where}: each message needs a role and a content string")
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise PairError(f"{where}: a {m['role']} message has empty or non-text content")
-        messages.append({"role": m["role"], "content": m["content"]})
-    return messages
-
-
-def _split_implicit_prompt(chosen: Any, rejected: Any, where: str) -> tuple[Messages, ...]:
-    chosen = _as_messages(chosen, "assistant", f"{where} chosen")
-    rejected = _as_messages(rejected, "assistant", f"{where} rejected")
-    n = 0
-    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-        n += 1
-    if n == 0:
-        raise PairError(f"{where}: no prompt, and chosen/rejected share no leading turns")
-    return chosen[:n], chosen[n:], rejected[n:]
+def _as_chat(pair: Pair) -> dict[str, Messages]:
+    return {
+        "prompt": [{"role": "user", "content": pair.prompt}],
+        "chosen": [{"role": "assistant", "content": pair.chosen}],
+        "rejected": [{"role": "assistant", "content": pair.rejected}],
+    }
 
 
 @dataclass(frozen=True)

@@ -93,10 +93,15 @@ def sample_completions(
 ) -> list[Completion]:
     """Sample one answer per prompt (one user turn each) from `model`; see `sample_from_ids`."""
     completions = sample_from_ids(
-        lm, model, [prompt_ids(lm.tokenizer, p) for p in prompts],
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        lm,
+        model,
+        [prompt_ids(lm.tokenizer, p) for p in prompts],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
         batch_size=batch_size,
-    )  # fmt: skip
+    )
     return [replace(c, prompt=p) for c, p in zip(completions, prompts, strict=True)]
 
 

@@ -9,6 +9,7 @@ pi/ref are policy/reference log-probs of the chosen (c) and rejected (r) complet
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,56 +65,84 @@ def preference_loss(
         reference-free variants.
     """
     check_loss_args(loss_type, beta, label_smoothing, simpo_gamma)
-    if loss_type not in REFERENCE_FREE and (
-        reference_chosen_logps is None or reference_rejected_logps is None
-    ):
-        raise ValueError(f"loss_type {loss_type!r} needs reference log-probs")
-    if loss_type in LENGTH_NORMALISED and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError(f"loss_type {loss_type!r} needs chosen_lengths and rejected_lengths")
+    _check_inputs(
+        loss_type,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+    )
     pi_c, pi_r = policy_chosen_logps.float(), policy_rejected_logps.float()
-    _check_shapes(pi_c, pi_r, reference_chosen_logps, reference_rejected_logps)
     if loss_type in REFERENCE_FREE:
-        avg_c = pi_c / _lengths(chosen_lengths, pi_c)
+        avg_c = pi_c / _lengths(chosen_lengths, pi_c)  # per-token average log-probs
         avg_r = pi_r / _lengths(rejected_lengths, pi_r)
-        if loss_type == "simpo":
-            losses = simpo_loss(avg_c, avg_r, beta, simpo_gamma, label_smoothing)
-        else:
-            losses = orpo_loss(avg_c, avg_r, beta)
+        losses = _reference_free_loss(avg_c, avg_r, loss_type, beta, simpo_gamma, label_smoothing)
         return losses, beta * avg_c.detach(), beta * avg_r.detach()
-
+    assert reference_chosen_logps is not None and reference_rejected_logps is not None
     chosen_logratios = pi_c - reference_chosen_logps.float()  # log pi/ref, chosen
     rejected_logratios = pi_r - reference_rejected_logps.float()
-    if loss_type in LENGTH_NORMALISED:  # ipo
-        losses = ipo_loss(
-            chosen_logratios / _lengths(chosen_lengths, pi_c),
-            rejected_logratios / _lengths(rejected_lengths, pi_r),
-            beta,
-        )
-    else:
-        losses = _logratio_loss(
-            chosen_logratios, rejected_logratios, loss_type, beta, label_smoothing
-        )
+    losses = _logratio_loss(
+        LogRatios(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths),
+        loss_type,
+        beta,
+        label_smoothing,
+    )
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def _logratio_loss(
-    chosen_logratios: Tensor, rejected_logratios: Tensor, loss_type: str, beta: float, ls: float
-) -> Tensor:
+@dataclass(frozen=True)
+class LogRatios:
+    """Policy/reference log-ratios of a batch of pairs, (B,) each, with completion lengths
+    for the variants that average over tokens."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_lengths: Tensor | None
+    rejected_lengths: Tensor | None
+
+    def per_token(self) -> tuple[Tensor, Tensor]:
+        """The log-ratios averaged over each completion's tokens."""
+        assert self.chosen_lengths is not None and self.rejected_lengths is not None
+        return (
+            self.chosen / _lengths(self.chosen_lengths, self.chosen),
+            self.rejected / _lengths(self.rejected_lengths, self.rejected),
+        )
+
+
+def _logratio_loss(ratios: LogRatios, loss_type: str, beta: float, ls: float) -> Tensor:
+    """The reference-based variants, one branch per name (a new name raises ValueError here
+    until it gets its own branch)."""
+    c, r = ratios.chosen, ratios.rejected
     if loss_type == "sigmoid":
-        return sigmoid_loss(chosen_logratios, rejected_logratios, beta, ls)
+        return sigmoid_loss(c, r, beta, ls)
+    if loss_type == "ipo":
+        return ipo_loss(*ratios.per_token(), beta)
     if loss_type == "hinge":
-        return hinge_loss(chosen_logratios, rejected_logratios, beta)
+        return hinge_loss(c, r, beta)
     if loss_type == "robust":
-        return robust_loss(chosen_logratios, rejected_logratios, beta, ls)
+        return robust_loss(c, r, beta, ls)
     if loss_type == "bco_pair":
-        return bco_pair_loss(chosen_logratios, rejected_logratios, beta)
+        return bco_pair_loss(c, r, beta)
     if loss_type == "sppo_hard":
-        return sppo_hard_loss(chosen_logratios, rejected_logratios, beta)
+        return sppo_hard_loss(c, r, beta)
     if loss_type == "nca_pair":
-        return nca_pair_loss(chosen_logratios, rejected_logratios, beta)
+        return nca_pair_loss(c, r, beta)
     if loss_type == "apo_zero":
-        return apo_zero_loss(chosen_logratios, rejected_logratios, beta)
-    raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+        return apo_zero_loss(c, r, beta)
+    raise ValueError(f"no loss function for loss_type {loss_type!r}")
+
+
+def _reference_free_loss(
+    avg_c: Tensor, avg_r: Tensor, loss_type: str, beta: float, gamma: float, ls: float
+) -> Tensor:
+    """The reference-free variants, on per-token average log-probs."""
+    if loss_type == "simpo":
+        return simpo_loss(avg_c, avg_r, beta, gamma, ls)
+    if loss_type == "orpo":
+        return orpo_loss(avg_c, avg_r, beta)
+    raise ValueError(f"no loss function for loss_type {loss_type!r}")
 
 
 def sigmoid_loss(
@@ -204,7 +233,8 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _lengths(lengths: Tensor, like: Tensor) -> Tensor:
+def _lengths(lengths: Tensor | None, like: Tensor) -> Tensor:
+    assert lengths is not None  # _check_inputs asked for it
     if lengths.shape != like.shape:
         raise ValueError(f"lengths shape {tuple(lengths.shape)} != log-probs {tuple(like.shape)}")
     return lengths.to(like.device, torch.float32).clamp(min=1.0)
@@ -229,7 +259,20 @@ def check_loss_args(
         raise ValueError(f"simpo_gamma must be a non-negative number, got {simpo_gamma}")
 
 
-def _check_shapes(pi_c: Tensor, pi_r: Tensor, ref_c: Tensor | None, ref_r: Tensor | None) -> None:
+def _check_inputs(
+    loss_type: str,
+    pi_c: Tensor,
+    pi_r: Tensor,
+    ref_c: Tensor | None,
+    ref_r: Tensor | None,
+    chosen_lengths: Tensor | None,
+    rejected_lengths: Tensor | None,
+) -> None:
+    """The tensors `loss_type` needs are there, and all log-probs share one 1-D shape."""
+    if loss_type not in REFERENCE_FREE and (ref_c is None or ref_r is None):
+        raise ValueError(f"loss_type {loss_type!r} needs reference log-probs")
+    if loss_type in LENGTH_NORMALISED and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(f"loss_type {loss_type!r} needs chosen_lengths and rejected_lengths")
     shapes = {tuple(t.shape) for t in (pi_c, pi_r, ref_c, ref_r) if t is not None}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError(f"log-prob tensors must all have the same 1-D shape (B,), got {shapes}")

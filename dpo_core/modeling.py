@@ -7,6 +7,7 @@ load takes well under a second.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import logging
@@ -175,6 +176,41 @@ def bnb_4bit_config(compute_dtype: torch.dtype = torch.bfloat16) -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def add_model_args(
+    parser: argparse.ArgumentParser, *, adapter: bool = True, keep_unset: bool = False
+) -> None:
+    """The flags of `load_model`, for every CLI that loads a model (`python -m app`,
+    `python -m dpo_core generate|train`): --model, --dtype, --load-in-4bit, --device, and
+    --adapter unless `adapter` is False. With `keep_unset`, a flag not given is absent from the
+    parsed namespace (so a saved config's value stands); else it holds the default."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if keep_unset else value
+
+    parser.add_argument(
+        "--model",
+        default=default(EMBEDDED),
+        help="`embedded` (SmolLM2-135M-Instruct, offline; the default), a HF id or a directory",
+    )
+    if adapter:
+        parser.add_argument("--adapter", default=default(None), help="a LoRA adapter directory")
+    parser.add_argument(
+        "--dtype",
+        default=default("auto"),
+        choices=["auto", *DTYPES],
+        help="weights dtype (default: auto, bf16 where fast)",
+    )
+    parser.add_argument(
+        "--load-in-4bit",
+        action=argparse.BooleanOptionalAction,
+        default=default(None),
+        help="NF4 4-bit via bitsandbytes (default: on with CUDA, off on CPU)",
+    )
+    parser.add_argument(
+        "--device", default=default(None), help="cpu, cuda, cuda:1 (default: cuda if present)"
     )
 
 

@@ -1,7 +1,8 @@
 """`python -m dpo_core train`: DPO on a JSONL file of pairs, with a progress bar.
 
 Every `TrainConfig` field is a flag (`--beta 0.2`, `--loss-type ipo`, `--no-share-prompt`);
-`--config train_config.json` starts from a saved config, and flags override it.
+`--config train_config.json` starts from a saved config, the same run (model, dtype, device and
+init adapter included); only the flags given override it.
 """
 
 from __future__ import annotations
@@ -12,71 +13,78 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import fields
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_core.config import TrainConfig
+from dpo_core.modeling import LoadedModel, add_model_args, load_model
+
+if TYPE_CHECKING:
+    from dpo_core.trainer import TrainResult
 
 logger = logging.getLogger(__name__)
 
-MODEL_FIELDS = ("model", "dtype", "load_in_4bit", "device", "init_adapter")  # see add_model_args
+# Set by add_model_args' flags (--adapter is init_adapter), not by one flag per field.
+MODEL_FIELDS = ("model", "dtype", "load_in_4bit", "device", "init_adapter")
 FLAG_TYPES: dict[str, Any] = {"int": int, "int | None": int, "float": float, "str": str}
 
 
-def add_train_parser(sub: Any, add_model_args: Any) -> None:
-    """Register the `train` subcommand; `add_model_args` adds --model/--adapter/--dtype/..."""
+def add_train_parser(sub: Any) -> None:
+    """Register the `train` subcommand: its files, the model flags and one flag per
+    `TrainConfig` field. A flag not given stays out of the namespace (`argparse.SUPPRESS`), so
+    `build_config` can tell it from a saved config's value."""
     p = sub.add_parser("train", help="train a DPO LoRA adapter on a JSONL file of pairs")
     p.add_argument("--pairs", required=True, type=Path, help="JSONL: prompt, chosen, rejected")
     p.add_argument("--out", required=True, type=Path, help="new adapter directory to write")
     p.add_argument("--heldout", type=Path, help="JSONL of held-out pairs to evaluate")
     p.add_argument(
-        "--kl-prompts-from", type=Path, metavar="JSONL",
+        "--kl-prompts-from",
+        type=Path,
+        metavar="JSONL",
         help="sample the KL readout from these prompts (a `prompt` per line; default: the "
         "held-out pairs' prompts)",
-    )  # fmt: skip
+    )
     p.add_argument("--config", type=Path, help="a train_config.json to start from")
-    add_model_args(p)
+    add_model_args(p, keep_unset=True)
     for f in fields(TrainConfig):
-        if f.name in MODEL_FIELDS:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {_default(f)})"
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text,
-                           default=argparse.SUPPRESS)  # fmt: skip
-        elif f.type.startswith("tuple"):
-            p.add_argument(flag, nargs="+", help=help_text, default=argparse.SUPPRESS)
-        else:
-            p.add_argument(flag, type=FLAG_TYPES[f.type], help=help_text,
-                           default=argparse.SUPPRESS)  # fmt: skip
+        if f.name not in MODEL_FIELDS:
+            _add_field_flag(p, f)
     p.set_defaults(func=cmd_train)
 
 
-def _default(f: Any) -> Any:
-    value = f.default
-    return " ".join(value) if isinstance(value, tuple) else value
+def _add_field_flag(parser: argparse.ArgumentParser, f: Field[Any]) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    default = " ".join(f.default) if isinstance(f.default, tuple) else f.default
+    kwargs = {"help": f"{f.metadata['help']} (default: {default})", "default": argparse.SUPPRESS}
+    if f.type == "bool":
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    elif f.type.startswith("tuple"):
+        parser.add_argument(flag, nargs="+", **kwargs)
+    else:
+        parser.add_argument(flag, type=FLAG_TYPES[f.type], **kwargs)
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    """Saved config (if any) < command-line flags; model flags always apply."""
-    values: dict[str, Any] = {}
-    if args.config:
-        try:
-            values = json.loads(args.config.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{args.config}: cannot read a config ({err})") from err
+    """The saved config (if any), then every flag given: a saved config starts the same run,
+    its model, dtype, device and init adapter included, unless a flag says otherwise."""
+    values = read_saved_config(args.config) if args.config else {}
+    given = vars(args)
     for f in fields(TrainConfig):
-        if f.name not in MODEL_FIELDS and hasattr(args, f.name):
-            values[f.name] = getattr(args, f.name)
-    values.update(
-        model=args.model,
-        dtype=args.dtype,
-        load_in_4bit=args.load_in_4bit,
-        device=args.device,
-        init_adapter=args.adapter,
-    )
+        dest = "adapter" if f.name == "init_adapter" else f.name
+        if dest in given:
+            values[f.name] = given[dest]
     return TrainConfig.from_dict(values)
+
+
+def read_saved_config(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read a config ({err})") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config is a JSON object of TrainConfig fields")
+    return values
 
 
 class ProgressBar:
@@ -120,34 +128,69 @@ class StopOnInterrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from dpo_core.data import normalise_pairs
-    from dpo_core.modeling import load_model
-    from dpo_core.trainer import load_pairs_jsonl, load_prompts_jsonl, train
+@dataclass(frozen=True)
+class TrainInputs:
+    """The files `train` reads, read and checked before the model is loaded."""
 
+    pairs: list[dict[str, Any]]
+    heldout: list[dict[str, Any]] | None
+    kl_prompts: list[str] | None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     config = build_config(args)
     if args.out.exists():
         raise FileExistsError(f"{args.out} already exists; choose a new adapter directory")
-    pairs = load_pairs_jsonl(args.pairs)
-    heldout = load_pairs_jsonl(args.heldout) if args.heldout else None
-    kl_prompts = load_prompts_jsonl(args.kl_prompts_from) if args.kl_prompts_from else None
-    for checked in (pairs, heldout):  # fail on a bad file before loading the model
-        if checked is not None:
-            normalise_pairs(checked)
+    inputs = read_inputs(args)
     t0 = time.perf_counter()
     lm = load_model(
         config.model, dtype=config.dtype, load_in_4bit=config.load_in_4bit, device=config.device
     )
     logger.info("model loaded in %.1f s", time.perf_counter() - t0)
+    result = train_with_progress(lm, inputs, config, args.out)
+    return report(result)
+
+
+def read_inputs(args: argparse.Namespace) -> TrainInputs:
+    """Pairs, held-out pairs and KL prompts; a bad file fails here, naming its row."""
+    from dpo_core.data import normalise_pairs
+    from dpo_core.trainer import load_pairs_jsonl, load_prompts_jsonl
+
+    pairs = load_pairs_jsonl(args.pairs)
+    normalise_pairs(pairs, source=str(args.pairs))
+    heldout = None
+    if args.heldout:
+        heldout = load_pairs_jsonl(args.heldout)
+        normalise_pairs(heldout, source=str(args.heldout))
+    kl_prompts = load_prompts_jsonl(args.kl_prompts_from) if args.kl_prompts_from else None
+    return TrainInputs(pairs, heldout, kl_prompts)
+
+
+def train_with_progress(
+    lm: LoadedModel, inputs: TrainInputs, config: TrainConfig, out: Path
+) -> TrainResult:
+    """`train` with a progress bar; Ctrl-C stops between steps."""
+    from dpo_core.trainer import train
+
     progress, stop = ProgressBar(), StopOnInterrupt()
     try:
-        result = train(
-            lm, pairs, config, args.out, heldout=heldout, kl_prompts=kl_prompts,
-            on_step=progress, should_stop=stop,
-        )  # fmt: skip
+        return train(
+            lm,
+            inputs.pairs,
+            config,
+            out,
+            heldout=inputs.heldout,
+            kl_prompts=inputs.kl_prompts,
+            on_step=progress,
+            should_stop=stop,
+        )
     finally:
         progress.close()
         stop.restore()
+
+
+def report(result: TrainResult) -> int:
+    """Print how the run ended; the exit status (130: cancelled)."""
     if result.cancelled:
         print("training cancelled; no adapter was saved")
         return 130

@@ -37,8 +37,15 @@ logger = logging.getLogger(__name__)
 StepCallback = Callable[[dict[str, float]], None]
 StopCheck = Callable[[], bool]
 EvalHook = Callable[[Any], dict[str, float]]
-REWARD_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                  "rewards/margins", "logps/chosen", "logps/rejected")  # fmt: skip
+REWARD_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 class TrainingCancelled(Exception):
@@ -159,18 +166,12 @@ def train(
     if _is_peft(lm.model):
         raise ValueError("pass the base model; to continue an adapter set config.init_adapter")
     config = resolved_config(config, lm)
-    if heldout is None:
-        pairs, heldout = split_heldout(pairs, config)
-    train_set = prepare_dataset(lm.tokenizer, pairs, config, "training")
-    eval_set = heldout_dataset(lm.tokenizer, heldout, config)
-    if eval_set is not None and kl_prompts:
-        eval_set.readout_prompts = [prompt_ids(lm.tokenizer, p) for p in kl_prompts]
-    total_steps = config.epochs * steps_per_epoch(len(train_set.pairs), config)
+    train_set, eval_set = prepare_datasets(lm, pairs, heldout, kl_prompts, config)
     torch.manual_seed(config.seed)
-    policy = prepare_policy(lm, config, total_steps)
+    policy = prepare_policy(lm, config, planned_steps(len(train_set.pairs), config))
     hooks = Hooks(on_step, should_stop, on_eval)
     try:
-        return _run(lm, policy, train_set, eval_set, config, out_dir, hooks)
+        return _run(Run(lm, policy, train_set, eval_set, config, hooks), out_dir)
     except TrainingCancelled:
         logger.info("training cancelled; nothing saved")
         return TrainResult(adapter_dir=None, metrics={}, cancelled=True, config=config)
@@ -178,57 +179,119 @@ def train(
         release_policy(lm, policy.model, config)
 
 
-def _run(
-    lm: LoadedModel,
-    policy: Policy,
-    train_set: Dataset,
-    eval_set: Dataset | None,
-    config: TrainConfig,
-    out_dir: Path,
-    hooks: Hooks,
-) -> TrainResult:
+@dataclass
+class Run:
+    """What one training run works with, once its datasets and policy are ready."""
+
+    lm: LoadedModel
+    policy: Policy
+    train_set: Dataset
+    eval_set: Dataset | None
+    config: TrainConfig
+    hooks: Hooks
+    guard: Guard | None = None
+    why_off: str | None = None  # why there is no guard
+
+    @property
+    def total_steps(self) -> int:
+        return planned_steps(len(self.train_set.pairs), self.config)
+
+
+@dataclass
+class Progress:
+    """What the steps so far produced."""
+
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per step
+    step: int = 0
+    stop: str | None = None  # why the guard stopped the run (None: it did not)
+    best_weights: list[Tensor] | None = None  # the guard's best checkpoint so far
+
+
+def _run(run: Run, out_dir: Path) -> TrainResult:
     t0 = time.perf_counter()
-    for dataset in (train_set, eval_set):
+    for dataset in (run.train_set, run.eval_set):
         if dataset is not None:
-            fill_reference_logps(policy.model, dataset, lm, config, hooks.stop)
-    guard, why_off = make_guard(eval_set, config)
-    warnings = [w for w in (few_pairs_warning(len(train_set.pairs)),) if w]
+            fill_reference_logps(run.policy.model, dataset, run.lm, run.config, run.hooks.stop)
+    run.guard, run.why_off = make_guard(run.eval_set, run.config)
+    warnings = [w for w in (few_pairs_warning(len(run.train_set.pairs)),) if w]
     for warning in warnings:
         logger.warning(warning)
-    total_steps = config.epochs * steps_per_epoch(len(train_set.pairs), config)
-    history: list[dict[str, float]] = []
-    best_weights, stop = None, None
-    for step, epoch, micro_batches in iterate_steps(train_set, config):
-        if hooks.stop():
+    progress = Progress()
+    for step, epoch, micro_batches in iterate_steps(run.train_set, run.config):
+        if run.hooks.stop():
             raise TrainingCancelled
-        metrics = train_step(policy, micro_batches, train_set, lm, config)
-        metrics.update(step=step, total_steps=total_steps, epoch=epoch)
-        if eval_set is not None and is_eval_step(step, total_steps, train_set, config):
-            metrics.update(evaluate_point(policy.model, eval_set, lm, config, hooks.on_eval))
-            if guard is not None:
-                decision = guard.observe(eval_point(step, metrics))
-                best_weights = snapshot(policy) if decision.keep else best_weights
-                stop = decision.stop
-        history.append(metrics)
-        logger.info("step %d/%d loss %.4f", step, total_steps, metrics["loss"])
-        if hooks.on_step is not None:
-            hooks.on_step(dict(metrics))
-        if stop:
+        run_step(run, progress, step, epoch, micro_batches)
+        if progress.stop:
             break
-    if hooks.stop():
+    if run.hooks.stop():
         raise TrainingCancelled
+    result = finish(run, progress, out_dir, time.perf_counter() - t0)
+    result.warnings = warnings
+    return result
+
+
+def run_step(
+    run: Run, progress: Progress, step: int, epoch: float, micro_batches: list[list[int]]
+) -> None:
+    """One optimiser step; its evaluation and the guard's decision when one is due; the
+    caller's `on_step`."""
+    lm, config = run.lm, run.config
+    metrics = train_step(run.policy, micro_batches, run.train_set, lm, config)
+    metrics.update(step=step, total_steps=run.total_steps, epoch=epoch)
+    if run.eval_set is not None and is_eval_step(step, run.total_steps, run.train_set, config):
+        model, on_eval = run.policy.model, run.hooks.on_eval
+        metrics.update(evaluate_point(model, run.eval_set, lm, config, on_eval))
+        if run.guard is not None:
+            decision = run.guard.observe(eval_point(step, metrics))
+            if decision.keep:
+                progress.best_weights = snapshot(run.policy)
+            progress.stop = decision.stop
+    progress.history.append(metrics)
+    progress.step = step
+    logger.info("step %d/%d loss %.4f", step, run.total_steps, metrics["loss"])
+    if run.hooks.on_step is not None:
+        run.hooks.on_step(dict(metrics))
+
+
+def finish(run: Run, progress: Progress, out_dir: Path, seconds: float) -> TrainResult:
+    """Go back to the guard's best checkpoint (when it is not the last step), say in words how
+    the run ended, and save the adapter with its config and metrics."""
+    guard, step = run.guard, progress.step
     kept = guard.best.step if guard is not None and guard.best is not None else step
     if kept != step:
-        restore(policy, best_weights)
-    reason = guard_summary(guard, stop, step, total_steps, why_off)
+        assert progress.best_weights is not None
+        restore(run.policy, progress.best_weights)
+    reason = guard_summary(guard, progress.stop, step, run.total_steps, run.why_off)
     logger.info(reason)
-    final = final_metrics(history, len(train_set.pairs), time.perf_counter() - t0, kept)
-    policy.masters.restore_fp32()
-    adapter = save_result(policy.model, out_dir, config, final | {"stop_reason": reason})
+    final = final_metrics(progress.history, len(run.train_set.pairs), seconds, kept)
+    run.policy.masters.restore_fp32()
+    adapter = save_result(run.policy.model, out_dir, run.config, final | {"stop_reason": reason})
     return TrainResult(
-        adapter_dir=adapter, metrics=final, history=history, config=config,
-        stop_reason=reason, stopped_early=stop is not None, warnings=warnings,
-    )  # fmt: skip
+        adapter_dir=adapter,
+        metrics=final,
+        history=progress.history,
+        config=run.config,
+        stop_reason=reason,
+        stopped_early=progress.stop is not None,
+    )
+
+
+def prepare_datasets(
+    lm: LoadedModel,
+    pairs: list[dict[str, Any]],
+    heldout: list[dict[str, Any]] | None,
+    kl_prompts: list[str] | None,
+    config: TrainConfig,
+) -> tuple[Dataset, Dataset | None]:
+    """The training set and the held-out set (given, or split off the pairs; None: none),
+    the KL readout's own prompts attached to the latter."""
+    if heldout is None:
+        pairs, heldout = split_heldout(pairs, config)
+    train_set = prepare_dataset(lm.tokenizer, pairs, config, "training")
+    eval_set = heldout_dataset(lm.tokenizer, heldout, config)
+    if eval_set is not None and kl_prompts:
+        eval_set.readout_prompts = [prompt_ids(lm.tokenizer, p) for p in kl_prompts]
+    return train_set, eval_set
 
 
 def split_heldout(
@@ -283,7 +346,7 @@ def prepare_dataset(
     tokenizer: Any, pairs: list[dict[str, Any]], config: TrainConfig, name: str
 ) -> Dataset:
     """Normalise and tokenize pairs; raise ValueError when none is usable."""
-    normalised = data.normalise_pairs(pairs)
+    normalised = data.normalise_pairs(pairs, source=f"{name} pairs")
     tokenized = data.tokenize_pairs(
         tokenizer, normalised, config.max_length, config.max_prompt_length
     )
@@ -497,9 +560,13 @@ def kl_readout(model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfi
     own = dataset.readout_prompts or [p.prompt_ids for p in dataset.pairs]
     prompts = spread(list(dict.fromkeys(tuple(p) for p in own)), config.kl_prompts)
     completions = sample_from_ids(
-        lm, model, [list(p) for p in prompts], max_new_tokens=config.kl_max_new_tokens,
-        seed=config.seed, batch_size=config.batch_size * 4,
-    )  # fmt: skip
+        lm,
+        model,
+        [list(p) for p in prompts],
+        max_new_tokens=config.kl_max_new_tokens,
+        seed=config.seed,
+        batch_size=config.batch_size * 4,
+    )
     estimate = kl_from_completions(lm, model, completions)
     return {"eval/kl": estimate.kl, "eval/kl_stderr": estimate.stderr}
 
@@ -543,6 +610,11 @@ def iterate_steps(dataset: Dataset, config: TrainConfig) -> Iterator[tuple[int, 
 
 def steps_per_epoch(num_pairs: int, config: TrainConfig) -> int:
     return math.ceil(num_pairs / (config.batch_size * config.grad_accum))
+
+
+def planned_steps(num_pairs: int, config: TrainConfig) -> int:
+    """Optimiser steps of a whole run on `num_pairs` pairs (fewer if the guard stops it)."""
+    return config.epochs * steps_per_epoch(num_pairs, config)
 
 
 def is_eval_step(step: int, total_steps: int, dataset: Dataset, config: TrainConfig) -> bool:

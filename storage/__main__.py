@@ -6,13 +6,13 @@ Every command takes `--db URL` (default: sqlite in $DPO_STUDIO_DATA, else ./data
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from sqlalchemy import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.cli import setup_logging
 from storage.agreement import AgreementReport, agreement_report, load_judgements
 from storage.db import StorageError, default_url, open_db
 from storage.io import EXPORT_FORMATS, export_preferences, import_pairs, import_prompts
@@ -121,10 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
     args.db = args.db or default_url()
     if not args.verbose:  # no progress bars on a CLI that prints one line of results
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -4,7 +4,8 @@ Prompts come from `.txt` (one per line) or `.jsonl`/`.json`/`.csv`/`.parquet` wi
 column, or a `datasets.save_to_disk` directory. Preference pairs come in TRL's *standard*
 format (`prompt`/`chosen`/`rejected` strings) or its *conversational* one (lists of
 `{role, content}` messages, prompt explicit or implicit, e.g. UltraFeedback binarized); every row
-is normalised here, at the edge, into `{prompt, chosen, rejected}` strings and checked once.
+is normalised here, at the edge, into a `Pair` of strings and checked once, by the rule of
+`common.pair_format` (single-turn; the one `python -m dpo_core train` applies).
 Exports write the same two formats with provenance columns, loadable by
 `datasets.load_dataset` and accepted by TRL's `DPOTrainer` as they are.
 
@@ -24,6 +25,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from common.pair_format import Pair, PairError, parse_pairs
 from storage.db import StorageError
 from storage.repo import (
     AddPromptsResult,
@@ -72,9 +74,7 @@ def import_pairs(
     """
     path = Path(path)
     pairs = read_pairs(path)
-    distinct = [
-        (p["prompt"], p["chosen"], p["rejected"]) for p in pairs if p["chosen"] != p["rejected"]
-    ]
+    distinct = [p for p in pairs if p.chosen != p.rejected]
     new_votes = add_imported_pairs(
         session, distinct, annotator=annotator, source=source or path.name, split=split
     )
@@ -165,84 +165,14 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def read_pairs(path: Path) -> list[dict[str, str]]:
-    """The rows of a TRL preference file, each normalised to {prompt, chosen, rejected}."""
+def read_pairs(path: Path) -> list[Pair]:
+    """The rows of a TRL preference file as checked pairs (`common.pair_format`, the rule
+    `python -m dpo_core train` applies too)."""
     rows = _load_rows(path, required=("chosen", "rejected"))
-    pairs = []
-    for n, row in enumerate(rows, 1):
-        try:
-            pair = normalise_pair(row.get("prompt"), row["chosen"], row["rejected"])
-        except ValueError as err:
-            raise ImportFileError(f"{path}: row {n}: {err}") from None
-        pairs.append(pair)
-    return pairs
-
-
-def normalise_pair(prompt: Any, chosen: Any, rejected: Any) -> dict[str, str]:
-    """One TRL row (standard or conversational) as three non-empty strings; ValueError if not."""
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        if not isinstance(prompt, str):
-            raise ValueError("the standard format needs a 'prompt' string")
-        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    elif isinstance(chosen, list) and isinstance(rejected, list):
-        pair = _pair_from_messages(prompt, chosen, rejected)
-    else:
-        raise ValueError(
-            "'chosen' and 'rejected' must both be strings (standard format) or both lists of "
-            f"messages (conversational format), got {_kind(chosen)} and {_kind(rejected)}"
-        )
-    for key, value in pair.items():
-        if not check_storable(value, f"'{key}'").strip():
-            raise ValueError(f"'{key}' is empty")
-    return pair
-
-
-def _pair_from_messages(prompt: Any, chosen: list[Any], rejected: list[Any]) -> dict[str, str]:
-    chosen_turns, rejected_turns = _turns(chosen, "chosen"), _turns(rejected, "rejected")
-    if prompt is None:  # implicit prompt: the turns both conversations start with
-        k = 0
-        while k < min(len(chosen_turns), len(rejected_turns)) and (
-            chosen_turns[k] == rejected_turns[k]
-        ):
-            k += 1
-        prompt_turns = chosen_turns[:k]
-    elif isinstance(prompt, str):
-        prompt_turns = [("user", prompt)]
-    elif isinstance(prompt, list):
-        prompt_turns = _turns(prompt, "prompt")
-    else:
-        raise ValueError(f"'prompt' must be text or a list of messages, got {_kind(prompt)}")
-    # UltraFeedback-style rows repeat the prompt at the start of chosen and rejected.
-    for turns in (chosen_turns, rejected_turns):
-        if turns[: len(prompt_turns)] == prompt_turns:
-            del turns[: len(prompt_turns)]
-    roles = [role for role, _ in prompt_turns + chosen_turns[:1]]
-    if roles != ["user", "assistant"] or len(chosen_turns) != 1 or len(rejected_turns) != 1:
-        raise ValueError(
-            "only single-turn conversations are supported (one user message, then one "
-            "assistant answer in 'chosen' and in 'rejected'); found roles "
-            f"{[r for r, _ in prompt_turns]} + {[r for r, _ in chosen_turns]}"
-        )
-    if rejected_turns[0][0] != "assistant":
-        raise ValueError("'rejected' must end with an assistant answer")
-    return {
-        "prompt": prompt_turns[0][1],
-        "chosen": chosen_turns[0][1],
-        "rejected": rejected_turns[0][1],
-    }
-
-
-def _turns(messages: list[Any], column: str) -> list[tuple[str, str]]:
-    turns = []
-    for message in messages:
-        if not (
-            isinstance(message, dict)
-            and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)
-        ):
-            raise ValueError(f"'{column}' holds something other than {{role, content}} messages")
-        turns.append((message["role"], message["content"]))
-    return turns
+    try:
+        return parse_pairs(rows, str(path))
+    except PairError as err:
+        raise ImportFileError(str(err)) from None
 
 
 def _load_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy import ColumnElement, Select, case, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
+from common.pair_format import Pair
 from storage.models import (
     CHOICES,
     SPLITS,
@@ -72,6 +73,29 @@ class StoreStats:
     responses: int
     overall: VoteCounts
     by_annotator: dict[str, VoteCounts]
+
+
+class RecordedVote(NamedTuple):
+    """`record_preference`'s result: the stored vote and whether this call created it."""
+
+    preference: Preference
+    created: bool
+
+
+class RecordedComparison(NamedTuple):
+    """`record_comparison_vote`'s result: the stored vote and whether this call created it."""
+
+    vote: ComparisonVote
+    created: bool
+
+
+@dataclass(frozen=True)
+class _AnswerPair:
+    """Two answers to one prompt: the prompt and each answer's model version (None: none)."""
+
+    prompt_id: int
+    first_version_id: int | None
+    second_version_id: int | None
 
 
 @dataclass(frozen=True)
@@ -211,7 +235,7 @@ def record_preference(
     rewrite: str | None = None,
     seconds_spent: float | None = None,
     suggestion: Suggested | None = None,
-) -> tuple[Preference, bool]:
+) -> RecordedVote:
     """Record a vote; returns it and whether it is new.
 
     `response_a_id` is the answer shown on the left (A). Idempotent: the same annotator voting
@@ -225,7 +249,7 @@ def record_preference(
     annotator = _checked_annotator(annotator)
     if seconds_spent is not None and not seconds_spent >= 0:
         raise ValueError(f"seconds_spent must be >= 0, got {seconds_spent}")
-    prompt_id, _, _ = _two_responses(session, response_a_id, response_b_id)
+    prompt_id = _two_responses(session, response_a_id, response_b_id).prompt_id
     left = response_a_id
     suggested = (
         _stored_order(response_a_id, response_b_id, suggestion.choice)[2] if suggestion else None
@@ -245,7 +269,7 @@ def record_preference(
     }
     created = insert_ignore(session, Preference, [row], list(key)) == 1
     preference = session.scalars(select(Preference).filter_by(**key)).one()
-    return preference, created
+    return RecordedVote(preference, created)
 
 
 @dataclass(frozen=True)
@@ -273,13 +297,13 @@ def _checked_annotator(annotator: str) -> str:
 
 def add_imported_pairs(
     session: Session,
-    pairs: Sequence[tuple[str, str, str]],
+    pairs: Sequence[Pair],
     *,
     annotator: str,
     source: str = "",
     split: str = "train",
 ) -> int:
-    """Store (prompt, chosen, rejected) pairs from a dataset as votes by `annotator` for chosen.
+    """Store pairs from a dataset as votes by `annotator` for chosen.
 
     Their answers are stored once per prompt and text, with no model version. A vote already
     stored is skipped, so importing a file twice adds nothing. Returns how many votes are new.
@@ -287,8 +311,8 @@ def add_imported_pairs(
     throughout, so a large dataset imports in seconds.
     """
     annotator = _checked_annotator(annotator)
-    prompt_ids = add_prompts(session, [p for p, _, _ in pairs], source=source, split=split).ids
-    keyed = [(prompt_ids[p.strip()], chosen, rejected) for p, chosen, rejected in pairs]
+    prompt_ids = add_prompts(session, [p.prompt for p in pairs], source=source, split=split).ids
+    keyed = [(prompt_ids[p.prompt.strip()], p.chosen, p.rejected) for p in pairs]
     answers = dict.fromkeys((pid, text) for pid, c, r in keyed for text in (c, r))
     answer_ids = _imported_answers(session, list(answers))
     now = now_utc()
@@ -338,10 +362,8 @@ def _imported_answers(
     return {(pid, text): found[pid, text_hash(text)] for pid, text in answers}
 
 
-def _two_responses(
-    session: Session, first_id: int, second_id: int
-) -> tuple[int, int | None, int | None]:
-    """(prompt id, first's model version id, second's) of two answers to one prompt."""
+def _two_responses(session: Session, first_id: int, second_id: int) -> _AnswerPair:
+    """The prompt and model versions of two different answers to one prompt."""
     if first_id == second_id:
         raise ValueError("a vote needs two different responses")
     rows = session.execute(
@@ -349,17 +371,14 @@ def _two_responses(
             Response.id.in_((first_id, second_id))
         )
     )
-    found = {rid: (prompt_id, version_id) for rid, prompt_id, version_id in rows}
+    found = {row.id: row for row in rows}
     for rid in (first_id, second_id):
         if rid not in found:
             raise ValueError(f"no response with id {rid}")
-    (prompt_id, first_version), (other_prompt_id, second_version) = (
-        found[first_id],
-        found[second_id],
-    )
-    if prompt_id != other_prompt_id:
+    first, second = found[first_id], found[second_id]
+    if first.prompt_id != second.prompt_id:
         raise ValueError("the two responses answer different prompts")
-    return prompt_id, first_version, second_version
+    return _AnswerPair(first.prompt_id, first.model_version_id, second.model_version_id)
 
 
 def preference_pairs(session: Session, *, split: str | None = "train") -> PairSet:
@@ -369,43 +388,57 @@ def preference_pairs(session: Session, *, split: str | None = "train") -> PairSe
     against the loser. `tie`/`both_bad`: excluded (and counted), unless the annotator wrote a
     better answer: then it is chosen against each of the two.
     """
-    rows = session.execute(_pairs_query(split)).all()
     pairs: list[PreferencePair] = []
     ties = both_bad = 0
-    for pref_id, prompt, choice, rewrite, annotator, a, a_version, b, b_version in rows:
-        candidates = [(a, a_version), (b, b_version)]
-        if choice == "b":
-            candidates.reverse()
-        if choice in ("a", "b"):
-            chosen = (rewrite, None) if rewrite else candidates[0]
-            losers = [candidates[1]]
+    for vote in session.execute(_votes_query(split)):
+        a = _Answer(vote.a_text, vote.a_version)
+        b = _Answer(vote.b_text, vote.b_version)
+        winner, loser = (b, a) if vote.choice == "b" else (a, b)
+        rewrite = _Answer(vote.rewrite, None) if vote.rewrite else None
+        if vote.choice in ("a", "b"):
+            chosen, losers = rewrite or winner, [loser]
         elif rewrite:
-            chosen, losers = (rewrite, None), candidates
+            chosen, losers = rewrite, [a, b]
         else:
-            ties += choice == "tie"
-            both_bad += choice == "both_bad"
+            ties += vote.choice == "tie"
+            both_bad += vote.choice == "both_bad"
             continue
-        for loser in losers:
+        for lost in losers:
             pairs.append(
-                PreferencePair(prompt, chosen[0], loser[0], annotator, chosen[1], loser[1], pref_id)
+                PreferencePair(
+                    prompt=vote.prompt,
+                    chosen=chosen.text,
+                    rejected=lost.text,
+                    annotator=vote.annotator,
+                    chosen_model_version=chosen.version,
+                    rejected_model_version=lost.version,
+                    preference_id=vote.id,
+                )
             )
     return PairSet(pairs, excluded_ties=ties, excluded_both_bad=both_bad)
 
 
-def _pairs_query(split: str | None) -> Any:
+class _Answer(NamedTuple):
+    text: str
+    version: str | None  # the model version's name; None: a rewrite or an imported answer
+
+
+def _votes_query(split: str | None) -> Select:
+    """One row per vote, columns named: id, prompt, choice, rewrite, annotator, a_text,
+    a_version, b_text, b_version (a version is a model version's name, None when none)."""
     resp_a, resp_b = aliased(Response), aliased(Response)
     ver_a, ver_b = aliased(ModelVersion), aliased(ModelVersion)
     query = (
         select(
             Preference.id,
-            Prompt.text,
+            Prompt.text.label("prompt"),
             Preference.choice,
             Preference.rewrite,
             Preference.annotator,
-            resp_a.text,
-            ver_a.name,
-            resp_b.text,
-            ver_b.name,
+            resp_a.text.label("a_text"),
+            ver_a.name.label("a_version"),
+            resp_b.text.label("b_text"),
+            ver_b.name.label("b_version"),
         )
         .join(Prompt, Prompt.id == Preference.prompt_id)
         .join(resp_a, resp_a.id == Preference.response_a_id)
@@ -417,7 +450,7 @@ def _pairs_query(split: str | None) -> Any:
     return query if split is None else query.where(Prompt.split == split)
 
 
-def _usable_pairs() -> Any:
+def _usable_pairs() -> ColumnElement[int]:
     """How many training pairs one vote gives, as SQL (the rule of `preference_pairs`)."""
     return case(
         (Preference.choice.in_(("a", "b")), 1),
@@ -453,13 +486,12 @@ def record_comparison_vote(
     response_right_id: int,
     winner: str,
     annotator: str,
-) -> tuple[ComparisonVote, bool]:
+) -> RecordedComparison:
     """Record a blind vote between two versions' answers (left/right as shown); idempotent."""
     _check_in(winner, WINNERS, "winner")
     annotator = _checked_annotator(annotator)
-    prompt_id, left_version, right_version = _two_responses(
-        session, response_left_id, response_right_id
-    )
+    answers = _two_responses(session, response_left_id, response_right_id)
+    left_version, right_version = answers.first_version_id, answers.second_version_id
     if left_version is None or right_version is None or left_version == right_version:
         raise ValueError("a comparison needs answers from two different model versions")
     key = {
@@ -467,9 +499,11 @@ def record_comparison_vote(
         "response_left_id": response_left_id,
         "response_right_id": response_right_id,
     }
-    row = {**key, "prompt_id": prompt_id, "winner": winner, "created_at": now_utc()}
+    row = {**key, "prompt_id": answers.prompt_id, "winner": winner, "created_at": now_utc()}
     created = insert_ignore(session, ComparisonVote, [row], list(key)) == 1
-    return session.scalars(select(ComparisonVote).filter_by(**key)).one(), created
+    return RecordedComparison(
+        session.scalars(select(ComparisonVote).filter_by(**key)).one(), created
+    )
 
 
 def comparison_counts(session: Session) -> list[Matchup]:

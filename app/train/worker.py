@@ -23,7 +23,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.config import adapters_dir
 from app.train.pairs import stored_pairs
+from common.cli import setup_logging
 from storage import runs
 from storage.db import open_db
 from storage.runs import RunStateError
@@ -152,7 +154,7 @@ def train_and_register(
     """Train on the stored pairs; register and activate the new version. Returns the outcome."""
     from dpo_core.config import TrainConfig
     from dpo_core.modeling import load_model
-    from dpo_core.trainer import steps_per_epoch, train
+    from dpo_core.trainer import planned_steps, train
 
     train_config = TrainConfig.from_dict(config["train"])
     with sm.begin() as s:
@@ -160,7 +162,7 @@ def train_and_register(
     train_pairs, heldout = pairs.train, pairs.heldout
     logger.info("run %d: %d training pairs, %d held out", run_id, len(train_pairs), len(heldout))
     with sm.begin() as s:  # the planned length, for the progress bar until the first step
-        planned = train_config.epochs * steps_per_epoch(len(train_pairs), train_config)
+        planned = planned_steps(len(train_pairs), train_config)
         runs.append_metrics(s, run_id, 0, {"total_steps": planned})
     lm = load_model(
         train_config.model,
@@ -169,7 +171,7 @@ def train_and_register(
         device=train_config.device,
     )
     callbacks = RunCallbacks(sm, run_id)
-    out_dir = adapter_dir(sm, data_dir / "adapters", config["base_model"], run_id)
+    out_dir = adapter_dir(sm, adapters_dir(data_dir), config["base_model"], run_id)
     result = train(
         lm,
         train_pairs,
@@ -217,10 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose, server=True)
     return run_job(open_db(args.db), args.run_id, args.data_dir)
 
 

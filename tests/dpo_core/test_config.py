@@ -60,3 +60,19 @@ def test_round_trips_through_json():
 def test_unknown_keys_are_named():
     with pytest.raises(ValueError, match=r"field.*: lr; valid: .*learning_rate"):
         TrainConfig.from_dict({"lr": 1e-4})
+
+
+def test_patience_help_says_what_the_guard_counts():
+    """The guard counts evaluations below the best held-out accuracy; a better loss does not
+    reset it (dpo_core.guard), so the help must not promise that it does."""
+    from dataclasses import fields
+
+    from dpo_core.guard import EvalPoint, Guard
+
+    (patience,) = [f for f in fields(TrainConfig) if f.name == "patience"]
+    text = patience.metadata["help"]
+    assert "accuracy" in text and "accuracy or loss" not in text
+    guard = Guard(kl_ceiling=8.0, patience=2)
+    guard.observe(EvalPoint(step=1, accuracy=0.9, loss=0.6, kl=None))
+    assert guard.observe(EvalPoint(step=2, accuracy=0.7, loss=0.5, kl=None)).stop is None
+    assert guard.observe(EvalPoint(step=3, accuracy=0.7, loss=0.4, kl=None)).stop  # loss fell

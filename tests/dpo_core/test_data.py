@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -19,37 +21,54 @@ def test_strings_become_chat_messages():
 
 
 def test_messages_and_implicit_prompts_are_accepted():
-    system = {"role": "system", "content": "Be brief."}
     user = {"role": "user", "content": "Hi?"}
     good, bad = {"role": "assistant", "content": "Hello!"}, {"role": "assistant", "content": "No"}
     explicit, implicit = data.normalise_pairs(
         [
-            {"prompt": [system, user], "chosen": [good], "rejected": "No"},
-            {"chosen": [system, user, good], "rejected": [system, user, bad]},
+            {"prompt": [user], "chosen": [good], "rejected": [bad]},
+            {"chosen": [user, good], "rejected": [user, bad]},
         ]
     )
-    assert explicit == implicit == {"prompt": [system, user], "chosen": [good], "rejected": [bad]}
+    assert explicit == implicit == {"prompt": [user], "chosen": [good], "rejected": [bad]}
+
+
+BAD_PAIRS = [
+    ([], "no preference pairs"),
+    (["text"], "pairs: row 1: expected an object"),
+    ([{"prompt": "a", "chosen": "b"}], "pairs: row 1: missing 'rejected'"),
+    ([{"prompt": "  ", "chosen": "b", "rejected": "c"}], "row 1: 'prompt' is empty"),
+    ([{"prompt": "a", "chosen": "", "rejected": "c"}], "row 1: 'chosen' is empty"),
+    ([{"prompt": "a", "chosen": 3, "rejected": "c"}], "must both be strings"),
+    ([{"prompt": [{"role": "user"}], "chosen": [], "rejected": []}], "other than {role, content}"),
+    ([{"chosen": "b", "rejected": "c"}], "needs a 'prompt' string"),
+    ([{"prompt": "ok", "chosen": "b", "rejected": "c"}, {"prompt": "x"}], "row 2: missing"),
+]
+
+
+@pytest.mark.parametrize(("pairs", "message"), BAD_PAIRS)
+def test_bad_pairs_are_named_in_the_error(pairs, message):
+    with pytest.raises(PairError, match=re.escape(message)):
+        data.normalise_pairs(pairs)
 
 
 @pytest.mark.parametrize(
-    ("pairs", "message"),
+    "prompt",
     [
-        ([], "no preference pairs"),
-        (["text"], "pair 1: expected an object"),
-        ([{"prompt": "a", "chosen": "b"}], "pair 1: missing rejected"),
-        ([{"prompt": "  ", "chosen": "b", "rejected": "c"}], "pair 1 prompt is empty"),
-        ([{"prompt": "a", "chosen": "", "rejected": "c"}], "pair 1 chosen is empty"),
-        ([{"prompt": "a", "chosen": 3, "rejected": "c"}], "pair 1 chosen must be"),
-        ([{"prompt": [{"role": "user"}], "chosen": "b", "rejected": "c"}], "empty or non-text"),
-        ([{"prompt": [{"role": "assistant", "content": "x"}], "chosen": "b", "rejected": "c"}],
-         "must end with a user turn"),
-        ([{"chosen": "b", "rejected": "c"}], "share no leading turns"),
-        ([{"prompt": "ok", "chosen": "b", "rejected": "c"}, {"prompt": "x"}], "pair 2: missing"),
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+        [
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "And?"},
+        ],
     ],
-)  # fmt: skip
-def test_bad_pairs_are_named_in_the_error(pairs, message):
-    with pytest.raises(PairError, match=message):
-        data.normalise_pairs(pairs)
+    ids=["system turn", "two user turns"],
+)
+def test_multi_turn_pairs_are_refused_as_storage_refuses_them(prompt):
+    """One rule with `python -m storage import-pairs` (common.pair_format): single-turn."""
+    answer = [{"role": "assistant", "content": "Yes."}]
+    row = {"prompt": prompt, "chosen": answer, "rejected": [{"role": "assistant", "content": "No"}]}
+    with pytest.raises(PairError, match="row 1: only single-turn conversations are supported"):
+        data.normalise_pairs([row])
 
 
 def test_completion_is_what_the_template_adds_after_the_prompt(tiny_tokenizer):

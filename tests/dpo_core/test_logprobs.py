@@ -12,9 +12,8 @@ from dpo_core.logprobs import completion_logps
 PAIRS = [
     {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "Five, I think. Or six?"},
     {"prompt": "Name a colour.", "chosen": "Blue, like the sky on a clear day.", "rejected": "No"},
-    {"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
-     "chosen": "Hello.", "rejected": "Hello. How can I help you today, my friend?"},
-]  # fmt: skip
+    {"prompt": "Hi", "chosen": "Hello.", "rejected": "Hello. How can I help you today, my friend?"},
+]
 
 
 @pytest.fixture

@@ -142,6 +142,21 @@ def test_invalid_arguments_raise_clear_errors(kwargs, message):
         preference_loss(x, x, x, x, **(lengths | kwargs))
 
 
+@pytest.mark.parametrize("reference_free", [False, True], ids=["with reference", "reference-free"])
+def test_a_new_length_normalised_loss_is_not_sent_to_another_variant(monkeypatch, reference_free):
+    """Naming a new variant in LOSS_TYPES and LENGTH_NORMALISED is not enough to compute it:
+    until it has its own branch it raises, rather than silently computing IPO (or SimPO)."""
+    from dpo_core import losses
+
+    monkeypatch.setattr(losses, "LOSS_TYPES", (*losses.LOSS_TYPES, "new_norm"))
+    monkeypatch.setattr(losses, "LENGTH_NORMALISED", (*losses.LENGTH_NORMALISED, "new_norm"))
+    if reference_free:
+        monkeypatch.setattr(losses, "REFERENCE_FREE", (*losses.REFERENCE_FREE, "new_norm"))
+    t = torch.tensor([-3.0])
+    with pytest.raises(ValueError, match="no loss function for loss_type 'new_norm'"):
+        preference_loss(t, t, t, t, loss_type="new_norm", chosen_lengths=t, rejected_lengths=t)
+
+
 def test_missing_inputs_raise_clear_errors():
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="needs reference log-probs"):

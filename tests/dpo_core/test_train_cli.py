@@ -65,6 +65,26 @@ def test_a_saved_config_is_a_starting_point_that_flags_override(tiny_model_dir, 
     assert (config["loss_type"], config["beta"], config["lora_r"]) == ("ipo", 0.25, 4)
 
 
+def test_a_saved_config_starts_the_same_run_unless_a_flag_says_otherwise(tiny_model_dir, tmp_path):
+    """The model, dtype, device and init adapter of a saved `train_config.json` are used as
+    saved: no flag means no change (not the CLI's defaults: the embedded model, dtype auto)."""
+    pairs = str(write_pairs(tmp_path / "pairs.jsonl", 4))
+    saved = tmp_path / "saved.json"
+    model = {"model": str(tiny_model_dir), "dtype": "fp32", "device": "cpu"}
+    saved.write_text(json.dumps({**model, "epochs": 1, "lora_r": 4}))
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    assert main(["train", "--pairs", pairs, "--out", str(v1), "--config", str(saved)]) == 0
+    first = json.loads((v1 / "train_config.json").read_text())
+    assert {k: first[k] for k in model} == model
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps({**first, "init_adapter": str(v1)}))
+    flags = ["--config", str(again), "--beta", "0.25"]
+    assert main(["train", "--pairs", pairs, "--out", str(v2), *flags]) == 0
+    second = json.loads((v2 / "train_config.json").read_text())
+    assert {k: second[k] for k in model} == model
+    assert (second["init_adapter"], second["beta"], second["lora_r"]) == (str(v1), 0.25, 4)
+
+
 def test_bad_input_gives_one_line_errors(tiny_model_dir, tmp_path, capsys):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
     base = ["--out", str(tmp_path / "v1"), "--model", str(tiny_model_dir)]
@@ -74,15 +94,19 @@ def test_bad_input_gives_one_line_errors(tiny_model_dir, tmp_path, capsys):
     bad.write_text('{"prompt": "hi", "chosen": "", "rejected": "x"}\n')
     no_prompt = tmp_path / "no_prompt.jsonl"
     no_prompt.write_text('{"text": "hi"}\n')
+    a_list = tmp_path / "list.json"
+    a_list.write_text('["beta", 0.1]')
     cases = [
         (["--pairs", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
         (["--pairs", str(empty)], "no pairs"),
-        (["--pairs", str(bad)], "pair 1 chosen is empty"),
+        (["--pairs", str(bad)], f"{bad}: row 1: 'chosen' is empty"),
         (["--pairs", str(pairs), "--beta", "0"], "beta must be a positive number"),
         (["--pairs", str(pairs), "--epochs", "0"], "epochs must be a positive integer"),
         (["--pairs", str(pairs), "--loss-type", "magic"], "unknown loss_type 'magic'"),
         (["--pairs", str(pairs), "--kl-prompts-from", str(empty)], "empty.jsonl: no prompts"),
         (["--pairs", str(pairs), "--kl-prompts-from", str(no_prompt)], "entry 1: expected a non"),
+        (["--pairs", str(pairs), "--config", str(a_list)], "a config is a JSON object of"),
+        (["--pairs", str(pairs), "--config", str(empty)], "empty.jsonl: cannot read a config"),
     ]
     for args, message in cases:
         assert main(["train", *args, *base]) == 2, args

@@ -174,7 +174,7 @@ def test_bad_input_is_a_clear_error(tiny_lm, tmp_path):
     with pytest.raises(ValueError, match="no usable training pairs: all 1 were dropped"):
         trainer.train(tiny_lm, same, small_config(), tmp_path / "v1")
     blank = [{"prompt": " ", "chosen": "a", "rejected": "b"}]
-    with pytest.raises(ValueError, match="pair 1 prompt is empty"):
+    with pytest.raises(ValueError, match="held-out pairs: row 1: 'prompt' is empty"):
         trainer.train(tiny_lm, PAIRS, small_config(), tmp_path / "v1", heldout=blank)
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):

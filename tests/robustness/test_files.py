@@ -149,7 +149,7 @@ def test_unusual_text_round_trips_verbatim(text, db_url, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     assert _run(capsys, "export", str(out), "--db", db_url)[0] == 0
     (row,) = read_pairs(out)
-    assert (row["prompt"], row["chosen"]) == (text.strip(), text + "!")
+    assert (row.prompt, row.chosen) == (text.strip(), text + "!")
 
 
 def test_nul_character_in_a_file_is_stored_or_refused_cleanly(db_url, tmp_path, capsys):
@@ -159,3 +159,36 @@ def test_nul_character_in_a_file_is_stored_or_refused_cleanly(db_url, tmp_path, 
     rc, _, err = _run(capsys, "import-pairs", str(path), "--db", db_url)
     assert "Traceback" not in err
     assert rc == 0 or (rc == 2 and ("U+0000" in err or "NUL" in err))
+
+
+MULTI_TURN = {
+    "prompt": [
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Name a planet."},
+    ],
+    "chosen": [{"role": "assistant", "content": "Mars."}],
+    "rejected": [{"role": "assistant", "content": "No."}],
+}
+
+
+def test_both_clis_refuse_a_multi_turn_pair_file_with_one_message(db_url, tmp_path, capsys):
+    """`python -m dpo_core train` and `python -m storage import-pairs` read pairs with one
+    parser (`common.pair_format`): the same file gets the same one-line error from both, before
+    a model is loaded or anything is stored."""
+    from dpo_core.__main__ import main as dpo_core_main
+
+    path = _jsonl(tmp_path / "multi.jsonl", [MULTI_TURN])
+    expected = (
+        f"error: {path}: row 1: only single-turn conversations are supported (one user "
+        "message, then one assistant answer in 'chosen' and in 'rejected'); found roles "
+        "['user', 'assistant', 'user'] + ['assistant']"
+    )
+    rc, _, err = _run(capsys, "import-pairs", str(path), "--db", db_url)
+    # the last line: in process, a datasets progress bar may come first (a shell has none)
+    assert (rc, err.strip().splitlines()[-1]) == (2, expected)
+    assert _counts(db_url) == (0, 0)
+    train = ["train", "--pairs", str(path), "--out", str(tmp_path / "v1"), "--model", "nowhere"]
+    assert dpo_core_main(train) == 2
+    assert capsys.readouterr().err.strip() == expected
+    assert not (tmp_path / "v1").exists()

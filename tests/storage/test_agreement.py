@@ -7,6 +7,7 @@ import math
 import pytest
 from sqlalchemy.orm import Session
 
+from common.pair_format import Pair
 from storage.agreement import (
     Judgement,
     agreement_report,
@@ -100,7 +101,7 @@ def test_side_randomisation_does_not_bias_agreement(session: Session):
 
 
 def test_imported_votes_have_no_side(session: Session):
-    add_imported_pairs(session, [("p", "x", "y")], annotator="i")
+    add_imported_pairs(session, [Pair("p", "x", "y")], annotator="i")
     [judgement] = load_judgements(session)
     assert judgement.chose_left is None and judgement.value in ("first", "second")
 
