@@ -298,7 +298,7 @@ def layout(service: LabelService) -> LabelTab:
     status = gr.Markdown(elem_id="label-status")
     # Not equal_height: that stretches each column's heading too, which pushes a short answer's
     # box down to the middle of the row. Each box starts at the top.
-    with gr.Row(equal_height=False, elem_classes="answer-row"):
+    with gr.Row(equal_height=False):
         answer_a, count_a = _answer_pane("a")
         answer_b, count_b = _answer_pane("b")
     votes, skip, regenerate = _vote_row()
