@@ -132,10 +132,12 @@ class CompareHandlers:
     def vote_for(self, label: str) -> Callable[..., dict[Any, Any]]:
         """The click handler of the blind vote button `label`."""
 
-        def vote(state: dict[str, Any] | None, annotator: str, request: gr.Request) -> dict:
+        def blind_vote_click(
+            state: dict[str, Any] | None, annotator: str, request: gr.Request
+        ) -> dict[Any, Any]:
             return self.vote(BLIND_WINNERS[label], state, annotator_name(request, annotator))
 
-        return vote
+        return blind_vote_click
 
     def vote(self, winner: str, state: dict[str, Any] | None, annotator: str) -> dict[Any, Any]:
         if not state:

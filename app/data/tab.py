@@ -101,7 +101,8 @@ def _user_errors(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 @dataclass
 class DataHandlers:
-    """The tab's event handlers; each returns `{component: update}`."""
+    """The tab's event handlers; each returns `{component: update}`. Gradio names even private
+    events after their function, so none is named like an API endpoint (`import_prompts`)."""
 
     service: DataService
     tab: DataTab
@@ -120,11 +121,15 @@ class DataHandlers:
             self.tab.admin_note: gr.Markdown(visible=not admin),
         }
 
-    def import_prompts(self, file: str | None, split: str, request: gr.Request) -> dict[Any, Any]:
+    def import_prompts_file(
+        self, file: str | None, split: str, request: gr.Request
+    ) -> dict[Any, Any]:
         require_role(request, ADMIN, "import prompts")
         return self._import(self.service.import_prompts, file, split)
 
-    def import_pairs(self, file: str | None, split: str, request: gr.Request) -> dict[Any, Any]:
+    def import_pairs_file(
+        self, file: str | None, split: str, request: gr.Request
+    ) -> dict[Any, Any]:
         require_role(request, ADMIN, "import pairs")
         return self._import(self.service.import_pairs, file, split)
 
@@ -280,8 +285,8 @@ def build_data_tab(
         tab_block.select(h.refresh, outputs=stats_outputs, show_progress="hidden", **private)
     import_outputs = [tab.import_message, *stats_outputs]
     for button, file, split, handler in (
-        (tab.prompts_btn, tab.prompts_file, tab.prompts_split, h.import_prompts),
-        (tab.pairs_btn, tab.pairs_file, tab.pairs_split, h.import_pairs),
+        (tab.prompts_btn, tab.prompts_file, tab.prompts_split, h.import_prompts_file),
+        (tab.pairs_btn, tab.pairs_file, tab.pairs_split, h.import_pairs_file),
     ):
         button.click(handler, inputs=[file, split], outputs=import_outputs, **private)
     tab.export_btn.click(

@@ -229,12 +229,14 @@ class LabelHandlers:
     def vote_for(self, choice: str) -> Callable[..., dict[Any, Any]]:
         """The click handler of the button for `choice`."""
 
-        def vote(
+        # Not named `vote`: Gradio names even private events after their function, and the
+        # name would take `/vote` from the API endpoint.
+        def vote_click(
             pair: dict[str, Any] | None, annotator: str, rewrite: str, request: gr.Request
         ) -> dict[Any, Any]:
             return self.vote(choice, pair, annotator, rewrite, request)
 
-        return vote
+        return vote_click
 
     def vote(
         self,

@@ -50,18 +50,18 @@ def test_import_reports_what_was_added_or_why_nothing_was(tab, upload_dir):
     service, view, h = tab
     bad = upload_dir / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    out = h.import_pairs(str(bad), "train", ADMIN)
+    out = h.import_pairs_file(str(bad), "train", ADMIN)
     assert out[view.import_message] == (
         "⚠️ Nothing imported: bad.jsonl: missing column(s) chosen, rejected; found question, answer"
     )
     assert _votes(service) == 0
     good = upload_dir / "good.jsonl"
     good.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "no"}) + "\n")
-    out = h.import_pairs(str(good), "train", ADMIN)
+    out = h.import_pairs_file(str(good), "train", ADMIN)
     assert out[view.import_message].startswith("✅ good.jsonl: 1 pairs read, 1 added to train")
     assert "**Usable training pairs:** 1" in out[view.summary]
     assert list(out[view.annotators]["annotator"]) == ["import"]
-    assert h.import_prompts(None, "train", ADMIN)[view.import_message] == (
+    assert h.import_prompts_file(None, "train", ADMIN)[view.import_message] == (
         "⚠️ Choose a file to import first."
     )
 
@@ -73,7 +73,7 @@ def test_export_gives_a_file_to_download(tab, upload_dir):
     assert out[view.export_file] is None
     pairs = upload_dir / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "no"}) + "\n")
-    h.import_pairs(str(pairs), "train", ADMIN)
+    h.import_pairs_file(str(pairs), "train", ADMIN)
     out = h.export("standard", ".jsonl", "all", ADMIN)
     path = Path(out[view.export_file])
     assert out[view.export_message] == "✅ preferences-standard.jsonl is ready."
@@ -85,7 +85,7 @@ def test_annotator_sees_the_counts_but_cannot_import_or_export(tab, upload_dir):
     pairs = upload_dir / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "no"}) + "\n")
     with pytest.raises(gr.Error, match=r"Only an admin can import pairs; .*'ann' \(annotator\)"):
-        h.import_pairs(str(pairs), "train", ANNOTATOR)
+        h.import_pairs_file(str(pairs), "train", ANNOTATOR)
     with pytest.raises(gr.Error, match="Only an admin can export data"):
         h.export("standard", ".jsonl", "all", ANNOTATOR)
     assert _votes(service) == 0
