@@ -205,6 +205,7 @@ def register_api(service: DataService) -> None:
 
 
 def layout(service: DataService) -> DataTab:
+    """Declare the tab's components (inside the open `gr.Tab`); no events."""
     stats = service.stats()
     with gr.Row():
         summary = gr.Markdown(summary_markdown(stats), elem_id="data-summary")
@@ -229,14 +230,7 @@ def layout(service: DataService) -> DataTab:
                 PAIR_FILE_TYPES,
             )
         import_message = gr.Markdown(elem_id="data-import-message")
-        gr.Markdown("### Export preference pairs")
-        with gr.Row():
-            export_format = gr.Radio(list(EXPORT_FORMATS), value="standard", label="TRL format")
-            export_type = gr.Radio(list(EXPORT_FILE_TYPES), value=".jsonl", label="File type")
-            export_split = gr.Radio(list(EXPORT_SPLITS), value="all", label="Split")
-        export_btn = gr.Button("Export", elem_id="data-export")
-        export_message = gr.Markdown(elem_id="data-export-message")
-        export_file = gr.File(label="Download", interactive=False, elem_id="data-export-file")
+        export = _export_area()
     return DataTab(
         summary=summary,
         annotators=annotators,
@@ -250,13 +244,25 @@ def layout(service: DataService) -> DataTab:
         pairs_split=pairs_split,
         pairs_btn=pairs_btn,
         import_message=import_message,
-        export_format=export_format,
-        export_type=export_type,
-        export_split=export_split,
-        export_btn=export_btn,
-        export_file=export_file,
-        export_message=export_message,
+        **export,
     )
+
+
+def _export_area() -> dict[str, Any]:
+    """The export controls, by DataTab field name."""
+    gr.Markdown("### Export preference pairs")
+    with gr.Row():
+        export_format = gr.Radio(list(EXPORT_FORMATS), value="standard", label="TRL format")
+        export_type = gr.Radio(list(EXPORT_FILE_TYPES), value=".jsonl", label="File type")
+        export_split = gr.Radio(list(EXPORT_SPLITS), value="all", label="Split")
+    return {
+        "export_format": export_format,
+        "export_type": export_type,
+        "export_split": export_split,
+        "export_btn": gr.Button("Export", elem_id="data-export"),
+        "export_message": gr.Markdown(elem_id="data-export-message"),
+        "export_file": gr.File(label="Download", interactive=False, elem_id="data-export-file"),
+    }
 
 
 def _import_column(
