@@ -44,22 +44,23 @@ def build_ui(state: Any, label: LabelService | None = None) -> gr.Blocks:
         label = label or open_label_service(
             state.services.sm, state.services.models, state.config.model, state.config.data_dir
         )
+        training = state.services.training
         with gr.Tab("Label"):
-            build_label_tab(label, demo)
+            build_label_tab(service=label, demo=demo)
         with gr.Tab("Train") as train_tab:
-            build_train_tab(state.services.training, train_tab)
-            build_version_panel(state.services.training, demo, train_tab)
+            build_train_tab(service=training, tab_block=train_tab)
+            build_version_panel(service=training, demo=demo, tab_block=train_tab)
         with gr.Tab("Compare") as compare_tab:
-            build_compare_tab(state.services.compare, compare_tab)
+            build_compare_tab(service=state.services.compare, tab_block=compare_tab)
         data = DataService(state.services.sm, Path(get_upload_folder()) / "dpo-studio-exports")
         agreement = AgreementService(state.services.sm, team_size(state.config.auth_file))
         with gr.Tab("Data") as data_tab:
-            build_data_tab(data, demo, data_tab)
-            build_agreement_panel(agreement, demo, data_tab)
+            build_data_tab(service=data, demo=demo, tab_block=data_tab)
+            build_agreement_panel(service=agreement, demo=demo, tab_block=data_tab)
         register_label_api(label)
-        register_train_api(state.services.training)
+        register_train_api(training)
         register_compare_api(state.services.compare)
         register_data_api(data)
         register_agreement_api(agreement)
-        register_version_api(state.services.training)
+        register_version_api(training)
     return demo

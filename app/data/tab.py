@@ -99,46 +99,58 @@ def _user_errors(fn: Any, *args: Any, **kwargs: Any) -> Any:
 # --- handlers --------------------------------------------------------------------------------
 
 
-def make_handlers(service: DataService, tab: DataTab) -> dict[str, Any]:
-    def refresh() -> dict[Any, Any]:
-        stats = service.stats()
-        return {tab.summary: summary_markdown(stats), tab.annotators: annotator_frame(stats)}
+@dataclass
+class DataHandlers:
+    """The tab's event handlers; each returns `{component: update}`. Gradio names even private
+    events after their function, so none is named like an API endpoint (`import_prompts`)."""
 
-    def show_admin_area(request: gr.Request) -> dict[Any, Any]:
-        admin = request_role(request) == ADMIN
+    service: DataService
+    tab: DataTab
+
+    def refresh(self) -> dict[Any, Any]:
+        stats = self.service.stats()
         return {
-            tab.admin_area: gr.Column(visible=admin),
-            tab.admin_note: gr.Markdown(visible=not admin),
+            self.tab.summary: summary_markdown(stats),
+            self.tab.annotators: annotator_frame(stats),
         }
 
-    def importer(kind: str) -> Any:
-        def handler(file: str | None, split: str, request: gr.Request) -> dict[Any, Any]:
-            require_role(request, ADMIN, f"import {kind}")
-            try:
-                path, name = uploaded_path(file)
-                run = service.import_prompts if kind == "prompts" else service.import_pairs
-                message = run(path, split=split, name=name).message
-            except DataError as err:
-                return {tab.import_message: f"⚠️ {err}"}
-            return {tab.import_message: f"✅ {message}", **refresh()}
+    def show_admin_area(self, request: gr.Request) -> dict[Any, Any]:
+        admin = request_role(request) == ADMIN
+        return {
+            self.tab.admin_area: gr.Column(visible=admin),
+            self.tab.admin_note: gr.Markdown(visible=not admin),
+        }
 
-        return handler
+    def import_prompts_file(
+        self, file: str | None, split: str, request: gr.Request
+    ) -> dict[Any, Any]:
+        require_role(request, ADMIN, "import prompts")
+        return self._import(self.service.import_prompts, file, split)
 
-    def export(fmt: str, file_type: str, split: str, request: gr.Request) -> dict[Any, Any]:
+    def import_pairs_file(
+        self, file: str | None, split: str, request: gr.Request
+    ) -> dict[Any, Any]:
+        require_role(request, ADMIN, "import pairs")
+        return self._import(self.service.import_pairs, file, split)
+
+    def _import(self, run: Any, file: str | None, split: str) -> dict[Any, Any]:
+        try:
+            path, name = uploaded_path(file)
+            message = run(path, split=split, name=name).message
+        except DataError as err:
+            return {self.tab.import_message: f"⚠️ {err}"}
+        return {self.tab.import_message: f"✅ {message}", **self.refresh()}
+
+    def export(self, fmt: str, file_type: str, split: str, request: gr.Request) -> dict[Any, Any]:
         require_role(request, ADMIN, "export data")
         try:
-            path = service.export(fmt=fmt, file_type=file_type, split=split)
+            path = self.service.export(fmt=fmt, file_type=file_type, split=split)
         except DataError as err:
-            return {tab.export_message: f"⚠️ {err}", tab.export_file: None}
-        return {tab.export_message: f"✅ {path.name} is ready.", tab.export_file: str(path)}
-
-    return {
-        "refresh": refresh,
-        "show_admin_area": show_admin_area,
-        "import_prompts": importer("prompts"),
-        "import_pairs": importer("pairs"),
-        "export": export,
-    }
+            return {self.tab.export_message: f"⚠️ {err}", self.tab.export_file: None}
+        return {
+            self.tab.export_message: f"✅ {path.name} is ready.",
+            self.tab.export_file: str(path),
+        }
 
 
 def register_api(service: DataService) -> None:
@@ -193,6 +205,7 @@ def register_api(service: DataService) -> None:
 
 
 def layout(service: DataService) -> DataTab:
+    """Declare the tab's components (inside the open `gr.Tab`); no events."""
     stats = service.stats()
     with gr.Row():
         summary = gr.Markdown(summary_markdown(stats), elem_id="data-summary")
@@ -217,19 +230,39 @@ def layout(service: DataService) -> DataTab:
                 PAIR_FILE_TYPES,
             )
         import_message = gr.Markdown(elem_id="data-import-message")
-        gr.Markdown("### Export preference pairs")
-        with gr.Row():
-            export_format = gr.Radio(list(EXPORT_FORMATS), value="standard", label="TRL format")
-            export_type = gr.Radio(list(EXPORT_FILE_TYPES), value=".jsonl", label="File type")
-            export_split = gr.Radio(list(EXPORT_SPLITS), value="all", label="Split")
-        export_btn = gr.Button("Export", elem_id="data-export")
-        export_message = gr.Markdown(elem_id="data-export-message")
-        export_file = gr.File(label="Download", interactive=False, elem_id="data-export-file")
+        export = _export_area()
     return DataTab(
-        summary, annotators, refresh_btn, admin_area, admin_note, prompts_file, prompts_split,
-        prompts_btn, pairs_file, pairs_split, pairs_btn, import_message, export_format,
-        export_type, export_split, export_btn, export_file, export_message,
-    )  # fmt: skip
+        summary=summary,
+        annotators=annotators,
+        refresh_btn=refresh_btn,
+        admin_area=admin_area,
+        admin_note=admin_note,
+        prompts_file=prompts_file,
+        prompts_split=prompts_split,
+        prompts_btn=prompts_btn,
+        pairs_file=pairs_file,
+        pairs_split=pairs_split,
+        pairs_btn=pairs_btn,
+        import_message=import_message,
+        **export,
+    )
+
+
+def _export_area() -> dict[str, Any]:
+    """The export controls, by DataTab field name."""
+    gr.Markdown("### Export preference pairs")
+    with gr.Row():
+        export_format = gr.Radio(list(EXPORT_FORMATS), value="standard", label="TRL format")
+        export_type = gr.Radio(list(EXPORT_FILE_TYPES), value=".jsonl", label="File type")
+        export_split = gr.Radio(list(EXPORT_SPLITS), value="all", label="Split")
+    return {
+        "export_format": export_format,
+        "export_type": export_type,
+        "export_split": export_split,
+        "export_btn": gr.Button("Export", elem_id="data-export"),
+        "export_message": gr.Markdown(elem_id="data-export-message"),
+        "export_file": gr.File(label="Download", interactive=False, elem_id="data-export-file"),
+    }
 
 
 def _import_column(
@@ -249,21 +282,21 @@ def build_data_tab(
 ) -> DataTab:
     """Declare the Data tab (inside the open `gr.Tab`) and wire its events."""
     tab = layout(service)
-    h = make_handlers(service, tab)
+    h = DataHandlers(service, tab)
     stats_outputs = [tab.summary, tab.annotators]
     private = {"api_visibility": "private"}
-    demo.load(h["show_admin_area"], outputs=[tab.admin_area, tab.admin_note], **private)
-    tab.refresh_btn.click(h["refresh"], outputs=stats_outputs, **private)
+    demo.load(h.show_admin_area, outputs=[tab.admin_area, tab.admin_note], **private)
+    tab.refresh_btn.click(h.refresh, outputs=stats_outputs, **private)
     if tab_block is not None:  # votes cast since the page loaded: recount on opening the tab
-        tab_block.select(h["refresh"], outputs=stats_outputs, show_progress="hidden", **private)
+        tab_block.select(h.refresh, outputs=stats_outputs, show_progress="hidden", **private)
     import_outputs = [tab.import_message, *stats_outputs]
     for button, file, split, handler in (
-        (tab.prompts_btn, tab.prompts_file, tab.prompts_split, h["import_prompts"]),
-        (tab.pairs_btn, tab.pairs_file, tab.pairs_split, h["import_pairs"]),
+        (tab.prompts_btn, tab.prompts_file, tab.prompts_split, h.import_prompts_file),
+        (tab.pairs_btn, tab.pairs_file, tab.pairs_split, h.import_pairs_file),
     ):
         button.click(handler, inputs=[file, split], outputs=import_outputs, **private)
     tab.export_btn.click(
-        h["export"],
+        h.export,
         inputs=[tab.export_format, tab.export_type, tab.export_split],
         outputs=[tab.export_message, tab.export_file],
         **private,

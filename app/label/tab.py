@@ -11,14 +11,21 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
 from app.auth.users import annotator_name
-from app.label.service import CHOICES, MAX_NAME_CHARS, LabelService, LabelSettings, PairProgress
+from app.label.service import (
+    CHOICES,
+    MAX_NAME_CHARS,
+    LabelService,
+    LabelSettings,
+    PairProgress,
+    Progress,
+)
 from app.safe_text import safe_markdown
 from storage.db import StorageError
 
@@ -82,13 +89,33 @@ class LabelTab:
     skipped: gr.State
     request: gr.State
 
+    def outputs(self) -> list[Any]:
+        """Every component a handler may update (Gradio needs them declared per event)."""
+        return [
+            self.guidelines,
+            self.annotator,
+            self.name_store,
+            self.progress,
+            self.prompt,
+            self.status,
+            self.answer_a,
+            self.answer_b,
+            self.count_a,
+            self.count_b,
+            *self.votes.values(),
+            self.rewrite,
+            self.pair,
+            self.skipped,
+            self.request,
+        ]
+
 
 def new_request(mode: str, **extra: Any) -> dict[str, Any]:
     """A generation request; the nonce makes every request a change of `tab.request`."""
     return {"mode": mode, "nonce": uuid.uuid4().hex, **extra}
 
 
-def format_progress(progress: Any) -> str:
+def format_progress(progress: Progress) -> str:
     choices = " · ".join(f"{CHOICES[c]} {n}" for c, n in progress.by_choice.items())
     return (
         f"**Labeled by you: {progress.mine}** · by everyone: {progress.everyone} · "
@@ -111,7 +138,9 @@ def status_text(pair: PairProgress) -> str:
     )
 
 
-def user_errors(start: Any) -> Iterator[Any]:
+def user_errors(
+    start: Callable[[], Iterator[PairProgress]],
+) -> Iterator[PairProgress | ValueError | StorageError]:
     """Iterate the generator `start()` returns; a ValueError (bad input, empty queue) or a
     StorageError (the database refused a write) is yielded as the last item, not raised."""
     try:
@@ -120,29 +149,38 @@ def user_errors(start: Any) -> Iterator[Any]:
         yield err
 
 
-def make_handlers(service: LabelService, tab: LabelTab) -> dict[str, Any]:
-    vote_buttons = list(tab.votes.values())
+@dataclass
+class LabelHandlers:
+    """The tab's event handlers; each returns `{component: update}`."""
 
-    def buttons(enabled: bool) -> dict[Any, Any]:
-        return {b: gr.Button(interactive=enabled) for b in vote_buttons}
+    service: LabelService
+    tab: LabelTab
 
-    def init(stored: str | None, request: gr.Request) -> dict[Any, Any]:
+    def buttons(self, enabled: bool) -> dict[Any, Any]:
+        return {b: gr.Button(interactive=enabled) for b in self.tab.votes.values()}
+
+    def init(self, stored: str | None, request: gr.Request) -> dict[Any, Any]:
+        """Page load: the signed-in or remembered name (else a guest name), the first pair."""
         signed_in = getattr(request, "username", None)
         name = signed_in or (stored or "").strip() or f"guest-{secrets.token_hex(2)}"
-        progress = service.progress(name)
+        progress = self.service.progress(name)
         return {
-            tab.annotator: gr.Textbox(value=name, interactive=not signed_in),
-            tab.name_store: name,
-            tab.progress: format_progress(progress),
-            tab.guidelines: gr.Accordion(open=progress.mine == 0),
-            tab.request: new_request("queue"),
+            self.tab.annotator: gr.Textbox(value=name, interactive=not signed_in),
+            self.tab.name_store: name,
+            self.tab.progress: format_progress(progress),
+            self.tab.guidelines: gr.Accordion(open=progress.mine == 0),
+            self.tab.request: new_request("queue"),
         }
 
-    def save_name(name: str, request: gr.Request) -> dict[Any, Any]:
+    def save_name(self, name: str, request: gr.Request) -> dict[Any, Any]:
         name = annotator_name(request, name)
-        return {tab.name_store: name, tab.progress: format_progress(service.progress(name))}
+        return {
+            self.tab.name_store: name,
+            self.tab.progress: format_progress(self.service.progress(name)),
+        }
 
     def generate(
+        self,
         req: dict[str, Any] | None,
         annotator: str,
         skipped: list[int] | None,
@@ -151,13 +189,15 @@ def make_handlers(service: LabelService, tab: LabelTab) -> dict[str, Any]:
         top_p: float,
         max_new_tokens: float,
         request: gr.Request,
-    ):
+    ) -> Iterator[dict[Any, Any]]:
+        """Stream the pair `req` asks for; a user error (empty queue, bad settings, a write the
+        database refused) ends the stream with its message in the status line."""
         if not req:
             return
         settings = LabelSettings((temperature_a, temperature_b), top_p, int(max_new_tokens))
         name = annotator_name(request, annotator)
         pairs = user_errors(
-            lambda: service.generate_pair(
+            lambda: self.service.generate_pair(
                 name,
                 typed=req.get("text"),
                 skipped=skipped or [],
@@ -166,13 +206,14 @@ def make_handlers(service: LabelService, tab: LabelTab) -> dict[str, Any]:
             )
         )
         for i, pair in enumerate(pairs):
-            if isinstance(pair, ValueError):  # a message for the user, not a crash
-                yield {tab.status: f"⚠️ {pair}", tab.pair: None, **buttons(False)}
-            else:
-                yield render(pair, first=i == 0)
+            if isinstance(pair, PairProgress):
+                yield self.render(pair, first=i == 0)
+            else:  # a message for the user, not a crash
+                yield {self.tab.status: f"⚠️ {pair}", self.tab.pair: None, **self.buttons(False)}
 
-    def render(pair: PairProgress, first: bool) -> dict[Any, Any]:
-        out = {tab.status: status_text(pair), tab.pair: pair.to_dict(), **buttons(pair.done)}
+    def render(self, pair: PairProgress, first: bool) -> dict[Any, Any]:
+        tab = self.tab
+        out = {tab.status: status_text(pair), tab.pair: pair.to_dict(), **self.buttons(pair.done)}
         if first:
             out[tab.prompt] = safe_markdown(pair.prompt)
         panes = ((tab.answer_a, tab.count_a), (tab.answer_b, tab.count_b))
@@ -185,100 +226,84 @@ def make_handlers(service: LabelService, tab: LabelTab) -> dict[str, Any]:
             out[count] = f"{answer.num_tokens} tokens" + ("" if answer.finished else " …")
         return out
 
-    def vote(choice: str):
-        def handler(
+    def vote_for(self, choice: str) -> Callable[..., dict[Any, Any]]:
+        """The click handler of the button for `choice`."""
+
+        # Not named `vote`: Gradio names even private events after their function, and the
+        # name would take `/vote` from the API endpoint.
+        def vote_click(
             pair: dict[str, Any] | None, annotator: str, rewrite: str, request: gr.Request
         ) -> dict[Any, Any]:
-            if not pair or not pair.get("done"):  # a second click after the vote went through
-                return {tab.request: gr.skip()}
-            a, b = (answer["response_id"] for answer in pair["answers"])
-            name = annotator_name(request, annotator)
-            try:
-                result = service.vote(
-                    name,
-                    a,
-                    b,
-                    choice,
-                    rewrite=rewrite,
-                    seconds_spent=max(0.0, time.time() - (pair.get("ready_at") or time.time())),
-                )
-            except (ValueError, StorageError) as err:
-                raise gr.Error(str(err)) from err
-            done = "Recorded" if result.new else "Already recorded"
-            return {
-                tab.progress: format_progress(result.progress),
-                tab.status: f"✅ {done}: {CHOICES[choice]}. Next pair…",
-                tab.pair: None,
-                tab.rewrite: "",
-                tab.request: new_request("queue"),
-                **buttons(False),
-            }
+            return self.vote(choice, pair, annotator, rewrite, request)
 
-        return handler
+        return vote_click
 
-    def skip(pair: dict[str, Any] | None, skipped: list[int] | None) -> dict[Any, Any]:
+    def vote(
+        self,
+        choice: str,
+        pair: dict[str, Any] | None,
+        annotator: str,
+        rewrite: str,
+        request: gr.Request,
+    ) -> dict[Any, Any]:
+        """Record the vote on the pair shown, then ask for the next pair."""
+        if not pair or not pair.get("done"):  # a second click after the vote went through
+            return {self.tab.request: gr.skip()}
+        a, b = (answer["response_id"] for answer in pair["answers"])
+        spent = max(0.0, time.time() - (pair.get("ready_at") or time.time()))
+        try:
+            result = self.service.vote(
+                annotator_name(request, annotator),
+                a,
+                b,
+                choice,
+                rewrite=rewrite,
+                seconds_spent=spent,
+            )
+        except (ValueError, StorageError) as err:
+            raise gr.Error(str(err)) from err
+        done = "Recorded" if result.new else "Already recorded"
+        return {
+            self.tab.progress: format_progress(result.progress),
+            self.tab.status: f"✅ {done}: {CHOICES[choice]}. Next pair…",
+            self.tab.pair: None,
+            self.tab.rewrite: "",
+            self.tab.request: new_request("queue"),
+            **self.buttons(False),
+        }
+
+    def skip(self, pair: dict[str, Any] | None, skipped: list[int] | None) -> dict[Any, Any]:
         skipped = list(skipped or [])
         if pair:
             skipped.append(pair["prompt_id"])
-        return {tab.skipped: skipped, tab.request: new_request("queue"), tab.rewrite: ""}
+        return {
+            self.tab.skipped: skipped,
+            self.tab.request: new_request("queue"),
+            self.tab.rewrite: "",
+        }
 
-    def regenerate(pair: dict[str, Any] | None) -> dict[Any, Any]:
+    def regenerate(self, pair: dict[str, Any] | None) -> dict[Any, Any]:
         if not pair:
-            return {tab.request: new_request("queue")}
-        return {tab.request: new_request("regenerate", prompt_id=pair["prompt_id"])}
+            return {self.tab.request: new_request("queue")}
+        return {self.tab.request: new_request("regenerate", prompt_id=pair["prompt_id"])}
 
-    def ask(typed: str) -> dict[Any, Any]:
+    def ask(self, typed: str) -> dict[Any, Any]:
         if not typed or not typed.strip():
             raise gr.Error("The prompt is empty: type a question or an instruction.")
-        return {tab.request: new_request("typed", text=typed), tab.rewrite: ""}
-
-    return {
-        "init": init,
-        "save_name": save_name,
-        "generate": generate,
-        "vote": vote,
-        "skip": skip,
-        "regenerate": regenerate,
-        "ask": ask,
-    }
+        return {self.tab.request: new_request("typed", text=typed), self.tab.rewrite: ""}
 
 
 def layout(service: LabelService) -> LabelTab:
-    defaults = service.settings
-    with gr.Accordion("Guidelines", open=False) as guidelines:
-        gr.Markdown(service.guidelines())
-    with gr.Row(equal_height=True):
-        annotator = gr.Textbox(
-            label="Your name",
-            placeholder="Votes are recorded under this name",
-            max_length=MAX_NAME_CHARS,
-            scale=1,
-            elem_id="label-annotator",
-        )
-        progress = gr.Markdown(elem_id="label-progress")
+    """Declare the tab's components (inside the open `gr.Tab`); no events."""
+    guidelines, annotator, progress = _header(service)
     prompt = gr.Markdown("…", label="Prompt", container=True, elem_id="label-prompt")
     status = gr.Markdown(elem_id="label-status")
-    with gr.Row(equal_height=True):
-        with gr.Column():
-            gr.Markdown("### A")
-            answer_a = gr.Markdown("…", container=True, elem_id="label-answer-a")
-            count_a = gr.Markdown(elem_id="label-count-a")
-        with gr.Column():
-            gr.Markdown("### B")
-            answer_b = gr.Markdown("…", container=True, elem_id="label-answer-b")
-            count_b = gr.Markdown(elem_id="label-count-b")
-    with gr.Row():
-        votes = {
-            choice: gr.Button(
-                f"{label} ({key})",
-                variant="primary" if choice in ("a", "b") else "secondary",
-                interactive=False,
-                elem_id=elem_id,
-            )
-            for choice, (label, key, elem_id) in BUTTONS.items()
-        }
-        skip = gr.Button("Skip (S)", elem_id="label-skip")
-        regenerate = gr.Button("Regenerate (R)", elem_id="label-regenerate")
+    # Not equal_height: that stretches each column's heading too, which pushes a short answer's
+    # box down to the middle of the row. Each box starts at the top.
+    with gr.Row(equal_height=False):
+        answer_a, count_a = _answer_pane("a")
+        answer_b, count_b = _answer_pane("b")
+    votes, skip, regenerate = _vote_row()
     rewrite = gr.Textbox(
         label="Write a better answer (optional: it becomes the chosen answer)",
         lines=3,
@@ -287,17 +312,7 @@ def layout(service: LabelService) -> LabelTab:
     with gr.Accordion("Your own prompt", open=False):
         typed = gr.Textbox(label="Prompt", lines=3, elem_id="label-typed")
         ask = gr.Button("Answer my prompt", elem_id="label-ask")
-    with gr.Accordion("Sampling", open=False):
-        with gr.Row():
-            t_a = gr.Slider(0, 2, defaults.temperatures[0], step=0.05, label="Temperature 1")
-            t_b = gr.Slider(0, 2, defaults.temperatures[1], step=0.05, label="Temperature 2")
-            top_p = gr.Slider(0.05, 1, defaults.top_p, step=0.05, label="Top-p")
-            max_new = gr.Slider(
-                8, 1024, defaults.max_new_tokens, step=8, label="Max new tokens per answer"
-            )
-        gr.Markdown(
-            "The two temperatures go to the two answers; which one is shown as A is random."
-        )
+    sliders = _sampling_sliders(service.settings)
     return LabelTab(
         guidelines=guidelines,
         annotator=annotator,
@@ -315,31 +330,114 @@ def layout(service: LabelService) -> LabelTab:
         rewrite=rewrite,
         typed=typed,
         ask=ask,
-        temperature_a=t_a,
-        temperature_b=t_b,
-        top_p=top_p,
-        max_new_tokens=max_new,
+        **sliders,
         pair=gr.State(None),
         skipped=gr.State([]),
         request=gr.State(None),
     )
 
 
+def _header(service: LabelService) -> tuple[gr.Accordion, gr.Textbox, gr.Markdown]:
+    """The guidelines, the annotator's name and their progress."""
+    with gr.Accordion("Guidelines", open=False) as guidelines:
+        gr.Markdown(service.guidelines())
+    with gr.Row(equal_height=True):
+        annotator = gr.Textbox(
+            label="Your name",
+            placeholder="Votes are recorded under this name",
+            max_length=MAX_NAME_CHARS,
+            scale=1,
+            elem_id="label-annotator",
+        )
+        progress = gr.Markdown(elem_id="label-progress")
+    return guidelines, annotator, progress
+
+
+def _answer_pane(pane: str) -> tuple[gr.Markdown, gr.Markdown]:
+    """One answer's column: its letter, the answer, its token count."""
+    with gr.Column():
+        gr.Markdown(f"### {pane.upper()}")
+        answer = gr.Markdown("…", container=True, elem_id=f"label-answer-{pane}")
+        count = gr.Markdown(elem_id=f"label-count-{pane}")
+    return answer, count
+
+
+def _vote_row() -> tuple[dict[str, gr.Button], gr.Button, gr.Button]:
+    """The four vote buttons (disabled until a pair is complete), Skip and Regenerate."""
+    with gr.Row():
+        votes = {
+            choice: gr.Button(
+                f"{label} ({key})",
+                variant="primary" if choice in ("a", "b") else "secondary",
+                interactive=False,
+                elem_id=elem_id,
+            )
+            for choice, (label, key, elem_id) in BUTTONS.items()
+        }
+        skip = gr.Button("Skip (S)", elem_id="label-skip")
+        regenerate = gr.Button("Regenerate (R)", elem_id="label-regenerate")
+    return votes, skip, regenerate
+
+
+def _sampling_sliders(defaults: LabelSettings) -> dict[str, gr.Slider]:
+    """The Sampling accordion, by LabelTab field name."""
+    with gr.Accordion("Sampling", open=False):
+        with gr.Row():
+            sliders = {
+                "temperature_a": gr.Slider(
+                    0, 2, defaults.temperatures[0], step=0.05, label="Temperature 1"
+                ),
+                "temperature_b": gr.Slider(
+                    0, 2, defaults.temperatures[1], step=0.05, label="Temperature 2"
+                ),
+                "top_p": gr.Slider(0.05, 1, defaults.top_p, step=0.05, label="Top-p"),
+                "max_new_tokens": gr.Slider(
+                    8, 1024, defaults.max_new_tokens, step=8, label="Max new tokens per answer"
+                ),
+            }
+        gr.Markdown(
+            "The two temperatures go to the two answers; which one is shown as A is random."
+        )
+    return sliders
+
+
 def build_label_tab(service: LabelService, demo: gr.Blocks) -> LabelTab:
     """Declare the tab inside the current `gr.Tab` and wire its events (and the page load)."""
     tab = layout(service)
-    h = make_handlers(service, tab)
-    everything = [
-        tab.guidelines, tab.annotator, tab.name_store, tab.progress, tab.prompt, tab.status,
-        tab.answer_a, tab.answer_b, tab.count_a, tab.count_b, *tab.votes.values(), tab.rewrite,
-        tab.pair, tab.skipped, tab.request,
-    ]  # fmt: skip
-    demo.load(h["init"], [tab.name_store], everything, show_progress="hidden")
+    h = LabelHandlers(service, tab)
+    outputs = tab.outputs()
+    hidden = {"show_progress": "hidden"}
+    demo.load(h.init, [tab.name_store], outputs, **hidden)
     demo.load(None, js=KEYS_JS)
-    tab.annotator.blur(h["save_name"], [tab.annotator], everything, show_progress="hidden")
-    tab.annotator.submit(h["save_name"], [tab.annotator], everything, show_progress="hidden")
-    generation = tab.request.change(
-        h["generate"],
+    tab.annotator.blur(h.save_name, [tab.annotator], outputs, **hidden)
+    tab.annotator.submit(h.save_name, [tab.annotator], outputs, **hidden)
+    generation = _wire_generation(tab, h)
+    for choice, button in tab.votes.items():
+        button.click(
+            h.vote_for(choice),
+            [tab.pair, tab.annotator, tab.rewrite],
+            outputs,
+            concurrency_limit=None,  # a short database transaction, not a model call
+            trigger_mode="once",
+            api_visibility="private",
+            **hidden,
+        )
+    for button, handler, inputs in (
+        (tab.skip, h.skip, [tab.pair, tab.skipped]),
+        (tab.regenerate, h.regenerate, [tab.pair]),
+        (tab.ask, h.ask, [tab.typed]),
+    ):
+        button.click(
+            handler, inputs, outputs, cancels=[generation], api_visibility="private", **hidden
+        )
+    return tab
+
+
+def _wire_generation(tab: LabelTab, h: LabelHandlers) -> Any:
+    """Every pair starts by writing a new request into `tab.request`; returns the event, so
+    Skip / Regenerate / "Answer my prompt" can cancel it."""
+    return tab.request.change(
+        h.generate,
         [
             tab.request,
             tab.annotator,
@@ -349,56 +447,37 @@ def build_label_tab(service: LabelService, demo: gr.Blocks) -> LabelTab:
             tab.top_p,
             tab.max_new_tokens,
         ],
-        everything,
+        tab.outputs(),
         show_progress="hidden",
         concurrency_limit=None,  # the model service queues requests and shows the position
         trigger_mode="multiple",  # a request that follows a cancelled one must still start
         api_visibility="private",
     )
-    for choice, button in tab.votes.items():
-        button.click(
-            h["vote"](choice),
-            [tab.pair, tab.annotator, tab.rewrite],
-            everything,
-            concurrency_limit=None,  # a short database transaction, not a model call
-            trigger_mode="once",
-            show_progress="hidden",
-            api_visibility="private",
-        )
-    for button, handler, inputs in (
-        (tab.skip, h["skip"], [tab.pair, tab.skipped]),
-        (tab.regenerate, h["regenerate"], [tab.pair]),
-        (tab.ask, h["ask"], [tab.typed]),
-    ):
-        button.click(
-            handler,
-            inputs,
-            everything,
-            cancels=[generation],
-            show_progress="hidden",
-            api_visibility="private",
-        )
-    return tab
 
 
-def register_api(service: LabelService) -> None:
+@dataclass
+class LabelApi:
     """Named endpoints for scripts and tests (`gradio_client`): generate_pair, vote,
     label_progress. With sign-in on, the signed-in user is the annotator."""
 
+    service: LabelService
+
     def generate_pair(
+        self,
         prompt: str | None = None,
         annotator: str = "",
         request: gr.Request = None,  # type: ignore[assignment]
     ) -> Iterator[dict[str, Any]]:
         """Two answers to `prompt` (None: the next prompt from the queue), streamed; the last
         value holds the stored response ids, in display order (A, B)."""
-        try:
-            for pair in service.generate_pair(annotator_name(request, annotator), typed=prompt):
-                yield pair.to_dict()
-        except (ValueError, StorageError) as err:
-            raise gr.Error(str(err)) from err
+        name = annotator_name(request, annotator)
+        for pair in user_errors(lambda: self.service.generate_pair(name, typed=prompt)):
+            if not isinstance(pair, PairProgress):
+                raise gr.Error(str(pair))
+            yield pair.to_dict()
 
     def vote(
+        self,
         response_a_id: int,
         response_b_id: int,
         choice: str,
@@ -409,7 +488,7 @@ def register_api(service: LabelService) -> None:
     ) -> dict[str, Any]:
         """Record a vote (choice: a, b, tie, both_bad); the same vote twice is one vote."""
         try:
-            result = service.vote(
+            result = self.service.vote(
                 annotator_name(request, annotator),
                 response_a_id,
                 response_b_id,
@@ -422,16 +501,21 @@ def register_api(service: LabelService) -> None:
         return result.to_dict()
 
     def label_progress(
+        self,
         annotator: str = "",
         request: gr.Request = None,  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """Pairs labeled by the annotator and by everyone, usable pairs, per-choice counts."""
-        return service.progress(annotator_name(request, annotator)).to_dict()
+        return self.service.progress(annotator_name(request, annotator)).to_dict()
 
-    gr.api(generate_pair, api_name="generate_pair", concurrency_limit=None)
+
+def register_api(service: LabelService) -> None:
+    """Register `LabelApi`'s endpoints under their method names."""
+    api = LabelApi(service)
+    gr.api(api.generate_pair, api_name="generate_pair", concurrency_limit=None)
     # Votes and progress are short database transactions (~9 ms). API clients still reach them
     # through Gradio's queue and event stream (queue=False only changes the browser's path):
     # p99 177 ms at 16 annotators in bench/load.py. Scripts that need a fast vote use the plain
     # `POST /api/vote` route instead (app/label/route.py: p99 28.5 ms in the same benchmark).
-    gr.api(vote, api_name="vote", queue=False)
-    gr.api(label_progress, api_name="label_progress", queue=False)
+    gr.api(api.vote, api_name="vote", queue=False)
+    gr.api(api.label_progress, api_name="label_progress", queue=False)

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import Field, asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.train.pairs import stored_pairs
 from app.train.worker import host_file, log_file, pid_file, this_host
 from dpo_core.heldout import MAX_HELDOUT_FRACTION
+from dpo_core.losses import LOSS_TYPES
 from dpo_core.modeling import is_adapter_dir, remove_partial_saves
 from storage import runs
 from storage.runs import RunStateError
@@ -46,39 +48,131 @@ STOP_GRACE_S = 10.0
 
 def config_default(name: str) -> Any:
     """A TrainConfig field's default: the Train tab's defaults are dpo_core's."""
+    return _config_field(name).default
+
+
+def _config_field(name: str) -> Field[Any]:
     from dpo_core.config import TrainConfig
 
-    return {f.name: f.default for f in fields(TrainConfig)}[name]
+    return {f.name: f for f in fields(TrainConfig)}[name]
+
+
+def _setting(name: str, label: str, row: int, **extra: Any) -> Any:
+    """A TrainRequest field for TrainConfig's `name`: dpo_core's default and help text, and
+    how the Train tab shows it (its label, its row in the Advanced accordion, `choices` or a
+    `maximum` where the form offers a list or a slider)."""
+    field_ = _config_field(name)
+    help_ = field_.metadata["help"]
+    return field(
+        default=field_.default, metadata={"label": label, "row": row, "help": help_, **extra}
+    )
 
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """What the person chooses in the Train tab (defaults come from dpo_core's TrainConfig)."""
+    """What the person chooses in the Train tab or sends to /train_start. Each setting is
+    declared here once; `SETTINGS` (below) derives the form, the API and the parsing from it."""
 
-    loss_type: str = config_default("loss_type")
-    beta: float = config_default("beta")
-    label_smoothing: float = config_default("label_smoothing")
-    learning_rate: float = config_default("learning_rate")
-    epochs: int = config_default("epochs")
-    batch_size: int = config_default("batch_size")
-    grad_accum: int = config_default("grad_accum")
-    lora_r: int = config_default("lora_r")
-    lora_alpha: int = config_default("lora_alpha")
-    max_length: int = config_default("max_length")
-    heldout_fraction: float = config_default("heldout_fraction")
-    continue_from_active: bool = True
+    loss_type: str = _setting("loss_type", "Loss type", 0, choices=LOSS_TYPES)
+    beta: float = _setting("beta", "beta", 0)
+    label_smoothing: float = _setting("label_smoothing", "Label smoothing", 0)
+    learning_rate: float = _setting("learning_rate", "Learning rate", 0)
+    epochs: int = _setting("epochs", "Epochs", 1)
+    batch_size: int = _setting("batch_size", "Batch size (pairs)", 1)
+    grad_accum: int = _setting("grad_accum", "Gradient accumulation", 1)
+    max_length: int = _setting("max_length", "Max length (tokens)", 1)
+    lora_r: int = _setting("lora_r", "LoRA rank r", 2)
+    lora_alpha: int = _setting("lora_alpha", "LoRA alpha", 2)
+    heldout_fraction: float = _setting(
+        "heldout_fraction", "Held-out fraction", 2, maximum=MAX_HELDOUT_FRACTION
+    )
+    continue_from_active: bool = field(
+        default=True,
+        metadata={
+            "label": "Continue from the active adapter",
+            "row": 3,
+            "help": "off: a fresh adapter on the base model (the reference is the base either way)",
+        },
+    )
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> TrainRequest:
+        """A request from loosely typed values (a form sends floats, strings or None): each is
+        converted to its setting's type; ValueError names the setting that is not."""
+        return cls(**{s.name: s.parse(values[s.name]) for s in SETTINGS if s.name in values})
 
     def validate(self) -> None:
-        """Raise ValueError naming the field for a value no run could use."""
-        if not 0.0 <= self.heldout_fraction <= MAX_HELDOUT_FRACTION:
+        """Raise ValueError naming the setting for a value no run could use (TrainConfig checks
+        the rest when the run's config is built)."""
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if setting.kind is int and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{setting.spoken} must be a positive integer: {value}")
+            if setting.maximum is not None and not 0.0 <= value <= setting.maximum:
+                raise ValueError(
+                    f"{setting.spoken} must be between 0 and {setting.maximum}, got {value}"
+                )
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One training setting as the Train tab and /train_start expose it (from TrainRequest)."""
+
+    name: str
+    kind: type  # str, float, int or bool
+    default: Any
+    label: str
+    help: str
+    row: int  # the row of the Advanced accordion it sits in
+    choices: tuple[str, ...] = ()  # a str setting with a fixed list of values
+    maximum: float | None = None  # a float setting the form offers as a slider from 0
+
+    @property
+    def spoken(self) -> str:
+        """The name as error messages say it: `lora r`, `batch size`, `held-out fraction`."""
+        return self.name.replace("_", " ").replace("heldout", "held-out")
+
+    def parse(self, value: Any) -> Any:
+        """`value` as this setting's type; ValueError with the setting's name if it is not one."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{self.spoken} must be true or false, got {value!r}")
+            return value
+        if self.kind is str:
+            return str(value)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError(f"{self.spoken} is empty")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
             raise ValueError(
-                f"held-out fraction must be between 0 and {MAX_HELDOUT_FRACTION}, "
-                f"got {self.heldout_fraction}"
-            )
-        for name in ("epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name.replace('_', ' ')} must be a positive integer: {value}")
+                f"{self.spoken} must be a number (could not convert {value!r})"
+            ) from None
+        if self.kind is int:
+            if not math.isfinite(number) or number != int(number):
+                raise ValueError(f"{self.spoken} must be a whole number, got {value}")
+            return int(number)
+        return number
+
+
+def _settings() -> tuple[Setting, ...]:
+    hints = get_type_hints(TrainRequest)
+    return tuple(
+        Setting(
+            name=f.name,
+            kind=hints[f.name],
+            default=f.default,
+            label=f.metadata["label"],
+            help=f.metadata["help"],
+            row=f.metadata["row"],
+            choices=tuple(f.metadata.get("choices", ())),
+            maximum=f.metadata.get("maximum"),
+        )
+        for f in fields(TrainRequest)
+    )
+
+
+SETTINGS = _settings()
 
 
 @dataclass(frozen=True)
@@ -99,6 +193,8 @@ class RunStatus:
     elapsed_s: float | None = None
     eta_s: float | None = None
     num_pairs: int | None = None
+    heldout_pairs: int | None = None  # held out when the run started (None: not recorded)
+    kl_prompts: int | None = None  # answers sampled per KL readout (0: no readout)
     version: str | None = None
     error: str | None = None
     message: str = "No training run yet."
@@ -512,6 +608,7 @@ def run_status(
     total = int(total) if total else None
     elapsed = _elapsed_s(run)
     eta = eta_s(metrics, total) if run.status == "running" else None
+    config = run.config or {}
     return RunStatus(
         run_id=run.id,
         status=run.status,
@@ -520,6 +617,8 @@ def run_status(
         elapsed_s=elapsed,
         eta_s=eta,
         num_pairs=run.num_pairs,
+        heldout_pairs=config.get("num_heldout_pairs"),
+        kl_prompts=config.get("train", {}).get("kl_prompts"),
         version=version,
         error=run.error,
         message=status_message(run.status, run.id, version, run.error, step, note),

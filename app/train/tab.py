@@ -7,8 +7,11 @@ A `gr.Timer` polls the database, so a refreshed page re-attaches to a running jo
 from __future__ import annotations
 
 import html
+import inspect
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from itertools import groupby
 from typing import Any
 
 import gradio as gr
@@ -17,42 +20,42 @@ import pandas as pd
 from app.auth.users import ADMIN, require_role
 from app.train.service import (
     ACTIVE_STATES,
+    SETTINGS,
     RunStatus,
+    Setting,
+    StartResult,
     TrainingService,
     TrainRequest,
     format_duration,
 )
 from dpo_core.guard import few_pairs_warning
-from dpo_core.losses import LOSS_TYPES
 
 POLL_S = 1.0
 BAR_STYLE = "width: 100%; height: 1.25rem"
+KL = "eval/kl"
 # Curves: plot title -> the TRL metric names it shows.
 PLOTS = {
     "Loss": ("loss", "eval/loss"),
     "Rewards": ("rewards/margins", "rewards/chosen", "rewards/rejected"),
     "Reward accuracy": ("rewards/accuracies", "eval/rewards/accuracies"),
-    "KL to base": ("eval/kl",),  # held-out, nats per sampled answer
+    "KL to base": (KL,),  # held-out, nats per sampled answer
 }
-HISTORY_COLUMNS = [
-    "run",
-    "status",
-    "version",
-    "pairs",
-    "loss",
-    "beta",
-    "lr",
-    "epochs",
-    "final loss",
-    "reward acc",
-    "eval acc",
-    "duration",
-    "started",
-    "note",
-]
-INIT_CHOICES = {
-    "Continue from the active adapter": True,
-    "Fresh adapter on the base model": False,
+KL_PLOT = "KL to base"
+# The run history as the tab shows it: the four settings /train_history gives one column each
+# share one here, and fixed widths keep every header on one line at 1280 px (they wrapped
+# letter by letter when the note took the room).
+HISTORY_COLUMNS = {  # column -> width
+    "run": "4%",
+    "status": "8%",
+    "version": "7%",
+    "pairs": "5%",
+    "settings": "16%",
+    "final loss": "7%",
+    "reward acc": "8%",
+    "eval acc": "7%",
+    "duration": "7%",
+    "started": "9%",
+    "note": "22%",
 }
 
 
@@ -64,12 +67,25 @@ class TrainTab:
     message: gr.Markdown
     train_btn: gr.Button
     cancel_btn: gr.Button
-    settings: dict[str, gr.components.Component]
+    settings: dict[str, gr.components.Component]  # by TrainRequest field name
     progress: gr.HTML
     plots: dict[str, gr.LinePlot]
+    kl_note: gr.Markdown  # said in place of the KL plot when a run has no readout
     history: gr.Dataframe
     seen: gr.State
     timer: gr.Timer
+
+    def refresh_outputs(self) -> list[Any]:
+        return [
+            self.progress,
+            self.train_btn,
+            self.cancel_btn,
+            self.history,
+            self.summary,
+            self.seen,
+            *self.plots.values(),
+            self.kl_note,
+        ]
 
 
 # --- pure view helpers -----------------------------------------------------------------------
@@ -125,7 +141,19 @@ def metric_frames(metrics: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
 
 
 def history_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    """The Run history table from `TrainingService.history()` rows."""
+    shown = [{**row, "settings": settings_text(row)} for row in rows]
+    return pd.DataFrame(shown, columns=list(HISTORY_COLUMNS))
+
+
+def settings_text(row: dict[str, Any]) -> str:
+    """`sigmoid, β 0.5, lr 0.0002, 3 epochs`: a run's main settings in one cell ("" for a run
+    whose config has none)."""
+    if not row.get("loss"):
+        return ""
+    lr = row["lr"]
+    lr_text = f"{lr:g}" if isinstance(lr, int | float) else str(lr)
+    return f"{row['loss']}, β {row['beta']}, lr {lr_text}, {row['epochs']} epochs"
 
 
 def summary_markdown(info: dict[str, Any]) -> str:
@@ -142,243 +170,275 @@ def summary_markdown(info: dict[str, Any]) -> str:
     return "  \n".join(lines)
 
 
+def kl_note(status: RunStatus) -> str | None:
+    """Why the KL plot has nothing to draw, or None when the run has a KL readout."""
+    if any(isinstance(m.get(KL), int | float) and math.isfinite(m[KL]) for m in status.metrics):
+        return None
+    if status.run_id is None:
+        return "**KL to base**: no run yet. A run measures it on its held-out prompts."
+    run = f"**KL to base**: run #{status.run_id}"
+    if status.heldout_pairs == 0:
+        return (
+            f"{run} has no held-out pairs, so there is no KL readout (nor held-out loss or "
+            "accuracy). Raise the held-out fraction, label pairs on more prompts, or import "
+            "held-out pairs (`python -m storage import-pairs FILE --split heldout`)."
+        )
+    if status.kl_prompts == 0:
+        return f"{run} has the KL readout turned off (kl_prompts = 0)."
+    if status.active:
+        return f"{run} shows it at its first held-out evaluation (by default, after epoch 1)."
+    return f"{run} ended before its first held-out evaluation: no KL readout."
+
+
+# --- the settings form -----------------------------------------------------------------------
+
+
+def default_values() -> dict[str, Any]:
+    """The form's starting values, by setting name."""
+    return {s.name: s.default for s in SETTINGS}
+
+
 def request_from_values(values: dict[str, Any]) -> TrainRequest:
-    """Turn the Advanced settings into a TrainRequest (values may arrive as floats/strings)."""
-    kwargs = dict(values)
-    kwargs["continue_from_active"] = INIT_CHOICES.get(str(values["continue_from_active"]), True)
-    for name in ("epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length"):
-        value = _number(name, kwargs[name])
-        if not math.isfinite(value) or value != int(value):
-            raise ValueError(f"{_label(name)} must be a whole number, got {kwargs[name]}")
-        kwargs[name] = int(value)
-    for name in ("beta", "label_smoothing", "learning_rate", "heldout_fraction"):
-        kwargs[name] = _number(name, kwargs[name])
-    return TrainRequest(**kwargs)
+    """What Train does with the form's values (which may arrive as floats or strings)."""
+    return TrainRequest.from_values(values)
 
 
-def _number(name: str, value: Any) -> float:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise ValueError(f"{_label(name)} is empty")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{_label(name)} must be a number (could not convert {value!r})") from None
-
-
-def _label(name: str) -> str:
-    return name.replace("_", " ")
+def setting_component(setting: Setting) -> gr.components.Component:
+    """The form field for one setting; its help text is dpo_core's TrainConfig help."""
+    common = {"label": setting.label, "info": setting.help, "elem_id": f"setting-{setting.name}"}
+    if setting.choices:
+        return gr.Dropdown(list(setting.choices), value=setting.default, **common)
+    if setting.kind is bool:
+        return gr.Checkbox(value=setting.default, **common)
+    if setting.maximum is not None:
+        return gr.Slider(0.0, setting.maximum, value=setting.default, step=0.05, **common)
+    return gr.Number(setting.default, precision=0 if setting.kind is int else None, **common)
 
 
 # --- handlers --------------------------------------------------------------------------------
 
 
-def make_handlers(service: TrainingService, tab: TrainTab) -> dict[str, Any]:
-    """Handlers bound to the training service."""
+@dataclass
+class TrainHandlers:
+    """The tab's event handlers; each returns `{component: update}`."""
 
-    def refresh(seen: dict[str, Any] | None) -> dict[Any, Any]:
+    service: TrainingService
+    tab: TrainTab
+
+    def refresh(self, seen: dict[str, Any] | None) -> dict[Any, Any]:
+        """Poll: the live (else latest) run's progress, curves and history, sending only what
+        changed since `seen`."""
         seen = dict(seen or {})
-        run_id, state = service.head()
+        run_id, state = self.service.head()
         if seen.get("run") == [run_id, state] and state not in ACTIVE_STATES:
-            return {tab.seen: seen}  # a finished run shown already: nothing else to send
-        status = service.status()
+            return {self.tab.seen: seen}  # a finished run shown already: nothing else to send
+        status = self.service.status()
         out: dict[Any, Any] = {
-            tab.progress: progress_html(status),
-            tab.train_btn: gr.Button(interactive=not status.active),
-            tab.cancel_btn: gr.Button(interactive=status.active),
+            self.tab.progress: progress_html(status),
+            self.tab.train_btn: gr.Button(interactive=not status.active),
+            self.tab.cancel_btn: gr.Button(interactive=status.active),
         }
         key = [status.run_id, status.status, len(status.metrics)]
         if seen.get("metrics") != key:
-            frames = metric_frames(status.metrics)
-            out.update({tab.plots[t]: frames[t] for t in PLOTS})
+            out.update(self.curves(status))
         if seen.get("run") != [status.run_id, status.status]:
-            out[tab.history] = history_frame(service.history())
-            out[tab.summary] = summary_markdown(service.summary())
+            out[self.tab.history] = history_frame(self.service.history())
+            out[self.tab.summary] = summary_markdown(self.service.summary())
         seen.update(metrics=key, run=[status.run_id, status.status])
-        out[tab.seen] = seen
+        out[self.tab.seen] = seen
         return out
 
-    def start(values: dict[Any, Any], request: gr.Request) -> dict[Any, Any]:
+    def curves(self, status: RunStatus) -> dict[Any, Any]:
+        """The four plots; the KL plot gives way to a note when there is no readout."""
+        frames = metric_frames(status.metrics)
+        out: dict[Any, Any] = {self.tab.plots[t]: frames[t] for t in PLOTS}
+        note = kl_note(status)
+        out[self.tab.plots[KL_PLOT]] = gr.LinePlot(frames[KL_PLOT], visible=note is None)
+        out[self.tab.kl_note] = gr.Markdown(note or "", visible=note is not None)
+        return out
+
+    def start(self, values: dict[Any, Any], request: gr.Request) -> dict[Any, Any]:
         require_role(request, ADMIN, "start training")
-        by_name = {name: values[comp] for name, comp in tab.settings.items()}
-        try:
-            train_request = request_from_values(by_name)
-        except (ValueError, TypeError) as err:
-            return {tab.message: f"⚠️ Invalid settings: {err}"}
-        result = service.start(train_request)
+        by_name = {name: values[component] for name, component in self.tab.settings.items()}
+        result = start_run(self.service, by_name)
         icon = "" if result.ok else "⚠️ "
-        return {tab.message: icon + result.message, tab.seen: {}}
+        return {self.tab.message: icon + result.message, self.tab.seen: {}}
 
-    def cancel(request: gr.Request) -> dict[Any, Any]:
+    def cancel(self, request: gr.Request) -> dict[Any, Any]:
         require_role(request, ADMIN, "cancel training")
-        return {tab.message: service.cancel()}
-
-    return {"refresh": refresh, "start": start, "cancel": cancel}
+        return {self.tab.message: self.service.cancel()}
 
 
-def register_api(service: TrainingService) -> None:
-    """Named endpoints for scripts and tests: /train_start, /train_status, /train_cancel."""
-    d = TrainRequest()
+def start_run(service: TrainingService, values: dict[str, Any]) -> StartResult:
+    """Start a run from settings by name (the form's or the API's); bad values are a
+    StartResult that says which setting is wrong, never an exception."""
+    try:
+        train_request = TrainRequest.from_values(values)
+    except (ValueError, TypeError) as err:
+        return StartResult(False, f"Invalid settings: {err}")
+    return service.start(train_request)
 
-    def train_start(
-        loss_type: str = d.loss_type,
-        beta: float = d.beta,
-        label_smoothing: float = d.label_smoothing,
-        learning_rate: float = d.learning_rate,
-        epochs: int = d.epochs,
-        batch_size: int = d.batch_size,
-        grad_accum: int = d.grad_accum,
-        lora_r: int = d.lora_r,
-        lora_alpha: int = d.lora_alpha,
-        max_length: int = d.max_length,
-        heldout_fraction: float = d.heldout_fraction,
-        continue_from_active: bool = d.continue_from_active,
-        request: gr.Request = None,  # type: ignore[assignment]
-    ) -> dict[str, Any]:
+
+# --- API -------------------------------------------------------------------------------------
+
+# /train_start's parameters are the settings, in order, with their defaults and types.
+TRAIN_START_SIGNATURE = inspect.Signature(
+    [
+        *(
+            inspect.Parameter(
+                s.name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=s.default,
+                annotation=s.kind,
+            )
+            for s in SETTINGS
+        ),
+        inspect.Parameter(
+            "request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request
+        ),
+    ],
+    return_annotation=dict[str, Any],
+)
+
+
+def train_start_endpoint(service: TrainingService) -> Callable[..., dict[str, Any]]:
+    """/train_start, with `TRAIN_START_SIGNATURE` (Gradio reads the parameters from it)."""
+
+    def train_start(*args: Any) -> dict[str, Any]:
         """Start a DPO training run on the usable preference pairs (one run at a time).
         Returns {ok, message, run_id}; `ok` is false with a message for bad settings, zero
         usable pairs, or a run already in progress."""
-        require_role(request, ADMIN, "start training")
-        train_request = TrainRequest(
-            loss_type=loss_type,
-            beta=beta,
-            label_smoothing=label_smoothing,
-            learning_rate=learning_rate,
-            epochs=epochs,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            max_length=max_length,
-            heldout_fraction=heldout_fraction,
-            continue_from_active=continue_from_active,
-        )
-        result = service.start(train_request)
-        return {"ok": result.ok, "message": result.message, "run_id": result.run_id}
+        bound = TRAIN_START_SIGNATURE.bind(*args)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        require_role(values.pop("request"), ADMIN, "start training")
+        return asdict(start_run(service, values))
 
-    def train_status(run_id: int = 0) -> dict[str, Any]:
+    train_start.__signature__ = TRAIN_START_SIGNATURE  # type: ignore[attr-defined]
+    train_start.__annotations__ = {
+        **{p.name: p.annotation for p in TRAIN_START_SIGNATURE.parameters.values()},
+        "return": TRAIN_START_SIGNATURE.return_annotation,
+    }
+    return train_start
+
+
+@dataclass
+class TrainApi:
+    """The other named endpoints: /train_status, /train_cancel, /train_history."""
+
+    service: TrainingService
+
+    def train_status(self, run_id: int = 0) -> dict[str, Any]:
         """The live run (else run `run_id`, else the latest): status, step, total_steps,
         elapsed_s, eta_s, version, error, message, metrics (one dict per step)."""
-        return service.status(run_id or None).to_dict(with_metrics=True)
+        return self.service.status(run_id or None).to_dict(with_metrics=True)
 
-    def train_cancel(request: gr.Request = None) -> dict[str, Any]:  # type: ignore[assignment]
+    def train_cancel(self, request: gr.Request = None) -> dict[str, Any]:  # type: ignore[assignment]
         """Cancel the live run; the worker stops after its current step."""
         require_role(request, ADMIN, "cancel training")
-        return {"message": service.cancel()}
+        return {"message": self.service.cancel()}
 
-    def train_history() -> list[dict[str, Any]]:
+    def train_history(self) -> list[dict[str, Any]]:
         """Every run, newest first: config, pairs, final metrics, duration, outcome, error."""
-        return service.history()
-
-    gr.api(train_start, api_name="train_start")
-    gr.api(train_status, api_name="train_status")
-    gr.api(train_cancel, api_name="train_cancel")
-    gr.api(train_history, api_name="train_history")
+        return self.service.history()
 
 
-def default_values() -> dict[str, Any]:
-    values = asdict(TrainRequest())
-    values["continue_from_active"] = next(iter(INIT_CHOICES))
-    return values
+def register_api(service: TrainingService) -> None:
+    """Named endpoints for scripts and tests: /train_start, /train_status, /train_cancel,
+    /train_history."""
+    api = TrainApi(service)
+    gr.api(train_start_endpoint(service), api_name="train_start")
+    for endpoint in (api.train_status, api.train_cancel, api.train_history):
+        gr.api(endpoint, api_name=endpoint.__name__)
 
 
 # --- layout ----------------------------------------------------------------------------------
 
 
-def build_train_tab(service: TrainingService, tab_block: gr.Tab | None = None) -> TrainTab:
-    """Declare the Train tab (inside the open `tab_block`) and wire its events."""
-    d = default_values()
+def layout(service: TrainingService) -> TrainTab:
+    """Declare the tab's components (inside the open `gr.Tab`); no events."""
     summary = gr.Markdown(summary_markdown(service.summary()), elem_id="train-summary")
     with gr.Row():
         train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
         cancel_btn = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel-button")
     message = gr.Markdown(elem_id="train-message")
     with gr.Accordion("Advanced", open=False):
-        with gr.Row():
-            loss_type = gr.Dropdown(list(LOSS_TYPES), value=d["loss_type"], label="Loss type")
-            beta = gr.Number(d["beta"], label="beta (strength of the pull to the base)")
-            label_smoothing = gr.Number(d["label_smoothing"], label="Label smoothing")
-            learning_rate = gr.Number(d["learning_rate"], label="Learning rate")
-        with gr.Row():
-            epochs = gr.Number(d["epochs"], label="Epochs", precision=0)
-            batch_size = gr.Number(d["batch_size"], label="Batch size (pairs)", precision=0)
-            grad_accum = gr.Number(d["grad_accum"], label="Gradient accumulation", precision=0)
-            max_length = gr.Number(d["max_length"], label="Max length (tokens)", precision=0)
-        with gr.Row():
-            lora_r = gr.Number(d["lora_r"], label="LoRA rank r", precision=0)
-            lora_alpha = gr.Number(d["lora_alpha"], label="LoRA alpha", precision=0)
-            heldout_fraction = gr.Slider(
-                0.0, 0.5, value=d["heldout_fraction"], step=0.05, label="Held-out fraction"
-            )
-        continue_from_active = gr.Radio(
-            list(INIT_CHOICES), value=d["continue_from_active"], label="Start from"
-        )
+        settings = _settings_form()
     progress = gr.HTML(elem_id="train-progress")
-    plots = {}
-    empty_frames = metric_frames([])
-    titles = list(PLOTS)
-    for row in (titles[:2], titles[2:]):  # a 2 x 2 grid
-        with gr.Row():
-            for title in row:
-                plots[title] = gr.LinePlot(
-                    empty_frames[title],
-                    x="step",
-                    y="value",
-                    color="metric",
-                    title=title,
-                    height=260,
-                    elem_id=_id(title),
-                )
+    plots, note = _plots()
     history = gr.Dataframe(
-        headers=HISTORY_COLUMNS,
+        headers=list(HISTORY_COLUMNS),
         label="Run history",
         interactive=False,
         wrap=True,
+        column_widths=list(HISTORY_COLUMNS.values()),
         elem_id="train-history",
     )
-    seen = gr.State({})
-    timer = gr.Timer(POLL_S)
-    settings = {
-        "loss_type": loss_type,
-        "beta": beta,
-        "label_smoothing": label_smoothing,
-        "learning_rate": learning_rate,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "grad_accum": grad_accum,
-        "lora_r": lora_r,
-        "lora_alpha": lora_alpha,
-        "max_length": max_length,
-        "heldout_fraction": heldout_fraction,
-        "continue_from_active": continue_from_active,
-    }
-    tab = TrainTab(
-        summary, message, train_btn, cancel_btn, settings, progress, plots, history, seen, timer
+    return TrainTab(
+        summary=summary,
+        message=message,
+        train_btn=train_btn,
+        cancel_btn=cancel_btn,
+        settings=settings,
+        progress=progress,
+        plots=plots,
+        kl_note=note,
+        history=history,
+        seen=gr.State({}),
+        timer=gr.Timer(POLL_S),
     )
-    _wire(tab, make_handlers(service, tab), tab_block)
-    return tab
 
 
-def _wire(tab: TrainTab, h: dict[str, Any], tab_block: gr.Tab | None) -> None:
-    refresh_outputs = [
-        tab.progress,
-        tab.train_btn,
-        tab.cancel_btn,
-        tab.history,
-        tab.summary,
-        tab.seen,
-        *tab.plots.values(),
-    ]
+def _settings_form() -> dict[str, gr.components.Component]:
+    """One field per setting, in the rows the settings name."""
+    fields: dict[str, gr.components.Component] = {}
+    for _, row in groupby(SETTINGS, key=lambda s: s.row):
+        with gr.Row():
+            fields.update({s.name: setting_component(s) for s in row})
+    return fields
+
+
+def _plots() -> tuple[dict[str, gr.LinePlot], gr.Markdown]:
+    """The curves in a 2 x 2 grid, and the note shown instead of the KL plot when it is empty."""
+    plots = {}
+    empty = metric_frames([])
+    titles = list(PLOTS)
+    for row in (titles[:2], titles[2:]):
+        with gr.Row():
+            for title in row:
+                with gr.Column():
+                    plots[title] = gr.LinePlot(
+                        empty[title],
+                        x="step",
+                        y="value",
+                        color="metric",
+                        title=title,
+                        height=260,
+                        visible=title != KL_PLOT,  # until a run has a readout
+                        elem_id=_id(title),
+                    )
+                    if title == KL_PLOT:
+                        note = gr.Markdown(kl_note(RunStatus()), container=True, elem_id="kl-note")
+    return plots, note
+
+
+def build_train_tab(service: TrainingService, tab_block: gr.Tab | None = None) -> TrainTab:
+    """Declare the Train tab (inside the open `tab_block`) and wire its events."""
+    tab = layout(service)
+    h = TrainHandlers(service, tab)
+    outputs = tab.refresh_outputs()
     poll = {"show_progress": "hidden", "queue": False, "api_visibility": "private"}
-    tab.timer.tick(h["refresh"], inputs=tab.seen, outputs=refresh_outputs, **poll)
+    tab.timer.tick(h.refresh, inputs=tab.seen, outputs=outputs, **poll)
     if tab_block is not None:  # pairs labeled since the page loaded: recount on opening the tab
-        tab_block.select(h["refresh"], inputs=gr.State({}), outputs=refresh_outputs, **poll)
+        tab_block.select(h.refresh, inputs=gr.State({}), outputs=outputs, **poll)
     tab.train_btn.click(
-        h["start"],
+        h.start,
         inputs=set(tab.settings.values()),
         outputs=[tab.message, tab.seen],
         api_visibility="private",
-    ).then(h["refresh"], inputs=tab.seen, outputs=refresh_outputs, **poll)
-    tab.cancel_btn.click(h["cancel"], outputs=tab.message, api_visibility="private")
+    ).then(h.refresh, inputs=tab.seen, outputs=outputs, **poll)
+    tab.cancel_btn.click(h.cancel, outputs=tab.message, api_visibility="private")
+    return tab
 
 
 def _id(title: str) -> str:

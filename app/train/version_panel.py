@@ -46,27 +46,31 @@ def version_rows(service: TrainingService) -> list[dict[str, Any]]:
         ]
 
 
-def make_handlers(service: TrainingService, panel: VersionPanel) -> dict[str, Any]:
-    def refresh(request: gr.Request) -> dict[Any, Any]:
-        rows = version_rows(service)
+@dataclass
+class VersionHandlers:
+    """The panel's event handlers; each returns `{component: update}`."""
+
+    service: TrainingService
+    panel: VersionPanel
+
+    def refresh(self, request: gr.Request) -> dict[Any, Any]:
+        rows = version_rows(self.service)
         active = next((r["version"] for r in rows if r["active"]), None)
         admin = request_role(request) == ADMIN
         return {
-            panel.table: pd.DataFrame(rows, columns=VERSION_COLUMNS),
-            panel.choice: gr.Dropdown(choices=[r["version"] for r in rows], value=active),
-            panel.activate_btn: gr.Button(visible=admin),
+            self.panel.table: pd.DataFrame(rows, columns=VERSION_COLUMNS),
+            self.panel.choice: gr.Dropdown(choices=[r["version"] for r in rows], value=active),
+            self.panel.activate_btn: gr.Button(visible=admin),
         }
 
-    def activate(name: str | None, request: gr.Request) -> dict[Any, Any]:
+    def activate(self, name: str | None, request: gr.Request) -> dict[Any, Any]:
         require_role(request, ADMIN, "switch versions")
         if not name:
-            return {panel.message: "⚠️ Choose a version first."}
-        result = service.activate_version(name)
-        out = refresh(request)
-        out[panel.message] = ("✅ " if result.ok else "⚠️ ") + result.message
+            return {self.panel.message: "⚠️ Choose a version first."}
+        result = self.service.activate_version(name)
+        out = self.refresh(request)
+        out[self.panel.message] = ("✅ " if result.ok else "⚠️ ") + result.message
         return out
-
-    return {"refresh": refresh, "activate": activate}
 
 
 def register_api(service: TrainingService) -> None:
@@ -109,12 +113,12 @@ def build_version_panel(
             )
             activate_btn = gr.Button("Make active", visible=False, elem_id="versions-activate")
         message = gr.Markdown(elem_id="versions-message")
-    panel = VersionPanel(table, choice, activate_btn, message)
-    h = make_handlers(service, panel)
+    panel = VersionPanel(table=table, choice=choice, activate_btn=activate_btn, message=message)
+    h = VersionHandlers(service, panel)
     outputs = [panel.table, panel.choice, panel.activate_btn]
     private = {"api_visibility": "private", "show_progress": "hidden"}
-    demo.load(h["refresh"], outputs=outputs, **private)
+    demo.load(h.refresh, outputs=outputs, **private)
     if tab_block is not None:  # a run finished since the page loaded: its version is listed
-        tab_block.select(h["refresh"], outputs=outputs, **private)
-    activate_btn.click(h["activate"], inputs=choice, outputs=[*outputs, message], **private)
+        tab_block.select(h.refresh, outputs=outputs, **private)
+    activate_btn.click(h.activate, inputs=choice, outputs=[*outputs, message], **private)
     return panel

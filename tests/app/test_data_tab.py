@@ -16,7 +16,7 @@ from gradio.utils import get_upload_folder
 
 from app.auth.users import ROLE_STATE_KEY
 from app.data.service import DataService
-from app.data.tab import layout, make_handlers
+from app.data.tab import DataHandlers, layout
 from storage.db import open_db
 from storage.repo import store_stats
 
@@ -38,7 +38,7 @@ def tab(tmp_path):
     service = DataService(open_db(f"sqlite:///{tmp_path / 'studio.db'}"), tmp_path / "exports")
     with gr.Blocks():
         tab = layout(service)
-    return service, tab, make_handlers(service, tab)
+    return service, tab, DataHandlers(service, tab)
 
 
 def _votes(service: DataService) -> int:
@@ -50,31 +50,31 @@ def test_import_reports_what_was_added_or_why_nothing_was(tab, upload_dir):
     service, view, h = tab
     bad = upload_dir / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    out = h["import_pairs"](str(bad), "train", ADMIN)
+    out = h.import_pairs_file(str(bad), "train", ADMIN)
     assert out[view.import_message] == (
         "⚠️ Nothing imported: bad.jsonl: missing column(s) chosen, rejected; found question, answer"
     )
     assert _votes(service) == 0
     good = upload_dir / "good.jsonl"
     good.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "no"}) + "\n")
-    out = h["import_pairs"](str(good), "train", ADMIN)
+    out = h.import_pairs_file(str(good), "train", ADMIN)
     assert out[view.import_message].startswith("✅ good.jsonl: 1 pairs read, 1 added to train")
     assert "**Usable training pairs:** 1" in out[view.summary]
     assert list(out[view.annotators]["annotator"]) == ["import"]
-    assert h["import_prompts"](None, "train", ADMIN)[view.import_message] == (
+    assert h.import_prompts_file(None, "train", ADMIN)[view.import_message] == (
         "⚠️ Choose a file to import first."
     )
 
 
 def test_export_gives_a_file_to_download(tab, upload_dir):
     _, view, h = tab
-    out = h["export"]("standard", ".jsonl", "all", ADMIN)
+    out = h.export("standard", ".jsonl", "all", ADMIN)
     assert out[view.export_message].startswith("⚠️ Nothing exported: there are no usable")
     assert out[view.export_file] is None
     pairs = upload_dir / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "no"}) + "\n")
-    h["import_pairs"](str(pairs), "train", ADMIN)
-    out = h["export"]("standard", ".jsonl", "all", ADMIN)
+    h.import_pairs_file(str(pairs), "train", ADMIN)
+    out = h.export("standard", ".jsonl", "all", ADMIN)
     path = Path(out[view.export_file])
     assert out[view.export_message] == "✅ preferences-standard.jsonl is ready."
     assert json.loads(path.read_text())["chosen"] == "Hello!"
@@ -85,10 +85,10 @@ def test_annotator_sees_the_counts_but_cannot_import_or_export(tab, upload_dir):
     pairs = upload_dir / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "no"}) + "\n")
     with pytest.raises(gr.Error, match=r"Only an admin can import pairs; .*'ann' \(annotator\)"):
-        h["import_pairs"](str(pairs), "train", ANNOTATOR)
+        h.import_pairs_file(str(pairs), "train", ANNOTATOR)
     with pytest.raises(gr.Error, match="Only an admin can export data"):
-        h["export"]("standard", ".jsonl", "all", ANNOTATOR)
+        h.export("standard", ".jsonl", "all", ANNOTATOR)
     assert _votes(service) == 0
-    shown = h["show_admin_area"](ANNOTATOR)
+    shown = h.show_admin_area(ANNOTATOR)
     assert shown[view.admin_area].visible is False and shown[view.admin_note].visible is True
-    assert "**Votes:** 0" in h["refresh"]()[view.summary]
+    assert "**Votes:** 0" in h.refresh()[view.summary]

@@ -46,6 +46,23 @@ def _ids(pair: dict) -> tuple[int, int]:
     return a["response_id"], b["response_id"]
 
 
+ENDPOINTS = [  # every tab's API names, used by scripts, bench/ and the README
+    *("/generate_pair", "/vote", "/label_progress"),
+    *("/train_start", "/train_status", "/train_cancel", "/train_history"),
+    *("/list_versions", "/activate_version"),
+    *("/compare", "/blind_pair", "/blind_vote", "/win_rates", "/compare_batch"),
+    "/reward_accuracy",
+    *("/data_stats", "/import_prompts", "/import_pairs", "/export_preferences"),
+]
+
+
+def test_every_endpoint_keeps_its_name(client):
+    # Gradio names private UI events after their function too: a handler named `vote` would
+    # take `/vote`, and the endpoint would silently become `/vote_4`.
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert [name for name in ENDPOINTS if name not in names] == []
+
+
 def test_default_prompts_fill_the_queue_on_first_start(sm):
     with sm.begin() as s:
         sources = s.execute(select(Prompt.source, func.count()).group_by(Prompt.source)).all()
