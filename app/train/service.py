@@ -22,6 +22,7 @@ from typing import Any, get_type_hints
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.config import adapters_dir
 from app.train.pairs import stored_pairs
 from app.train.worker import host_file, log_file, pid_file, this_host
 from dpo_core.heldout import MAX_HELDOUT_FRACTION
@@ -272,7 +273,7 @@ class TrainingService:
         with self.sm.begin() as s:
             idle = runs.live_run(s) is None
         if idle:  # no worker can be saving: a temp directory is what a killed save left
-            for tmp in remove_partial_saves(self.data_dir / "adapters"):
+            for tmp in remove_partial_saves(adapters_dir(self.data_dir)):
                 logger.warning("removed %s, left by an adapter save that was interrupted", tmp)
         return failed
 
