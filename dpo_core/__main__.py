@@ -1,4 +1,4 @@
-"""`python -m dpo_core`: generate answers or train a DPO adapter from the command line."""
+"""`python -m dpo_core`: generate answers, train a DPO adapter or export a version."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from dpo_core.export_cli import add_export_parser
 from dpo_core.modeling import EMBEDDED, ModelLoadError, load_model
 from dpo_core.train_cli import add_train_parser
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
     add_train_parser(sub, add_model_args)
+    add_export_parser(sub)
     return parser
 
 
