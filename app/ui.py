@@ -8,6 +8,8 @@ from typing import Any
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from app.compare.leaderboard_tab import build_leaderboard
+from app.compare.leaderboard_tab import register_api as register_leaderboard_api
 from app.compare.tab import build_compare_tab
 from app.compare.tab import register_api as register_compare_api
 from app.data.service import DataService
@@ -16,6 +18,8 @@ from app.data.tab import register_api as register_data_api
 from app.label.service import LabelService, open_label_service
 from app.label.tab import build_label_tab
 from app.label.tab import register_api as register_label_api
+from app.train.export_panel import build_export_panel
+from app.train.export_panel import register_api as register_export_api
 from app.train.tab import build_train_tab
 from app.train.tab import register_api as register_train_api
 from app.train.version_panel import build_version_panel
@@ -37,8 +41,10 @@ def build_ui(state: Any, label: LabelService | None = None) -> gr.Blocks:
         with gr.Tab("Train") as train_tab:
             build_train_tab(state.services.training, train_tab)
             build_version_panel(state.services.training, demo, train_tab)
+            build_export_panel(state.services.training, demo, train_tab)
         with gr.Tab("Compare") as compare_tab:
             build_compare_tab(state.services.compare, compare_tab)
+            build_leaderboard(state.services.sm, state.config.model, compare_tab)
         data = DataService(state.services.sm, Path(get_upload_folder()) / "dpo-studio-exports")
         with gr.Tab("Data") as data_tab:
             build_data_tab(data, demo, data_tab)
@@ -47,4 +53,6 @@ def build_ui(state: Any, label: LabelService | None = None) -> gr.Blocks:
         register_compare_api(state.services.compare)
         register_data_api(data)
         register_version_api(state.services.training)
+        register_export_api(state.services.training)
+        register_leaderboard_api(state.services.sm, state.config.model)
     return demo
