@@ -24,8 +24,20 @@ from typing import Any
 
 import torch
 
-from dpo_core.gguf_export import GGUF_TYPES, check_gguf_source, ollama_modelfile, write_gguf
-from dpo_core.modeling import EMBEDDED, EMBEDDED_NAME, load_model, resolve_source
+from dpo_core.gguf_export import (
+    GGUF_TYPES,
+    check_gguf_source,
+    ollama_modelfile,
+    source_pre,
+    write_gguf,
+)
+from dpo_core.modeling import (
+    EMBEDDED,
+    EMBEDDED_NAME,
+    embedded_gguf_path,
+    load_model,
+    resolve_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +127,9 @@ def _write(merged: MergedModel, request: ExportRequest, tmp: Path) -> list[str]:
         save_merged(merged, tmp)
     else:
         name = f"{model_name(request)}-{request.gguf_type}.gguf"
-        write_gguf(
-            merged.model, merged.tokenizer, tmp / name, request.gguf_type, model_name(request)
-        )
+        pre = source_pre(embedded_gguf_path()) if request.base == EMBEDDED else None
+        model, tokenizer = merged.model, merged.tokenizer
+        write_gguf(model, tokenizer, tmp / name, request.gguf_type, model_name(request), pre)
         (tmp / "Modelfile").write_text(ollama_modelfile(name, merged.tokenizer))
     (tmp / "README.md").write_text(model_card(merged, request))
     for file in tmp.iterdir():

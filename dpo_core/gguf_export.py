@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,12 +205,17 @@ def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     )
 
 
-def write_gguf(model: Any, tokenizer: Any, path: Path, type_name: str, name: str) -> Path:
-    """Write `model` (a merged, unquantized LlamaForCausalLM) and its tokenizer to `path`."""
+def write_gguf(
+    model: Any, tokenizer: Any, path: Path, type_name: str, name: str, pre: str | None = None
+) -> Path:
+    """Write `model` (a merged, unquantized LlamaForCausalLM) and its tokenizer to `path`.
+    `pre` overrides the pre-tokenizer name read from the tokenizer (see `source_pre`)."""
     from gguf import GGML_QUANT_VERSION, GGUFWriter
 
     check_llama(model.config)
     vocab = gguf_vocab(tokenizer, model.config.vocab_size)
+    if pre:
+        vocab = replace(vocab, pre=pre)
     _, file_type = ggml_types(type_name)
     writer = GGUFWriter(str(path), GGUF_ARCH)
     writer.add_name(name)
@@ -228,6 +233,16 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, type_name: str, name: str
     finally:
         writer.close()
     return path
+
+
+def source_pre(gguf_path: Path) -> str | None:
+    """`tokenizer.ggml.pre` of an existing GGUF file. The embedded model's tokenizer came out of
+    its GGUF through transformers, which splits text the GPT-2 way for `smollm`; writing `gpt2`
+    back would lose SmolLM2's one-digit-per-token rule in llama.cpp, so its name is kept."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+    return str(field.contents()) if field is not None else None
 
 
 def _add_hparams(writer: Any, config: Any) -> None:

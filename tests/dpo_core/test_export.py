@@ -12,7 +12,7 @@ import torch
 
 from dpo_core.__main__ import main
 from dpo_core.export import ExportError, ExportRequest, export_version
-from dpo_core.gguf_export import GgufExportError, permute_rotary
+from dpo_core.gguf_export import GgufExportError, check_llama, gguf_vocab, permute_rotary
 from dpo_core.modeling import LoraSettings, attach_lora, load_model, save_adapter
 from tests.tiny import CHATML_TEMPLATE, build_tiny_model
 
@@ -192,6 +192,29 @@ def test_non_llama_base_is_refused_for_gguf(tmp_path):
     assert not out.exists() and list(tmp_path.glob(".out-*")) == []
 
 
+def test_rope_scaling_is_refused_for_gguf():
+    from transformers import LlamaConfig
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
+    scaling |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
+    with pytest.raises(GgufExportError, match=r"does not write rope scaling \('llama3'\)"):
+        check_llama(LlamaConfig(rope_scaling=scaling))
+    check_llama(LlamaConfig())  # plain rotary: fine
+
+
+def test_tokenizers_gguf_cannot_describe_are_refused():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    word_level = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    with pytest.raises(GgufExportError, match="byte-level BPE tokenizers"):
+        gguf_vocab(PreTrainedTokenizerFast(tokenizer_object=word_level), 2)
+    other_split = bpe_tokenizer()
+    other_split.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(GgufExportError, match=r"unknown pre-tokenizer \['Whitespace'\]"):
+        gguf_vocab(other_split, len(other_split))
+
+
 def test_existing_output_is_refused_and_kept(bpe_model_dir, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
@@ -233,6 +256,7 @@ def test_cli_export_and_its_errors(bpe_model_dir, adapter_dir, tmp_path, capsys)
 def test_embedded_model_gguf_round_trip(tmp_path):
     """The embedded SmolLM2 (itself shipped as GGUF), with a random LoRA, written as f16 GGUF
     and read back: the same greedy next token after each chat prompt as the merged model."""
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpo_core.export import merge
@@ -251,6 +275,9 @@ def test_embedded_model_gguf_round_trip(tmp_path):
     result = export_version(ExportRequest("embedded", adapter, "gguf", out, version="v1"))
     gguf_name = next(f for f in result.files if f.endswith(".gguf"))
     assert "You are a helpful AI assistant named SmolLM" in (out / "Modelfile").read_text()
+    fields = GGUFReader(out / gguf_name).fields
+    assert fields["llama.rope.freq_base"].contents() == 100000.0
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm"
     merged = merge("embedded", adapter)
     back = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=gguf_name)
