@@ -14,7 +14,7 @@ from app.compare.leaderboard import Leaderboard, Vote, fit_leaderboard
 from storage import runs
 from storage.leaderboard_queries import version_votes
 
-COLUMNS = ["rank", "version", "score", "95% CI", "votes", "wins", "ties", "losses"]
+COLUMNS = ["rank", "version", "score (Elo)", "95% CI", "votes", "wins", "ties", "losses"]
 FEW_VOTES = 10  # below this a bootstrap interval understates the uncertainty
 
 
@@ -31,8 +31,8 @@ def leaderboard_rows(board: Leaderboard) -> list[dict[str, Any]]:
         {
             "rank": rank,
             "version": r.version,
-            "score": round(r.score),
-            "95% CI": f"{r.low:.0f}–{r.high:.0f}",
+            "score (Elo)": round(r.score),
+            "95% CI": "anchor" if r.low == r.high == r.score else f"{r.low:.0f}–{r.high:.0f}",
             "votes": r.votes,
             "wins": r.wins,
             "ties": r.ties,

@@ -162,6 +162,16 @@ def test_reads_the_votes_of_one_base_model(sm):
     assert board.total_votes == 3 and {r.version for r in board.ratings} == {"base", "v1", "v2"}
     rows = leaderboard_rows(board)
     assert rows[0]["rank"] == 1 and rows[0]["version"] == "v1"
-    assert set(rows[0]) == {"rank", "version", "score", "95% CI", "votes", "wins", "ties", "losses"}
+    assert list(rows[0]) == [
+        "rank",
+        "version",
+        "score (Elo)",
+        "95% CI",
+        "votes",
+        "wins",
+        "ties",
+        "losses",
+    ]
+    assert next(r for r in rows if r["version"] == "base")["95% CI"] == "anchor"
     text = summary_markdown(board)
     assert "3** blind votes" in text and "base = 1000" in text and "Compare next" in text
