@@ -166,7 +166,9 @@ def build_export_panel(
         with gr.Row():
             version = gr.Dropdown([], label="Version", elem_id="export-version")
             fmt = gr.Radio(list(FORMATS), value="merged", label="Format", elem_id="export-format")
-            gguf_type = gr.Dropdown(list(GGUF_TYPES), value="f16", label="GGUF type")
+            gguf_type = gr.Dropdown(
+                list(GGUF_TYPES), value="f16", label="GGUF type", elem_id="export-gguf-type"
+            )
         button = gr.Button("Export", elem_id="export-button")
         message = gr.Markdown(elem_id="export-message")
     panel = ExportPanel(box, version, fmt, gguf_type, button, message)
