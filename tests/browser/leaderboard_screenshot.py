@@ -11,7 +11,10 @@ import random
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from storage import repo, runs
 from storage.db import open_db
@@ -56,27 +59,35 @@ def _winner(rng: random.Random, gap: float) -> str:
     return "left" if rng.random() < 1 / (1 + 2.718281828 ** (-gap)) else "right"
 
 
-def main(out_dir: Path) -> Path:
+@contextmanager
+def browser_page(url: str, width: int = 1400, height: int = 1100) -> Iterator[Any]:
+    """A Playwright page on `url` in Debian's headless chromium, closed on exit."""
     from playwright.sync_api import sync_playwright
 
+    args = ["--headless", "--no-sandbox", "--disable-gpu"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
+def main(out_dir: Path) -> Path:
     work = Path(tempfile.mkdtemp(prefix="leaderboard-shot-"))
     model = save_tiny_model(work / "tiny")
     app = start_app(str(model), work / "data", "--dtype", "fp32", "--device", "cpu")
     try:
         simulate_votes(app.db_url)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
-            )
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(app.url)
+        with browser_page(app.url, 1280, 900) as page:
             page.get_by_role("tab", name="Compare").click()
             page.get_by_role("tab", name="Leaderboard").click()
             page.locator("#leaderboard-summary").get_by_text("Compare next").wait_for()
             path = out_dir / "leaderboard.png"
             page.screenshot(path=str(path), full_page=True)
             print(page.locator("#leaderboard-summary").inner_text())
-            browser.close()
     finally:
         app.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -11,7 +11,7 @@ import pytest
 
 from storage import runs
 from tests.app.server import start_app
-from tests.browser.leaderboard_screenshot import simulate_votes
+from tests.browser.leaderboard_screenshot import browser_page, simulate_votes
 from tests.tiny import save_random_adapter
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -41,14 +41,8 @@ def app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def page(app):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(app.url)
+    with browser_page(app.url) as page:
         yield page
-        browser.close()
 
 
 def choose(page, elem_id: str, option: str) -> None:
