@@ -77,30 +77,34 @@ def export_by_name(
         return ExportOutcome(False, f"Unknown format {fmt!r}; choose {' or '.join(FORMATS)}.")
     try:
         version = find_version(service, name)
-        out = export_target(service, version.name, fmt, gguf_type)
-        if out.exists():
-            files = sorted(p.name for p in out.iterdir())
-            return ExportOutcome(
-                True, f"{version.name} was already exported to {out}.", str(out), files
-            )
-        if version.adapter is not None and not version.adapter.is_dir():
-            return ExportOutcome(
-                False, f"The adapter of {version.name} is gone ({version.adapter})."
-            )
-        request = ExportRequest(
-            base=service.base_model,
-            adapter=version.adapter,
-            fmt=fmt,
-            out=out,
-            gguf_type=gguf_type,
-            device="cpu",
-            version=version.name,
-            lineage=version.lineage,
-        )
-        with _export_lock:
-            result = export_version(request)
+        with _export_lock:  # a second click for the same export finds the first one's result
+            return _export_once(service, version, fmt, gguf_type)
     except (ExportError, ModelLoadError, ValueError) as err:
         return ExportOutcome(False, str(err))
+
+
+def _export_once(
+    service: TrainingService, version: VersionInfo, fmt: str, gguf_type: str
+) -> ExportOutcome:
+    out = export_target(service, version.name, fmt, gguf_type)
+    if out.exists():
+        files = sorted(p.name for p in out.iterdir())
+        return ExportOutcome(
+            True, f"{version.name} was already exported to {out}.", str(out), files
+        )
+    if version.adapter is not None and not version.adapter.is_dir():
+        return ExportOutcome(False, f"The adapter of {version.name} is gone ({version.adapter}).")
+    request = ExportRequest(
+        base=service.base_model,
+        adapter=version.adapter,
+        fmt=fmt,
+        out=out,
+        gguf_type=gguf_type,
+        device="cpu",
+        version=version.name,
+        lineage=version.lineage,
+    )
+    result = export_version(request)
     notes = "".join(f" Note: {n}" for n in result.notes)
     message = f"Exported {version.name} ({fmt}) to {result.out}.{notes}"
     return ExportOutcome(True, message, str(result.out), result.files)
