@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="users file: turns sign-in and roles on (manage it with `python -m app users`)",
     )
     p.add_argument("-v", "--verbose", action="store_true")
+    from app.serving.flags import add_serving_flags
+
+    add_serving_flags(p)
     return p
 
 
@@ -137,8 +140,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.label.route import VoteRoute
     from app.label.service import open_label_service
+    from app.serving.flags import engine_limits
 
-    label = open_label_service(services.sm, services.models, config.model, config.data_dir)
+    services.models.engine.limits = engine_limits(args)
+    label = open_label_service(
+        services.sm,
+        services.models,
+        config.model,
+        config.data_dir,
+        prefetch=not args.no_prefetch,
+    )
     demo = build_ui(state, label)
     # Everything loaded so far (model, tokenizer, Gradio) lives as long as the app: keep it out
     # of the collector's full passes, whose pauses otherwise stall every request.
