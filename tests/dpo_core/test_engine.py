@@ -175,3 +175,11 @@ def test_embedded_model_answers_alike_alone_and_batched(embedded_lm):
     together = [_final(t).texts for t in [engine.submit(p, s) for p, s in jobs]]
     assert together == alone
     engine.close()
+
+
+def test_a_prompt_beyond_the_admin_maximum_is_cut_with_a_notice(tiny_lm):
+    engine = _engine(tiny_lm, max_prompt_tokens=40)
+    got = engine.generate("A long prompt about the sea. " * 10, _specs(3))
+    assert got.done and got.truncated and got.prompt_tokens <= 40
+    assert "only its first" in (got.notice or "")
+    engine.close()
