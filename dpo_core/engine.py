@@ -16,8 +16,9 @@ Beyond `max_rows` rows or `max_cached_tokens` cached positions, requests wait fi
 out (prefetches behind every normal request) and see their position. An error while admitting
 one request fails that request only. Whoever else needs the model (loading a version, the reward
 evaluation) takes `lock`; the loop holds it for one step at a time and steps aside for them.
-Models the fast decoder cannot run take the standard path: their requests advance one token per
-loop turn too, each in its own batch (`AnswerGenerator.stream`).
+Models the fast decoder cannot run take the standard path (`StandardBatchSession`): the
+requests admitted in the same turn form one left-padded batch, which advances one token per
+loop turn beside the fast rows; its finished rows stay in it until the whole batch is done.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dpo_core.generation import (
     AnswerSpec,
     GenerationUpdate,
     PreparedPrompt,
+    StandardBatchSession,
     _AnswerStream,
     prepare_prompt,
 )
@@ -197,7 +199,7 @@ class _Request:
     text: str = ""
     first_token_s: float | None = None
     leaders: dict[str, _Row] = field(default_factory=dict)  # adapter -> row it prefills
-    standard: Iterator[GenerationUpdate] | None = None
+    standard: bool = False  # runs on the model's own forward pass, in a _StandardBatch
     prefilled: bool = False
 
     @property
@@ -224,6 +226,7 @@ class GenerationEngine:
         self._order = itertools.count()
         self._lora: dict[str, list[dict[str, LoraTerm]]] = {}
         self._lora_key: tuple[int, tuple[str, ...]] = (0, ())
+        self._standard: list[_StandardBatch] = []
         self._thread: threading.Thread | None = None
         self._stop = False
         self._busy = False  # the loop waits for someone else's hold on the model
@@ -335,10 +338,15 @@ class GenerationEngine:
     def _admit(self) -> None:
         """Move waiting requests into the batch, first come first served, while they fit."""
         with self._cond:
+            admitted = []
             while self._pending and self._fits(self._pending[0]):
                 request = self._pending.pop(0)
                 self._running.append(request)
                 self._start(request)
+                admitted.append(request)
+        standard = [r for r in admitted if r.standard and r in self._running]
+        if standard:
+            self._start_standard(standard)
 
     def _fits(self, request: _Request) -> bool:
         if not self._running:
@@ -355,9 +363,7 @@ class GenerationEngine:
         try:
             fast = self._fast_for(request)
             if fast is None:
-                request.standard = self.generator.stream(
-                    request.text, request.specs, max_prompt_tokens=self.limits.max_prompt_tokens
-                )
+                request.standard = True  # batched with the others admitted now (`_admit`)
                 return
             max_len = request.prompt.n_tokens + max(r.stream.max_new_tokens for r in request.rows)
             for row in request.rows:
@@ -391,7 +397,7 @@ class GenerationEngine:
         """Prefill up to `prefill_chunk` prompt tokens, shortest remaining prompts first (a
         long prompt takes several turns and never holds up a short one)."""
         budget = self.limits.prefill_chunk
-        todo = [r for r in self._running if r.standard is None and not r.prefilled]
+        todo = [r for r in self._running if not r.standard and not r.prefilled]
         for request in sorted(todo, key=_prompt_left):
             if budget <= 0:
                 return
@@ -439,14 +445,14 @@ class GenerationEngine:
         rows = [
             (req, row)
             for req in self._running
-            if req.standard is None and req.prefilled
+            if not req.standard and req.prefilled
             for row in req.rows
             if not row.finished
         ]
         if rows and fast is not None:
             self._fast_step(fast, rows)
-        for request in [r for r in self._running if r.standard is not None]:
-            self._standard_step(request)
+        for batch in list(self._standard):
+            self._standard_step(batch)
 
     def _fast_step(self, fast: FastLlama, rows: list[tuple[_Request, _Row]]) -> None:
         adapters = [row.adapter for _, row in rows]
@@ -486,23 +492,57 @@ class GenerationEngine:
             prompt_tokens=request.prompt.n_tokens,
             truncated=request.prompt.truncated,
             notice=request.prompt.notice,
-            engine="fast",
+            engine="standard" if request.standard else "fast",
         )
         request.ticket.publish(update, final=update.done)
         if update.done:
             self._remove(request)
 
-    def _standard_step(self, request: _Request) -> None:
-        assert request.standard is not None
+    def _start_standard(self, requests: list[_Request]) -> None:
+        """One batch on the model's own forward pass for the requests admitted together."""
+        rows = [(i, row) for i, r in enumerate(requests) for row in r.rows]
         try:
-            update = next(request.standard)
-        except Exception as err:  # this request's fault only
-            self._fail(request, err)
+            session = self.generator.standard_batch(
+                [r.prompt.input_ids for r in requests],
+                [i for i, _ in rows],
+                [row.adapter for _, row in rows],
+            )
+        except Exception as err:  # the batch's requests fail together
+            for request in requests:
+                self._fail(request, err)
             return
-        self.stats.count(sum(not a.finished for a in update.answers) or 1)
-        request.ticket.publish(update, final=update.done)
-        if update.done:
-            self._remove(request)
+        self._standard.append(_StandardBatch(session, requests))
+
+    def _standard_step(self, batch: _StandardBatch) -> None:
+        """Prefill (first turn) or one step of a standard batch; finished rows idle along."""
+        rows = [(req, row) for req in batch.requests for row in req.rows]
+        try:
+            if batch.started:
+                tokens = torch.tensor([row.token for _, row in rows])
+                logits = batch.session.step(tokens)
+            else:
+                logits, batch.started = batch.session.prefill(), True
+        except Exception as err:  # a shared forward pass: its requests fail together
+            for request in batch.requests:
+                self._fail(request, err)
+            self._standard.remove(batch)
+            return
+        self.stats.count(len(rows))
+        for request in batch.requests:
+            mine = [(i, row) for i, (req, row) in enumerate(rows) if req is request]
+            for i, row in mine:
+                row.token = int(row.sampler(logits[i : i + 1])[0])
+            if request in self._running:
+                self._push(request, [(row, row.token) for _, row in mine])
+        if not any(r in self._running for r in batch.requests):
+            self._standard.remove(batch)
+
+
+@dataclass
+class _StandardBatch:
+    session: StandardBatchSession
+    requests: list[_Request]
+    started: bool = False
 
 
 def _prompt_left(request: _Request) -> int:

@@ -183,3 +183,41 @@ def test_a_prompt_beyond_the_admin_maximum_is_cut_with_a_notice(tiny_lm):
     assert got.done and got.truncated and got.prompt_tokens <= 40
     assert "only its first" in (got.notice or "")
     engine.close()
+
+
+def _tiny_gpt2(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=1024)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_the_standard_path_batches_waiting_requests_with_the_same_answers(tiny_lm, architecture):
+    from dataclasses import replace
+
+    lm = (
+        tiny_lm
+        if architecture == "llama"
+        else replace(tiny_lm, model=_tiny_gpt2(tiny_lm.tokenizer))
+    )
+    generator = AnswerGenerator(lm, fast=False)
+    generator.stop_ids = set()
+    engine = GenerationEngine(generator, ModelLock())
+    jobs = [(p, _specs(6 + 2 * i, seed=i)) for i, p in enumerate(PROMPTS)]
+    alone = [engine.generate(p, s) for p, s in jobs]
+    steps, rows = engine.stats.steps, engine.stats.rows
+    engine.lock.acquire()  # hold the loop so that all three are waiting when it admits them
+    try:
+        tickets = [engine.submit(p, s) for p, s in jobs]
+    finally:
+        engine.lock.release()
+    together = [t.result() for t in tickets]
+    assert [u.texts for u in together] == [u.texts for u in alone]
+    assert {u.engine for u in together} == {"standard"}
+    batched = (engine.stats.rows - rows) / (engine.stats.steps - steps)
+    assert batched == 6  # one batch of six rows (finished rows idle along to the end)
+    engine.close()
