@@ -258,6 +258,16 @@ class GenerationEngine:
         self._publish_positions()
         return ticket
 
+    def promote(self, ticket: Ticket) -> None:
+        """A prefetch someone now waits for: it waits as a normal request from now on (its
+        place among them is still its arrival)."""
+        with self._cond:
+            for request in self._pending:
+                if request.ticket is ticket:
+                    request.priority = NORMAL
+            self._pending.sort(key=lambda r: (r.priority, r.order))
+        self._publish_positions()
+
     def _row(self, spec: AnswerSpec, adapter: str) -> _Row:
         p = spec.params
         sampler = RowSampler([p.temperature], [p.top_p], [spec.seed])

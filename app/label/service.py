@@ -226,6 +226,7 @@ class LabelService:
         if typed is None and prompt_id is None:
             ready = self._take_prefetch(annotator, settings, skipped)
             if ready is not None:
+                self.models.versions.engine.promote(ready.ticket)
                 stream = self.models.relay(ready.ticket)
                 return self._pairs(stream, ready.pair, ready.specs, annotator, settings)
         prompt_id, prompt = self.pick_prompt(annotator, typed, skipped, prompt_id)

@@ -221,3 +221,20 @@ def test_the_standard_path_batches_waiting_requests_with_the_same_answers(tiny_l
     batched = (engine.stats.rows - rows) / (engine.stats.steps - steps)
     assert batched == 6  # one batch of six rows (finished rows idle along to the end)
     engine.close()
+
+
+def test_a_prefetch_waits_behind_normal_requests_until_promoted(tiny_lm):
+    from dpo_core.engine import PREFETCH
+
+    engine = _engine(tiny_lm, max_rows=2)
+    engine.lock.acquire()
+    try:
+        prefetch = engine.submit("Hi", _specs(3), priority=PREFETCH).updates()
+        normal = engine.submit("Hello", _specs(3)).updates()
+        assert next(normal).position == 1 and next(prefetch).position == 2
+        engine.promote(prefetch_ticket := engine._pending[1].ticket)
+        assert prefetch_ticket is engine._pending[0].ticket  # it came first
+    finally:
+        engine.lock.release()
+    assert list(normal)[-1].done and list(prefetch)[-1].done
+    engine.close()
