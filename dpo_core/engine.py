@@ -302,12 +302,21 @@ class GenerationEngine:
                 self._cond.wait_for(lambda: self._stop or self._pending or self._running)
                 if self._stop:
                     return
-            self._drop_cancelled()
-            with self._model_turn():
-                self._admit()
-                self._prefill()
-                self._step()
-            self._publish_positions()
+            try:
+                self._turn()
+            except Exception as err:  # a bug, not a request's fault: fail what runs, go on
+                logger.exception("the decode loop failed; its running requests fail")
+                for request in list(self._running):
+                    self._fail(request, err)
+                self._standard.clear()
+
+    def _turn(self) -> None:
+        self._drop_cancelled()
+        with self._model_turn():
+            self._admit()
+            self._prefill()
+            self._step()
+        self._publish_positions()
 
     @contextlib.contextmanager
     def _model_turn(self) -> Iterator[None]:
