@@ -74,3 +74,20 @@ def test_errors_reach_the_caller(tiny_lm):
         list(service.stream("Hello", [AnswerSpec(adapter="v7")]))
     assert service.waiting() == 0
     assert list(service.stream("Hello", _specs(2)))[-1].done  # the line still works
+
+
+def test_reward_accuracy_in_chunks_equals_one_pass(tiny_lm, tiny_model_dir, tmp_path):
+    from dpo_core.reward_eval import implicit_reward_accuracy
+    from tests.tiny import save_random_adapter
+
+    versions = VersionedModel(tiny_lm)
+    versions.ensure_loaded("v1", str(save_random_adapter(tiny_model_dir, tmp_path / "v1")))
+    pairs = [
+        {"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"No {i * 7}."}
+        for i in range(11)
+    ]
+    chunked = versions.reward_accuracy(pairs, ["base", "v1"])["v1"]
+    whole = implicit_reward_accuracy(tiny_lm, pairs, ["v1"])["v1"]
+    assert chunked.pairs == whole.pairs == 11
+    assert chunked.accuracy == pytest.approx(whole.accuracy)
+    assert chunked.mean_margin == pytest.approx(whole.mean_margin, rel=1e-4, abs=1e-5)
