@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.compare.service import _latest_selection
 from app.train.pairs import stored_pairs
 from app.train.service import TrainingService, TrainRequest
 from storage import runs
@@ -63,6 +64,8 @@ def test_the_run_config_records_the_choice_and_the_run_reads_it_back(
         again = stored_pairs(s, run.config["heldout_fraction"], 1, VoteSelection.from_dict(chosen))
         # every A/B vote by ann and bob (2 + 2 + 2 + 2 + 1), and the judge's
         assert run.num_pairs == len(again.train) + len(again.heldout) == 9 + 1
+        # Compare's held-out pairs (the reward evaluation) use the same choice of votes
+        assert _latest_selection(s) == VoteSelection.from_dict(chosen)
 
 
 def test_an_unknown_votes_mode_is_refused_before_any_run(
