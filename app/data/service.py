@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.db import StorageError, transaction
 from storage.io import EXPORT_FORMATS, export_preferences, import_pairs, import_prompts
 from storage.models import SPLITS
-from storage.repo import store_stats, unknown_annotators
+from storage.repo import preference_pairs, store_stats, unknown_annotators
 from storage.selection import DEFAULT_VOTES, VOTE_MODES, VoteSelection
 
 logger = logging.getLogger(__name__)
@@ -61,10 +61,13 @@ class DataService:
 
     def stats(self) -> dict[str, Any]:
         """Prompts per split, responses, and votes overall and per annotator (by choice, with
-        the usable training pairs among them)."""
+        the usable training pairs among them, each vote on its own), and the pairs a run trains
+        on by default (the majority of human votes per pair of answers)."""
         with self.sm.begin() as s:
             stats = store_stats(s)
+            trained = len(preference_pairs(s, split=None).pairs)
         return {
+            "default_pairs": trained,  # what a run trains on by default: majority, no judges
             "prompts": dict(stats.prompts),
             "responses": stats.responses,
             "votes": asdict(stats.overall),

@@ -65,7 +65,8 @@ def summary_markdown(stats: dict[str, Any]) -> str:
             f"({', '.join(f'{n} {split}' for split, n in prompts.items())})",
             f"**Answers generated:** {stats['responses']}",
             f"**Votes:** {votes['votes']} ({choices})",
-            f"**Usable training pairs:** {votes['usable_pairs']}",
+            f"**Usable training pairs:** {votes['usable_pairs']} (each vote its own pair); "
+            f"{stats['default_pairs']} by the majority of human votes, as Train uses by default",
         ]
     )
 

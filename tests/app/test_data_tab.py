@@ -101,6 +101,8 @@ def test_export_follows_the_votes_chosen(tab):
     with service.sm.begin() as s:
         three_annotators(s)
         vote(s, answers(s, "judged", "j-A", "j-B"), "a", "judge:qwen")
+    summary = h.refresh()[view.summary]
+    assert "**Usable training pairs:** 13 (each vote its own pair); 3 by the majority" in summary
     assert [c[0] for c in h.refresh()[view.export_leave_out].choices] == [
         "ann",
         "bob",
