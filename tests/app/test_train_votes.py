@@ -5,6 +5,7 @@ DPO_STUDIO_TEST_PG_URL is set), with the worker launch left out (no training her
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
@@ -79,3 +80,29 @@ def test_an_unknown_votes_mode_is_refused_before_any_run(
     )
     with db.begin() as s:
         assert runs.list_runs(s) == []
+
+
+def test_the_worker_trains_on_the_votes_the_run_chose(
+    service: TrainingService,
+    db: sessionmaker[Session],  # noqa: F811
+    tmp_path: Path,
+    monkeypatch,
+):
+    """The worker's own read of the pairs (the model load and the training loop stubbed)."""
+    import dpo_core.modeling
+    import dpo_core.trainer
+    from app.train import worker
+
+    seen: list[list[dict]] = []
+
+    def fake_train(lm, train_pairs, config, out_dir, *, heldout, **_):
+        seen.append(train_pairs + heldout)
+        return SimpleNamespace(cancelled=True, adapter_dir=None)
+
+    monkeypatch.setattr(dpo_core.modeling, "load_model", lambda *a, **k: None)
+    monkeypatch.setattr(dpo_core.trainer, "train", fake_train)
+    run_id = service.start(TrainRequest(votes="unanimous")).run_id
+    with db.begin() as s:
+        config = runs.get_run(s, run_id).config
+    assert worker.train_and_register(db, run_id, config, tmp_path) == "cancelled"
+    assert [p["prompt"] for p in seen[0]] == ["same"]
