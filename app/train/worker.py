@@ -29,6 +29,7 @@ from common.cli import setup_logging
 from storage import runs
 from storage.db import open_db
 from storage.runs import RunStateError
+from storage.selection import VoteSelection
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,12 @@ def train_and_register(
 
     train_config = TrainConfig.from_dict(config["train"])
     with sm.begin() as s:
-        pairs = stored_pairs(s, train_config.heldout_fraction, train_config.min_heldout_pairs)
+        pairs = stored_pairs(
+            s,
+            train_config.heldout_fraction,
+            train_config.min_heldout_pairs,
+            VoteSelection.from_dict(config.get("votes")),  # which votes train, as the run chose
+        )
     train_pairs, heldout = pairs.train, pairs.heldout
     logger.info("run %d: %d training pairs, %d held out", run_id, len(train_pairs), len(heldout))
     with sm.begin() as s:  # the planned length, for the progress bar until the first step
