@@ -21,6 +21,7 @@ class AppState:
     lm: Any
     model_name: str
     services: Any = None  # app.services.Services: database, model versions, training, compare
+    judge: Any = None  # dpo_core.judge.Judge: suggestions beside each pair (None: no judge)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,13 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="users file: turns sign-in and roles on (manage it with `python -m app users`)",
     )
     p.add_argument("-v", "--verbose", action="store_true")
+    add_judge_flags(p)
     from app.serving.flags import add_serving_flags
 
     add_serving_flags(p)
     return p
 
 
+def add_judge_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("AI judge (suggestions beside each pair)")
+    g.add_argument("--judge", default=None, help="a local judge: embedded, a HF id or a directory")
+    g.add_argument("--judge-url", default=None, help="an OpenAI-compatible API, e.g. .../v1")
+    g.add_argument("--judge-model", default=None, help="the model name --judge-url serves")
+    g.add_argument(
+        "--judge-key-env",
+        default="DPO_STUDIO_JUDGE_KEY",
+        help="environment variable holding the endpoint's API key (never stored)",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> AppConfig:
+    from app.label.team import JudgeSettings
     from app.serving.flags import engine_limits
 
     return AppConfig(
@@ -68,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         port=args.port,
         auth_file=args.auth_file,
         engine_limits=engine_limits(args),
+        judge=JudgeSettings(args.judge, args.judge_url, args.judge_model, args.judge_key_env),
         prefetch=not args.no_prefetch,
     )
 
@@ -99,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         return users_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, server=True)
-    config = config_from_args(args)
     try:
+        config = config_from_args(args)
         sign_in = sign_in_for(config)
         state = start(config)
-    except StartupError as err:
+    except (StartupError, ValueError) as err:  # ValueError: flags that do not go together
         print(f"error: {err}", file=sys.stderr)
         return 2
     from app.auth.web import share_sign_in
@@ -131,6 +147,7 @@ def sign_in_for(config: AppConfig) -> dict[str, Any]:
 
 def start(config: AppConfig) -> AppState:
     """Load the model and open the services (database, versions, training, compare)."""
+    from app.label.team import make_judge
     from app.services import open_services
     from dpo_core.modeling import ModelLoadError, load_model
     from storage.db import StorageError
@@ -139,10 +156,11 @@ def start(config: AppConfig) -> AppState:
         lm = load_model(
             config.model, dtype=config.dtype, load_in_4bit=config.load_in_4bit, device=config.device
         )
+        judge = make_judge(config.judge, config.device) if config.judge else None
         services = open_services(config, lm)
     except (ModelLoadError, StorageError) as err:
         raise StartupError(err) from err
-    return AppState(config=config, lm=lm, model_name=config.model, services=services)
+    return AppState(config=config, lm=lm, model_name=config.model, services=services, judge=judge)
 
 
 def serve(state: AppState, sign_in: dict[str, Any]) -> None:
@@ -157,7 +175,12 @@ def serve(state: AppState, sign_in: dict[str, Any]) -> None:
     if config.engine_limits is not None:
         services.models.engine.limits = config.engine_limits
     label = open_label_service(
-        services.sm, services.models, config.model, config.data_dir, prefetch=config.prefetch
+        services.sm,
+        services.models,
+        config.model,
+        config.data_dir,
+        prefetch=config.prefetch,
+        judge=state.judge,
     )
     demo = build_ui(state, label)
     # Everything loaded so far (model, tokenizer, Gradio) lives as long as the app: keep it out

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from storage.db import default_data_dir, default_url
 
 if TYPE_CHECKING:
+    from app.label.team import JudgeSettings
     from dpo_core.engine import EngineLimits
 
 
@@ -33,6 +34,7 @@ class AppConfig:
     auth_file: Path | None = None  # users.toml: sign-in and roles on (None: off)
     engine_limits: EngineLimits | None = None  # the decode loop's (None: dpo_core's defaults)
     prefetch: bool = True  # start each annotator's next pair before their vote
+    judge: JudgeSettings | None = None  # an AI judge's suggestions beside each pair
 
     def resolved_db_url(self) -> str:
         return self.db_url or default_url(self.data_dir)

@@ -26,9 +26,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.label.team import SharedPair, SuggestionBook, next_shared
 from app.serving.service import ModelService, Waiting
 from dpo_core.engine import PREFETCH, Ticket
 from dpo_core.generation import AnswerSpec, GenerationUpdate, SamplingParams
+from dpo_core.judge import Judge, Suggestion
 from storage import repo, runs
 from storage.db import transaction
 from storage.models import Prompt
@@ -84,6 +86,8 @@ class PairProgress:
     notice: str | None = None
     done: bool = False
     ready_at: float | None = None  # time.time() when both answers were complete
+    suggestion: Suggestion | None = None  # an AI judge's, once the pair is complete
+    shared: str | None = None  # "judged by 1 of 3": a pair others judged (overlap)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,8 +144,10 @@ class LabelService:
         guidelines_path: Path | None = None,
         rng: random.Random | None = None,
         prefetch: bool = True,
+        judge: Judge | None = None,
     ) -> None:
         self.sm = sm
+        self.suggestions = SuggestionBook(judge)
         self.models = models
         self.base_model = base_model
         self.settings = settings or LabelSettings()
@@ -224,15 +230,34 @@ class LabelService:
         params = settings.params()
         self._drop_stale_prefetches()
         if typed is None and prompt_id is None:
+            shared = next_shared(self.sm, annotator, skipped, self.rng)
+            if shared is not None:
+                return self._with_suggestion(annotator, iter([shared_progress(shared)]))
             ready = self._take_prefetch(annotator, settings, skipped)
             if ready is not None:
                 self.models.versions.engine.promote(ready.ticket)
                 stream = self.models.relay(ready.ticket)
-                return self._pairs(stream, ready.pair, ready.specs, annotator, settings)
+                pairs = self._pairs(stream, ready.pair, ready.specs, annotator, settings)
+                return self._with_suggestion(annotator, pairs)
         prompt_id, prompt = self.pick_prompt(annotator, typed, skipped, prompt_id)
         pair, specs = self._new_pair(prompt_id, prompt, params)
         stream = self.models.stream(prompt, specs)
-        return self._pairs(stream, pair, specs, annotator, settings)
+        return self._with_suggestion(
+            annotator, self._pairs(stream, pair, specs, annotator, settings)
+        )
+
+    def _with_suggestion(
+        self, annotator: str, pairs: Iterator[PairProgress]
+    ) -> Iterator[PairProgress]:
+        """The pair as it streams, then once more with the judge's suggestion (if a judge)."""
+        pair = None
+        for pair in pairs:
+            yield pair
+        if pair is None or not pair.done or self.suggestions.judge is None:
+            return
+        texts = (pair.answers[0].text, pair.answers[1].text)
+        ids = (pair.answers[0].response_id, pair.answers[1].response_id)
+        yield replace(pair, suggestion=self.suggestions.suggest(annotator, pair.prompt, texts, ids))
 
     def _new_pair(
         self, prompt_id: int, prompt: str, params: list[SamplingParams]
@@ -369,6 +394,7 @@ class LabelService:
             raise ValueError("Type your name before voting: votes are recorded per annotator.")
         if len(annotator.strip()) > MAX_NAME_CHARS:
             raise ValueError(f"The name is too long: at most {MAX_NAME_CHARS} characters.")
+        shown = self.suggestions.shown(annotator, int(response_a_id), int(response_b_id))
         with transaction(self.sm, "Your vote") as s:
             preference, new = repo.record_preference(
                 s,
@@ -378,6 +404,7 @@ class LabelService:
                 annotator=annotator,
                 rewrite=rewrite,
                 seconds_spent=seconds_spent,
+                suggestion=shown,
             )
             preference_id = preference.id
             progress = _progress(s, annotator)  # same transaction: one lock, not two
@@ -395,6 +422,33 @@ def _progress(s: Session, annotator: str) -> Progress:
         usable_pairs=stats.overall.usable_pairs,
         by_choice=dict(stats.overall.by_choice),
         prompts=sum(stats.prompts.values()),
+    )
+
+
+def shared_progress(shared: SharedPair) -> PairProgress:
+    """A stored pair others judged, ready for this annotator's vote (no generation)."""
+    answers = tuple(
+        PairAnswer(
+            text=a.text,
+            num_tokens=a.num_tokens,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            max_new_tokens=a.max_new_tokens,
+            seed=a.seed,
+            finished=True,
+            latency_s=a.latency_s,
+            response_id=a.response_id,
+        )
+        for a in shared.answers
+    )
+    return PairProgress(
+        shared.prompt_id,
+        shared.prompt,
+        shared.version,
+        answers,
+        done=True,
+        ready_at=time.time(),
+        shared=f"judged by {shared.votes} of {shared.k}",
     )
 
 
@@ -418,6 +472,7 @@ def open_label_service(
     data_dir: Path,
     *,
     prefetch: bool = True,
+    judge: Judge | None = None,
 ) -> LabelService:
     """The Label tab's service on the app's shared model
     (`app.serving.versions.VersionedModel`); fills an empty prompt queue with the
@@ -428,6 +483,7 @@ def open_label_service(
         base_model,
         guidelines_path=data_dir / "guidelines.md",
         prefetch=prefetch,
+        judge=judge,
     )
     service.import_default_prompts()
     return service

@@ -27,6 +27,7 @@ from app.label.service import (
     Progress,
 )
 from app.safe_text import safe_markdown
+from dpo_core.judge import Suggestion
 from storage.db import StorageError
 
 logger = logging.getLogger(__name__)
@@ -132,9 +133,22 @@ def status_text(pair: PairProgress) -> str:
         return f"⏳ Waiting for the model: {ahead} request(s) ahead of you…{notice}"
     if not pair.done:
         return f"Writing two answers with version **{pair.version}**…{notice}"
+    shared = f" A pair others judged ({pair.shared})." if pair.shared else ""
     return (
-        f"Both answers are ready (version **{pair.version}**). Vote with the buttons or the "
-        f"keys 1–4; S skips, R regenerates.{notice}"
+        f"Both answers are ready (version **{pair.version}**).{shared} Vote with the buttons or "
+        f"the keys 1–4; S skips, R regenerates.{notice}{suggestion_text(pair.suggestion)}"
+    )
+
+
+def suggestion_text(suggestion: Suggestion | None) -> str:
+    """The judge's suggestion as a line under the status; the person's vote decides."""
+    if suggestion is None:
+        return ""
+    if suggestion.choice is None:
+        return f"\n\n🤖 No suggestion from {suggestion.judge}: {suggestion.reason}"
+    pick = {"a": "A is better", "b": "B is better", "tie": "a tie"}[suggestion.choice]
+    return (
+        f"\n\n🤖 **{suggestion.judge} suggests: {pick}** ({suggestion.reason}). Your vote decides."
     )
 
 
