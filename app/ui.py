@@ -59,7 +59,8 @@ def build_ui(state: Any, label: LabelService | None = None) -> gr.Blocks:
             build_compare_tab(service=state.services.compare, tab_block=compare_tab)
             build_leaderboard(state.services.sm, state.config.model, compare_tab)
         data = DataService(state.services.sm, Path(get_upload_folder()) / "dpo-studio-exports")
-        agreement = AgreementService(state.services.sm, team_size(state.config.auth_file))
+        judge = label.judge_label if label.suggestions.judge is not None else None
+        agreement = AgreementService(state.services.sm, team_size(state.config.auth_file), judge)
         with gr.Tab("Data") as data_tab:
             build_data_tab(service=data, demo=demo, tab_block=data_tab)
             build_agreement_panel(service=agreement, demo=demo, tab_block=data_tab)

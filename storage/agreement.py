@@ -27,6 +27,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from storage.models import Preference
+from storage.overlap import JUDGE_PREFIX
 
 VALUES = ("first", "second", "tie", "both_bad")  # a vote per answer, not per side
 BIAS_P_VALUE = 0.01  # flag a side preference when a fair coin gives it less often than this
@@ -206,11 +207,12 @@ class JudgeFollowed:
 
 
 def judge_followed(session: Session) -> list[JudgeFollowed]:
-    """Per judge: votes cast with its suggestion shown, and how many followed it."""
+    """Per judge: people's votes cast with its suggestion shown, and how many followed it."""
     followed = func.sum(case((Preference.choice == Preference.suggested_choice, 1), else_=0))
     rows = session.execute(
         select(Preference.suggested_by, func.count(), followed)
         .where(Preference.suggested_choice.is_not(None))
+        .where(~Preference.annotator.startswith(JUDGE_PREFIX))  # the judge's own votes
         .group_by(Preference.suggested_by)
         .order_by(Preference.suggested_by)
     )

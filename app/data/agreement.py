@@ -106,8 +106,24 @@ class AgreementService:
     """Reads agreement from the database; sets the overlap. `team_size` says how many people
     can label (the users file's users with sign-in on), None when unknown."""
 
-    def __init__(self, sm: sessionmaker[Session], team_size: Callable[[], int | None]) -> None:
+    def __init__(
+        self,
+        sm: sessionmaker[Session],
+        team_size: Callable[[], int | None],
+        judge_label: Callable[[int], str] | None = None,
+    ) -> None:
         self.sm, self.team_size = sm, team_size
+        self.judge_label = judge_label  # LabelService.judge_label when the app has a judge
+
+    def run_judge(self, count: Any) -> str:
+        """Let the AI judge label `count` pairs (ValueError: no judge, or a bad count)."""
+        if self.judge_label is None:
+            raise ValueError("No AI judge: start the app with --judge or --judge-url.")
+        try:
+            count = int(count)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"the number of pairs must be a whole number; got {count!r}") from err
+        return self.judge_label(count)
 
     def view(self) -> AgreementView:
         with self.sm.begin() as s:
@@ -143,6 +159,9 @@ class AgreementPanel:
     overlap_message: gr.Markdown
     download_btn: gr.Button
     download: gr.File
+    judge_row: gr.Row
+    judge_count: gr.Number
+    judge_btn: gr.Button
 
 
 def refresh(service: AgreementService, panel: AgreementPanel) -> dict[Any, Any]:
@@ -191,6 +210,11 @@ def layout() -> AgreementPanel:
             )
             overlap_btn = gr.Button("Set overlap", scale=0, elem_id="agreement-set-overlap")
             download_btn = gr.Button("Download (JSON)", scale=0, elem_id="agreement-download")
+        with gr.Row(visible=False) as judge_row:
+            judge_count = gr.Number(
+                value=10, precision=0, minimum=1, label="Pairs for the AI judge to label (admins)"
+            )
+            judge_btn = gr.Button("Let the judge label", scale=0, elem_id="agreement-judge")
         overlap_message = gr.Markdown(elem_id="agreement-message")
         download = gr.File(label="Agreement", interactive=False, visible=True)
     return AgreementPanel(
@@ -202,6 +226,9 @@ def layout() -> AgreementPanel:
         overlap_message,
         download_btn,
         download,
+        judge_row,
+        judge_count,
+        judge_btn,
     )
 
 
@@ -229,9 +256,24 @@ def build_agreement_panel(
     panel.download_btn.click(on_download, outputs=[panel.download], **private)
 
     def show_admin_controls(request: gr.Request) -> dict[Any, Any]:
-        return {panel.overlap_btn: gr.Button(visible=request_role(request) == ADMIN)}
+        admin = request_role(request) == ADMIN
+        return {
+            panel.overlap_btn: gr.Button(visible=admin),
+            panel.judge_row: gr.Row(visible=admin and service.judge_label is not None),
+        }
 
-    demo.load(show_admin_controls, outputs=[panel.overlap_btn], **private)
+    def on_judge(count: float, request: gr.Request) -> dict[Any, Any]:
+        require_role(request, ADMIN, "let the judge label")
+        try:
+            message = f"✅ {service.run_judge(count)}"
+        except ValueError as err:
+            return {panel.overlap_message: f"⚠️ {err}"}
+        return {panel.overlap_message: message, **refresh(service, panel)}
+
+    demo.load(show_admin_controls, outputs=[panel.overlap_btn, panel.judge_row], **private)
+    panel.judge_btn.click(
+        on_judge, inputs=[panel.judge_count], outputs=[panel.overlap_message, *outputs], **private
+    )
     return panel
 
 
@@ -250,5 +292,14 @@ def register_api(service: AgreementService) -> None:
         except ValueError as err:
             raise gr.Error(str(err), title="Overlap") from err
 
+    def judge_label_api(count: int = 10, request: gr.Request = None) -> str:  # type: ignore[assignment]
+        """Let the AI judge label `count` pairs of its queue as `judge:<name>`. Admins only."""
+        require_role(request, ADMIN, "let the judge label")
+        try:
+            return service.run_judge(count)
+        except ValueError as err:
+            raise gr.Error(str(err), title="AI judge") from err
+
     gr.api(agreement, api_name="agreement")
+    gr.api(judge_label_api, api_name="judge_label")
     gr.api(set_overlap_api, api_name="set_overlap")

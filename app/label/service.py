@@ -34,6 +34,7 @@ from dpo_core.judge import Judge, Suggestion
 from storage import repo, runs
 from storage.db import transaction
 from storage.models import Prompt
+from storage.overlap import JUDGE_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ DEFAULT_GUIDELINES = APP_DIR / "guidelines.md"
 CHOICES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 SEED_RANGE = 2**31 - 1
 MAX_NAME_CHARS = 200  # storage's annotator column
+MAX_JUDGE_BATCH = 200  # pairs the judge labels per click
 PREFETCH_TTL_S = 600.0  # a next pair nobody asked for within this long is dropped
 
 
@@ -295,7 +297,7 @@ class LabelService:
 
     def _start_prefetch(self, annotator: str, settings: LabelSettings, shown: int) -> None:
         """Start `annotator`'s next queue pair at low priority (nothing is stored yet)."""
-        if not self.prefetch or not annotator.strip():
+        if not self.prefetch or not annotator.strip() or annotator.startswith(JUDGE_PREFIX):
             return
         version = self.models.active_version
         with self._prefetch_lock:
@@ -374,6 +376,28 @@ class LabelService:
             if version.name == name:
                 return version.id
         raise ValueError(f"model version {name!r} is not in the database")
+
+    # --- AI feedback ---------------------------------------------------------------------------
+
+    def judge_label(self, count: int) -> str:
+        """Let the judge label `count` pairs of its own queue as annotator `judge:<name>` (kept
+        apart from people's votes, and off for training unless chosen). A message for the admin.
+        Raises ValueError without a judge or for a bad count."""
+        judge = self.suggestions.judge
+        if judge is None:
+            raise ValueError("No AI judge: start the app with --judge or --judge-url.")
+        if not 1 <= int(count) <= MAX_JUDGE_BATCH:
+            raise ValueError(f"choose between 1 and {MAX_JUDGE_BATCH} pairs, got {count}")
+        name = f"{JUDGE_PREFIX}{judge.name}"
+        labeled = unsure = 0
+        for _ in range(int(count)):
+            *_, pair = [None, *self.generate_pair(name)]  # the last event: the complete pair
+            if pair is None or pair.suggestion is None or pair.suggestion.choice is None:
+                unsure += 1
+                continue
+            self.vote(name, *(a.response_id for a in pair.answers), pair.suggestion.choice)
+            labeled += 1
+        return f"{name} labeled {labeled} pair(s); no verdict on {unsure}."
 
     # --- voting -------------------------------------------------------------------------------
 

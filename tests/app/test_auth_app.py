@@ -32,6 +32,7 @@ ADMIN_ONLY = {
     "/activate_version": {"name": "base"},
     "/set_overlap": {"k": 2},
     "/export_version": {"name": "base", "fmt": "merged"},
+    "/judge_label": {"count": 1},
 }
 
 
@@ -100,11 +101,13 @@ def test_overlap_is_bounded_by_the_team_and_everyone_reads_agreement(app):
     report = _client(app, "ann").predict(api_name="/agreement")
     assert report["overlap_k"] == 2 and report["alpha"] is None
     assert boss.predict(1, api_name="/set_overlap").startswith("Overlap off")
+    with pytest.raises(AppError, match="No AI judge: start the app with --judge"):
+        boss.predict(5, api_name="/judge_label")
 
 
 def test_annotator_reads_the_counts_and_the_versions(app):
     stats = _client(app, "ann").predict(api_name="/data_stats")
-    assert set(stats) == {"prompts", "responses", "votes", "by_annotator"}
+    assert set(stats) == {"prompts", "responses", "votes", "by_annotator", "default_pairs"}
     versions = _client(app, "ann").predict(api_name="/list_versions")
     assert [(v["version"], v["active"]) for v in versions] == [("base", True)]
 

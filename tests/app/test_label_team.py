@@ -100,3 +100,35 @@ def test_a_judge_without_a_verdict_leaves_the_pair_labelable(label):
     service.vote("ann", *ids(pair), "a")
     with service.sm.begin() as s:
         assert s.scalars(select(Preference)).one().suggested_choice is None
+
+
+def test_the_judge_labels_a_batch_apart_from_people(label):
+    service = label(judge=PrefersLonger())
+    with pytest.raises(ValueError, match="between 1 and 200"):
+        service.judge_label(0)
+    assert service.judge_label(2) == "judge:longer labeled 2 pair(s); no verdict on 0."
+    with service.sm.begin() as s:
+        votes = s.scalars(select(Preference)).all()
+        assert [v.annotator for v in votes] == ["judge:longer"] * 2
+        assert judge_followed(s) == []  # the judge following itself is not "people followed"
+        pairs = repo.preference_pairs(s, split="train")
+    assert pairs.pairs == []  # judge votes do not train unless chosen
+
+
+def test_no_judge_no_batch(label):
+    with pytest.raises(ValueError, match="No AI judge"):
+        label().judge_label(3)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--judge", "embedded", "--judge-url", "http://x/v1"], "choose one judge"),
+        (["--judge-url", "http://x/v1"], "--judge-url needs --judge-model"),
+    ],
+)
+def test_judge_flags_that_do_not_go_together_are_refused(flags, message, capsys, tmp_path):
+    from app.__main__ import main
+
+    assert main([*flags, "--data-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
