@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -150,3 +151,26 @@ def close() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     _current = Comm()
+
+
+def visible_devices() -> int:
+    """How many processes a run uses by default: one per visible CUDA GPU, 1 without one."""
+    return max(1, torch.cuda.device_count())
+
+
+def devices_problem(devices: int) -> str | None:
+    """Why `devices` training processes cannot run here (None: they can). On CPU any number
+    runs (each process a share of the cores); with CUDA, at most one per visible GPU."""
+    gpus = torch.cuda.device_count()
+    if gpus and devices > gpus:
+        return f"devices is {devices} but only {gpus} GPU(s) are visible"
+    return None
+
+
+def launch_command(devices: int, module: str, args: list[str]) -> list[str]:
+    """`python -m <module> <args>`, under torchrun with `devices` processes when more than 1
+    (`--standalone`: one machine, a free port found by torchrun)."""
+    if devices <= 1:
+        return [sys.executable, "-m", module, *args]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*torchrun, "--nproc_per_node", str(devices), "-m", module, *args]
