@@ -60,3 +60,18 @@ def test_a_two_device_run_trains_under_torchrun_and_registers_v1(
         assert runs.active_version(s, "tiny").name == "v1"
     assert (tmp_path / "adapters" / "v1" / "adapter_model.safetensors").exists()
     assert "rank 1 of 2" in log  # the worker ran under torchrun, two ranks
+
+
+def test_more_devices_than_gpus_is_refused_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    url = f"sqlite:///{tmp_path / 'studio.db'}"
+    sm = open_db(url)
+    model = {"model": "tiny", "dtype": "fp32", "device": "cpu"}
+    service = TrainingService(
+        sm, db_url=url, data_dir=tmp_path, base_model="tiny", model_settings=model
+    )
+    result = service.start(TrainRequest(devices=3))
+    assert not result.ok
+    assert result.message == "Invalid settings: devices is 3 but only 1 GPU(s) are visible"
+    with sm.begin() as s:
+        assert runs.list_runs(s) == []
