@@ -120,3 +120,19 @@ def test_a_rank_that_dies_fails_the_run_without_an_adapter(tiny_model_dir, tmp_p
     assert "ChildFailedError" in log and "Signal 9 (SIGKILL)" in log, log[-3000:]
     assert not out.exists()
     assert not out.parent.exists() or not list(out.parent.glob(".v1-*"))  # no partial save
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_same_data_parallel_training(tiny_model_dir, tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
+    out = tmp_path / "v1"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                  "--num_processes", "2"]  # fmt: skip
+    args = train_args(tiny_model_dir, pairs, out, "--epochs", "1")
+    res = subprocess.run(
+        [*accelerate, *args[:2], "-v", *args[2:]],
+        capture_output=True, text=True, env=ENV, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rank 1 of 2" in res.stderr and res.stdout.count("adapter saved to") == 1
+    assert (out / "adapter_model.safetensors").exists()
