@@ -48,10 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="users file: turns sign-in and roles on (manage it with `python -m app users`)",
     )
     p.add_argument("-v", "--verbose", action="store_true")
+    from app.serving.flags import add_serving_flags
+
+    add_serving_flags(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> AppConfig:
+    from app.serving.flags import engine_limits
+
     return AppConfig(
         model=args.model,
         dtype=args.dtype,
@@ -62,6 +67,8 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         host=args.host,
         port=args.port,
         auth_file=args.auth_file,
+        engine_limits=engine_limits(args),
+        prefetch=not args.no_prefetch,
     )
 
 
@@ -147,7 +154,11 @@ def serve(state: AppState, sign_in: dict[str, Any]) -> None:
     from app.ui import build_ui
 
     config, services = state.config, state.services
-    label = open_label_service(services.sm, services.models, config.model, config.data_dir)
+    if config.engine_limits is not None:
+        services.models.engine.limits = config.engine_limits
+    label = open_label_service(
+        services.sm, services.models, config.model, config.data_dir, prefetch=config.prefetch
+    )
     demo = build_ui(state, label)
     # Everything loaded so far (model, tokenizer, Gradio) lives as long as the app: keep it out
     # of the collector's full passes, whose pauses otherwise stall every request.

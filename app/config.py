@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from storage.db import default_data_dir, default_url
+
+if TYPE_CHECKING:
+    from dpo_core.engine import EngineLimits
 
 
 def adapters_dir(data_dir: Path) -> Path:
@@ -27,6 +31,8 @@ class AppConfig:
     host: str = "127.0.0.1"
     port: int = 7860
     auth_file: Path | None = None  # users.toml: sign-in and roles on (None: off)
+    engine_limits: EngineLimits | None = None  # the decode loop's (None: dpo_core's defaults)
+    prefetch: bool = True  # start each annotator's next pair before their vote
 
     def resolved_db_url(self) -> str:
         return self.db_url or default_url(self.data_dir)

@@ -10,6 +10,8 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from app.auth.users import UserStore
+from app.compare.leaderboard_tab import build_leaderboard
+from app.compare.leaderboard_tab import register_api as register_leaderboard_api
 from app.compare.tab import build_compare_tab
 from app.compare.tab import register_api as register_compare_api
 from app.data.agreement import AgreementService, build_agreement_panel
@@ -20,6 +22,8 @@ from app.data.tab import register_api as register_data_api
 from app.label.service import LabelService, open_label_service
 from app.label.tab import build_label_tab
 from app.label.tab import register_api as register_label_api
+from app.train.export_panel import build_export_panel
+from app.train.export_panel import register_api as register_export_api
 from app.train.tab import build_train_tab
 from app.train.tab import register_api as register_train_api
 from app.train.version_panel import build_version_panel
@@ -50,8 +54,10 @@ def build_ui(state: Any, label: LabelService | None = None) -> gr.Blocks:
         with gr.Tab("Train") as train_tab:
             build_train_tab(service=training, tab_block=train_tab)
             build_version_panel(service=training, demo=demo, tab_block=train_tab)
+            build_export_panel(training, demo, train_tab)
         with gr.Tab("Compare") as compare_tab:
             build_compare_tab(service=state.services.compare, tab_block=compare_tab)
+            build_leaderboard(state.services.sm, state.config.model, compare_tab)
         data = DataService(state.services.sm, Path(get_upload_folder()) / "dpo-studio-exports")
         agreement = AgreementService(state.services.sm, team_size(state.config.auth_file))
         with gr.Tab("Data") as data_tab:
@@ -63,4 +69,6 @@ def build_ui(state: Any, label: LabelService | None = None) -> gr.Blocks:
         register_data_api(data)
         register_agreement_api(agreement)
         register_version_api(training)
+        register_export_api(training)
+        register_leaderboard_api(state.services.sm, state.config.model)
     return demo

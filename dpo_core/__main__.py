@@ -1,4 +1,4 @@
-"""`python -m dpo_core`: generate answers or train a DPO adapter from the command line."""
+"""`python -m dpo_core`: generate answers, train a DPO adapter or export a version."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import time
 
 from common.cli import setup_logging
+from dpo_core.export_cli import add_export_parser
 from dpo_core.modeling import ModelLoadError, add_model_args, load_model
 from dpo_core.train_cli import add_train_parser
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
     add_train_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

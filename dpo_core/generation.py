@@ -190,6 +190,61 @@ class StandardSession:
         return out.logits[:, -1].float()
 
 
+class StandardBatchSession:
+    """Several prompts decoded in one batch on the model's own forward pass (any causal LM).
+
+    Prompts are left-padded to one length (B, T) with an attention mask that hides the padding
+    and position ids counted from each row's first real token, so a row reads what it would
+    read alone. row_prompt[i] is the index in `prompts` that row i answers.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        prompts: list[torch.Tensor],
+        row_prompt: list[int],
+        row_adapters: list[str],
+        pad_id: int,
+        peft: bool,
+    ) -> None:
+        self.standard = StandardSession(model, row_adapters, peft)
+        length = max(int(p.shape[0]) for p in prompts)
+        ids = torch.full((len(row_prompt), length), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(row_prompt), length, dtype=torch.long)
+        for row, i in enumerate(row_prompt):
+            n = int(prompts[i].shape[0])
+            ids[row, length - n :] = prompts[i]
+            mask[row, length - n :] = 1
+        device = self.standard.device
+        self.ids, self.mask = ids.to(device), mask.to(device)  # (B, T) each
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        """Next-token logits (B, V) float32 after every row's prompt."""
+        return self._forward(self.ids, self.positions)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) tokens -> next-token logits (B, V) float32."""
+        ones = self.mask.new_ones(self.mask.shape[0], 1)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        self.positions = self.positions[:, -1:] + 1
+        return self._forward(tokens.to(self.standard.device)[:, None], self.positions)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        s = self.standard
+        out = s.model(
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=positions,
+            past_key_values=s.cache,
+            use_cache=True,
+            **s.kwargs,
+        )
+        return out.logits[:, -1].float()
+
+
 class AnswerGenerator:
     """Generates answers with one loaded model; build once (it packs the weights), reuse.
 
@@ -288,6 +343,18 @@ class AnswerGenerator:
         if not peft and any(r != BASE for r in rows):
             raise ValueError("this model has no adapters loaded")
         return StandardSession(self.lm.model, rows, peft), "standard"
+
+    def standard_batch(
+        self, prompts: list[torch.Tensor], row_prompt: list[int], row_adapters: list[str]
+    ) -> StandardBatchSession:
+        """A batch of several prompts on the model's own forward pass (see the class)."""
+        peft = bool(self.adapters())
+        if not peft and any(r != BASE for r in row_adapters):
+            raise ValueError("this model has no adapters loaded")
+        tokenizer = self.lm.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
+        model = self.lm.model
+        return StandardBatchSession(model, prompts, row_prompt, row_adapters, int(pad), peft)
 
     def _decode(
         self,

@@ -17,7 +17,8 @@ from storage.agreement import AgreementReport, agreement_report, load_judgements
 from storage.db import StorageError, default_url, open_db
 from storage.io import EXPORT_FORMATS, export_preferences, import_pairs, import_prompts
 from storage.models import SCHEMA_VERSION, SPLITS
-from storage.repo import store_stats
+from storage.repo import store_stats, unknown_annotators
+from storage.selection import DEFAULT_VOTES, VOTE_MODES, VoteSelection
 
 
 def cmd_init(db: sessionmaker[Session], args: argparse.Namespace) -> int:
@@ -49,9 +50,16 @@ def cmd_import_pairs(db: sessionmaker[Session], args: argparse.Namespace) -> int
 
 def cmd_export(db: sessionmaker[Session], args: argparse.Namespace) -> int:
     split = None if args.split == "all" else args.split
+    selection = VoteSelection(
+        votes=args.votes, leave_out=tuple(args.leave_out), include_judges=args.include_judges
+    )
     with db.begin() as session:
-        n = export_preferences(session, args.file, fmt=args.format, split=split)
-    print(f"{args.file}: {n} pairs written ({args.format} format)")
+        for name in unknown_annotators(session, selection):
+            print(f"warning: no votes by {name!r}: nothing to leave out for them", file=sys.stderr)
+        n = export_preferences(
+            session, args.file, fmt=args.format, split=split, selection=selection
+        )
+    print(f"{args.file}: {n} pairs written ({args.format} format, votes: {args.votes})")
     return 0
 
 
@@ -112,6 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help=".jsonl, .json, .parquet, or a new directory (save_to_disk)")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="standard")
     p.add_argument("--split", choices=(*SPLITS, "all"), default="all")
+    p.add_argument(
+        "--votes",
+        choices=VOTE_MODES,
+        default=DEFAULT_VOTES,
+        help="answers judged by several annotators: the majority's choice (a tie of votes "
+        "does not train), only unanimous ones, or every vote as its own pair (default: "
+        "%(default)s)",
+    )
+    p.add_argument(
+        "--leave-out",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="ignore this annotator's votes (repeatable)",
+    )
+    p.add_argument(
+        "--include-judges",
+        action="store_true",
+        help="also use votes by AI judges (annotators named judge:<name>); off by default",
+    )
     p.set_defaults(func=cmd_export)
     sub.add_parser(
         "stats", parents=[common], help="counts per split, choice, annotator"

@@ -34,6 +34,7 @@ from storage.repo import (
     check_storable,
     preference_pairs,
 )
+from storage.selection import VoteSelection
 
 MAX_FILE_BYTES = 1 << 30
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -82,13 +83,20 @@ def import_pairs(
 
 
 def export_preferences(
-    session: Session, path: str | Path, *, fmt: str = "standard", split: str | None = None
+    session: Session,
+    path: str | Path,
+    *,
+    fmt: str = "standard",
+    split: str | None = None,
+    selection: VoteSelection | None = None,
 ) -> int:
     """Write the training pairs to `.jsonl`/`.json`/`.parquet`, or a `save_to_disk` directory
-    (any other name). Returns the number of rows. The file appears whole or not at all."""
+    (any other name). Returns the number of rows. The file appears whole or not at all.
+    `selection`: which votes make pairs (default: the majority of human votes), as in training.
+    """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {EXPORT_FORMATS}")
-    pairs = preference_pairs(session, split=split).pairs
+    pairs = preference_pairs(session, split=split, selection=selection).pairs
     if not pairs:
         raise StorageError("there are no usable preference pairs to export yet")
     rows = [

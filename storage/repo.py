@@ -7,7 +7,7 @@ event (`with Session.begin() as session: ...`).
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, Select, case, func, select
@@ -28,6 +28,7 @@ from storage.models import (
     now_utc,
     text_hash,
 )
+from storage.selection import VoteSelection, agreed_outcome
 
 CHUNK = 500  # values per IN (...): well under SQLite's limit on bound parameters
 
@@ -55,9 +56,15 @@ class PreferencePair:
 
 @dataclass(frozen=True)
 class PairSet:
+    """Training pairs and what did not train. Under `every` the counts are votes; under
+    `majority`/`unanimous` they are pairs of answers (an agreed tie, an agreed both-bad, no
+    agreement)."""
+
     pairs: list[PreferencePair]
     excluded_ties: int
     excluded_both_bad: int
+    undecided: int = 0  # pairs of answers whose votes do not agree enough
+    left_out: int = 0  # votes not read: left-out annotators, AI judges unless included
 
 
 @dataclass
@@ -381,41 +388,108 @@ def _two_responses(session: Session, first_id: int, second_id: int) -> _AnswerPa
     return _AnswerPair(first.prompt_id, first.model_version_id, second.model_version_id)
 
 
-def preference_pairs(session: Session, *, split: str | None = "train") -> PairSet:
+def preference_pairs(
+    session: Session, *, split: str | None = "train", selection: VoteSelection | None = None
+) -> PairSet:
     """Votes turned into (prompt, chosen, rejected) pairs, oldest vote first.
 
-    `a`/`b`: the winner is chosen, the other rejected; with a rewrite, the rewrite is chosen
-    against the loser. `tie`/`both_bad`: excluded (and counted), unless the annotator wrote a
+    `selection` (default: `VoteSelection()`, majority of human votes) says which votes are
+    read and how several votes on the same two answers decide (storage/selection.py). One vote
+    gives: `a`/`b`: the winner is chosen, the other rejected; with a rewrite, the rewrite is
+    chosen against the loser. `tie`/`both_bad`: nothing (counted), unless the annotator wrote a
     better answer: then it is chosen against each of the two.
     """
+    selection = selection or VoteSelection()
+    read: list[Any] = []
+    left_out = 0
+    for vote in session.execute(_votes_query(split)):
+        if selection.reads(vote.annotator):
+            read.append(vote)
+        else:
+            left_out += 1
+    if selection.votes == "every":
+        pair_set = _pairs_of_votes(read)
+    else:
+        pair_set = _pairs_by_agreement(read, selection.votes)
+    return replace(pair_set, left_out=left_out)
+
+
+def _pairs_of_votes(votes: Sequence[Any]) -> PairSet:
+    """Each vote its own pairs (`every`); ties and both-bad votes without a rewrite counted."""
     pairs: list[PreferencePair] = []
     ties = both_bad = 0
-    for vote in session.execute(_votes_query(split)):
-        a = _Answer(vote.a_text, vote.a_version)
-        b = _Answer(vote.b_text, vote.b_version)
-        winner, loser = (b, a) if vote.choice == "b" else (a, b)
-        rewrite = _Answer(vote.rewrite, None) if vote.rewrite else None
-        if vote.choice in ("a", "b"):
-            chosen, losers = rewrite or winner, [loser]
-        elif rewrite:
-            chosen, losers = rewrite, [a, b]
-        else:
+    for vote in votes:
+        made = _vote_pairs(vote)
+        pairs += made
+        if not made:
             ties += vote.choice == "tie"
             both_bad += vote.choice == "both_bad"
-            continue
-        for lost in losers:
-            pairs.append(
-                PreferencePair(
-                    prompt=vote.prompt,
-                    chosen=chosen.text,
-                    rejected=lost.text,
-                    annotator=vote.annotator,
-                    chosen_model_version=chosen.version,
-                    rejected_model_version=lost.version,
-                    preference_id=vote.id,
-                )
-            )
     return PairSet(pairs, excluded_ties=ties, excluded_both_bad=both_bad)
+
+
+def _pairs_by_agreement(votes: Sequence[Any], mode: str) -> PairSet:
+    """`majority`/`unanimous`: per pair of answers, the votes of the agreed outcome train
+    (identical pairs once, credited to every annotator who gave them); answer pairs with no
+    agreement, or an agreed tie / both-bad with no rewrite, are counted."""
+    units: dict[tuple[int, int], list[Any]] = {}
+    for vote in votes:
+        units.setdefault((vote.response_a_id, vote.response_b_id), []).append(vote)
+    found: dict[tuple[str, str, str], list[PreferencePair]] = {}
+    ties = both_bad = undecided = 0
+    for unit_votes in units.values():
+        outcome = agreed_outcome([v.choice for v in unit_votes], mode)
+        made = [p for v in unit_votes if v.choice == outcome for p in _vote_pairs(v)]
+        for pair in made:
+            found.setdefault((pair.prompt, pair.chosen, pair.rejected), []).append(pair)
+        if not made:
+            undecided += outcome is None
+            ties += outcome == "tie"
+            both_bad += outcome == "both_bad"
+    pairs = [
+        replace(same[0], annotator=", ".join(dict.fromkeys(p.annotator for p in same)))
+        for same in found.values()
+    ]
+    pairs.sort(key=lambda p: p.preference_id)
+    return PairSet(pairs, excluded_ties=ties, excluded_both_bad=both_bad, undecided=undecided)
+
+
+def _vote_pairs(vote: Any) -> list[PreferencePair]:
+    """The pairs one vote (a `_votes_query` row) gives, on its own."""
+    a = _Answer(vote.a_text, vote.a_version)
+    b = _Answer(vote.b_text, vote.b_version)
+    winner, loser = (b, a) if vote.choice == "b" else (a, b)
+    rewrite = _Answer(vote.rewrite, None) if vote.rewrite else None
+    if vote.choice in ("a", "b"):
+        chosen, losers = rewrite or winner, [loser]
+    elif rewrite:
+        chosen, losers = rewrite, [a, b]
+    else:
+        return []
+    return [
+        PreferencePair(
+            prompt=vote.prompt,
+            chosen=chosen.text,
+            rejected=lost.text,
+            annotator=vote.annotator,
+            chosen_model_version=chosen.version,
+            rejected_model_version=lost.version,
+            preference_id=vote.id,
+        )
+        for lost in losers
+    ]
+
+
+def vote_annotators(session: Session) -> list[str]:
+    """Everyone who has voted, AI judges included, sorted: the names `leave_out` can take."""
+    query = select(Preference.annotator).distinct().order_by(Preference.annotator)
+    return list(session.scalars(query))
+
+
+def unknown_annotators(session: Session, selection: VoteSelection) -> list[str]:
+    """The names in `selection.leave_out` with no votes (a typo, or someone not voting yet):
+    leaving them out changes nothing, so callers say so and go on."""
+    known = set(vote_annotators(session))
+    return [name for name in selection.leave_out if name not in known]
 
 
 class _Answer(NamedTuple):
@@ -424,13 +498,16 @@ class _Answer(NamedTuple):
 
 
 def _votes_query(split: str | None) -> Select:
-    """One row per vote, columns named: id, prompt, choice, rewrite, annotator, a_text,
-    a_version, b_text, b_version (a version is a model version's name, None when none)."""
+    """One row per vote, columns named: id, response_a_id, response_b_id, prompt, choice,
+    rewrite, annotator, a_text, a_version, b_text, b_version (a version is a model version's
+    name, None when none)."""
     resp_a, resp_b = aliased(Response), aliased(Response)
     ver_a, ver_b = aliased(ModelVersion), aliased(ModelVersion)
     query = (
         select(
             Preference.id,
+            Preference.response_a_id,
+            Preference.response_b_id,
             Prompt.text.label("prompt"),
             Preference.choice,
             Preference.rewrite,
@@ -451,7 +528,8 @@ def _votes_query(split: str | None) -> Select:
 
 
 def _usable_pairs() -> ColumnElement[int]:
-    """How many training pairs one vote gives, as SQL (the rule of `preference_pairs`)."""
+    """How many training pairs one vote gives on its own, as SQL (`preference_pairs` with
+    `votes="every"`)."""
     return case(
         (Preference.choice.in_(("a", "b")), 1),
         (Preference.rewrite.is_not(None), 2),

@@ -24,6 +24,7 @@ from app.train.service import TrainRequest, config_default
 from dpo_core.generation import SamplingParams
 from storage import repo, runs
 from storage.db import transaction
+from storage.selection import VoteSelection
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +92,10 @@ class CompareService:
         return texts[:limit]
 
     def heldout_pairs(self) -> list[dict[str, Any]]:
-        """Preference pairs no run trained on (same stable split as the latest run's)."""
+        """Preference pairs no run trained on (same stable split and choice of votes as the
+        latest run's)."""
         with self.sm.begin() as s:
-            return stored_pairs(s, *_latest_split(s)).heldout
+            return stored_pairs(s, *_latest_split(s), _latest_selection(s)).heldout
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -243,6 +245,12 @@ def _check_prompt(prompt: str | None) -> str:
     if prompt is None or not prompt.strip():
         raise ValueError("the prompt is empty: type one or pick a held-out prompt")
     return prompt.strip()
+
+
+def _latest_selection(s: Session) -> VoteSelection:
+    """The votes the latest run trained on (storage/selection.py), else the default choice."""
+    latest = next(iter(runs.list_runs(s)), None)
+    return VoteSelection.from_dict((latest.config or {}).get("votes") if latest else None)
 
 
 def _latest_split(s: Session) -> tuple[float, int]:

@@ -8,8 +8,9 @@ problem.
 
 from __future__ import annotations
 
+import logging
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.db import StorageError, transaction
 from storage.io import EXPORT_FORMATS, export_preferences, import_pairs, import_prompts
 from storage.models import SPLITS
-from storage.repo import store_stats
+from storage.repo import preference_pairs, store_stats, unknown_annotators
+from storage.selection import DEFAULT_VOTES, VOTE_MODES, VoteSelection
+
+logger = logging.getLogger(__name__)
 
 EXPORT_FILE_TYPES = (".jsonl", ".parquet")
 EXPORT_SPLITS = ("all", *SPLITS)
@@ -57,10 +61,13 @@ class DataService:
 
     def stats(self) -> dict[str, Any]:
         """Prompts per split, responses, and votes overall and per annotator (by choice, with
-        the usable training pairs among them)."""
+        the usable training pairs among them, each vote on its own), and the pairs a run trains
+        on by default (the majority of human votes per pair of answers)."""
         with self.sm.begin() as s:
             stats = store_stats(s)
+            trained = len(preference_pairs(s, split=None).pairs)
         return {
+            "default_pairs": trained,  # what a run trains on by default: majority, no judges
             "prompts": dict(stats.prompts),
             "responses": stats.responses,
             "votes": asdict(stats.overall),
@@ -94,9 +101,20 @@ class DataService:
         return ImportOutcome(name, result.new_votes, result.pairs - result.new_votes, message)
 
     def export(
-        self, *, fmt: str = "standard", file_type: str = ".jsonl", split: str = "all"
+        self,
+        *,
+        fmt: str = "standard",
+        file_type: str = ".jsonl",
+        split: str = "all",
+        votes: str = DEFAULT_VOTES,
+        leave_out: Sequence[str] = (),
+        include_judges: bool = False,
     ) -> Path:
-        """Write the usable preference pairs to a new file; returns its path."""
+        """Write the usable preference pairs to a new file; returns its path. `votes`,
+        `leave_out`, `include_judges`: which votes make pairs, as in training
+        (storage/selection.py); a left-out name with no votes is logged and changes nothing."""
+        votes = _checked(votes, VOTE_MODES, "votes mode")
+        selection = VoteSelection(votes, tuple(leave_out), include_judges=include_judges)
         fmt = _checked(fmt, EXPORT_FORMATS, "export format")
         file_type = _checked(file_type, EXPORT_FILE_TYPES, "file type")
         split = _checked(split, EXPORT_SPLITS, "split")
@@ -104,7 +122,10 @@ class DataService:
         path = self.export_dir / secrets.token_hex(8) / name
         try:
             with self.sm.begin() as s:
-                export_preferences(s, path, fmt=fmt, split=None if split == "all" else split)
+                for name in unknown_annotators(s, selection):
+                    logger.warning("export: no votes by %r, nothing to leave out for them", name)
+                only = None if split == "all" else split
+                export_preferences(s, path, fmt=fmt, split=only, selection=selection)
         except StorageError as err:
             raise DataError(f"Nothing exported: {err}") from err
         return path

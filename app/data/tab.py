@@ -19,6 +19,7 @@ from app.auth.users import ADMIN, request_role, require_role
 from app.data.service import EXPORT_FILE_TYPES, EXPORT_SPLITS, DataError, DataService
 from storage.io import EXPORT_FORMATS
 from storage.models import CHOICES, SPLITS
+from storage.selection import DEFAULT_VOTES, VOTE_MODES
 
 ANNOTATOR_COLUMNS = ["annotator", "votes", *CHOICES, "usable pairs"]
 PROMPT_FILE_TYPES = [".txt", ".jsonl", ".json", ".csv", ".parquet"]
@@ -43,6 +44,9 @@ class DataTab:
     export_format: gr.Radio
     export_type: gr.Radio
     export_split: gr.Radio
+    export_votes: gr.Radio
+    export_leave_out: gr.Dropdown
+    export_judges: gr.Checkbox
     export_btn: gr.Button
     export_file: gr.File
     export_message: gr.Markdown
@@ -61,7 +65,8 @@ def summary_markdown(stats: dict[str, Any]) -> str:
             f"({', '.join(f'{n} {split}' for split, n in prompts.items())})",
             f"**Answers generated:** {stats['responses']}",
             f"**Votes:** {votes['votes']} ({choices})",
-            f"**Usable training pairs:** {votes['usable_pairs']}",
+            f"**Usable training pairs:** {votes['usable_pairs']} (each vote its own pair); "
+            f"{stats['default_pairs']} by the majority of human votes, as Train uses by default",
         ]
     )
 
@@ -112,6 +117,7 @@ class DataHandlers:
         return {
             self.tab.summary: summary_markdown(stats),
             self.tab.annotators: annotator_frame(stats),
+            self.tab.export_leave_out: gr.Dropdown(choices=list(stats["by_annotator"])),
         }
 
     def show_admin_area(self, request: gr.Request) -> dict[Any, Any]:
@@ -141,10 +147,20 @@ class DataHandlers:
             return {self.tab.import_message: f"⚠️ {err}"}
         return {self.tab.import_message: f"✅ {message}", **self.refresh()}
 
-    def export(self, fmt: str, file_type: str, split: str, request: gr.Request) -> dict[Any, Any]:
+    def export(
+        self,
+        fmt: str,
+        file_type: str,
+        split: str,
+        request: gr.Request,
+        votes: str = DEFAULT_VOTES,
+        leave_out: list[str] | None = None,
+        include_judges: bool = False,
+    ) -> dict[Any, Any]:
         require_role(request, ADMIN, "export data")
+        chosen = {"votes": votes, "leave_out": leave_out or (), "include_judges": include_judges}
         try:
-            path = self.service.export(fmt=fmt, file_type=file_type, split=split)
+            path = self.service.export(fmt=fmt, file_type=file_type, split=split, **chosen)
         except DataError as err:
             return {self.tab.export_message: f"⚠️ {err}", self.tab.export_file: None}
         return {
@@ -187,12 +203,25 @@ def register_api(service: DataService) -> None:
         format: str = "standard",
         file_type: str = ".jsonl",
         split: str = "all",
+        votes: str = DEFAULT_VOTES,
+        leave_out: list[str] | None = None,
+        include_judges: bool = False,
         request: gr.Request = None,  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """The usable preference pairs as a file (`standard` or `conversational` TRL format,
-        .jsonl or .parquet; split all, train or heldout); the client downloads it."""
+        .jsonl or .parquet; split all, train or heldout); the client downloads it. `votes`:
+        for answers judged by several annotators, majority (default), unanimous or every;
+        `leave_out`: annotators whose votes are ignored; `include_judges`: AI judges' votes."""
         require_role(request, ADMIN, "export data")
-        path = _user_errors(service.export, fmt=format, file_type=file_type, split=split)
+        path = _user_errors(
+            service.export,
+            fmt=format,
+            file_type=file_type,
+            split=split,
+            votes=votes,
+            leave_out=leave_out or (),
+            include_judges=include_judges,
+        )
         return {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
 
     gr.api(data_stats, api_name="data_stats")
@@ -230,7 +259,7 @@ def layout(service: DataService) -> DataTab:
                 PAIR_FILE_TYPES,
             )
         import_message = gr.Markdown(elem_id="data-import-message")
-        export = _export_area()
+        export = _export_area(list(stats["by_annotator"]))
     return DataTab(
         summary=summary,
         annotators=annotators,
@@ -248,17 +277,43 @@ def layout(service: DataService) -> DataTab:
     )
 
 
-def _export_area() -> dict[str, Any]:
+def _export_area(annotators: list[str]) -> dict[str, Any]:
     """The export controls, by DataTab field name."""
     gr.Markdown("### Export preference pairs")
     with gr.Row():
         export_format = gr.Radio(list(EXPORT_FORMATS), value="standard", label="TRL format")
         export_type = gr.Radio(list(EXPORT_FILE_TYPES), value=".jsonl", label="File type")
         export_split = gr.Radio(list(EXPORT_SPLITS), value="all", label="Split")
+    with gr.Row():
+        export_votes = gr.Radio(
+            list(VOTE_MODES),
+            value=DEFAULT_VOTES,
+            label="Pairs judged by several annotators",
+            info="majority: the choice of more than half of the votes (a tie of votes gives "
+            "no pair); unanimous: only when all agree; every: each vote is its own pair",
+            elem_id="data-export-votes",
+        )
+        export_leave_out = gr.Dropdown(
+            annotators,
+            value=[],
+            multiselect=True,
+            label="Leave out annotators",
+            info="their votes are not exported",
+            elem_id="data-export-leave-out",
+        )
+        export_judges = gr.Checkbox(
+            value=False,
+            label="Include AI judges' votes",
+            info="annotators named judge:<name>; off: human votes only",
+            elem_id="data-export-judges",
+        )
     return {
         "export_format": export_format,
         "export_type": export_type,
         "export_split": export_split,
+        "export_votes": export_votes,
+        "export_leave_out": export_leave_out,
+        "export_judges": export_judges,
         "export_btn": gr.Button("Export", elem_id="data-export"),
         "export_message": gr.Markdown(elem_id="data-export-message"),
         "export_file": gr.File(label="Download", interactive=False, elem_id="data-export-file"),
@@ -283,7 +338,7 @@ def build_data_tab(
     """Declare the Data tab (inside the open `gr.Tab`) and wire its events."""
     tab = layout(service)
     h = DataHandlers(service, tab)
-    stats_outputs = [tab.summary, tab.annotators]
+    stats_outputs = [tab.summary, tab.annotators, tab.export_leave_out]
     private = {"api_visibility": "private"}
     demo.load(h.show_admin_area, outputs=[tab.admin_area, tab.admin_note], **private)
     tab.refresh_btn.click(h.refresh, outputs=stats_outputs, **private)
@@ -297,7 +352,14 @@ def build_data_tab(
         button.click(handler, inputs=[file, split], outputs=import_outputs, **private)
     tab.export_btn.click(
         h.export,
-        inputs=[tab.export_format, tab.export_type, tab.export_split],
+        inputs=[
+            tab.export_format,
+            tab.export_type,
+            tab.export_split,
+            tab.export_votes,
+            tab.export_leave_out,
+            tab.export_judges,
+        ],
         outputs=[tab.export_message, tab.export_file],
         **private,
     )

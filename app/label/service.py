@@ -5,12 +5,19 @@ wrappers around it. Each answer gets its own temperature and a random seed; whic
 as A is random. Both answers are stored (with version, sampling parameters, seed, token count
 and latency) once both are complete; a vote refers to the two stored responses, so recording it
 twice (double click, retry) is one vote.
+
+Prefetch: once a pair is complete, the annotator's next pair (the next prompt of their queue,
+the active version, the same settings) starts generating at a lower priority than anyone's
+waiting request, so after the vote it is there at once. A prefetched pair is stored only when
+it is shown; it is dropped when the active version changes, when the settings change, when its
+prompt was skipped, or after `PREFETCH_TTL_S` (an annotator who left).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -20,6 +27,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.serving.service import ModelService, Waiting
+from dpo_core.engine import PREFETCH, Ticket
 from dpo_core.generation import AnswerSpec, GenerationUpdate, SamplingParams
 from storage import repo, runs
 from storage.db import transaction
@@ -33,6 +41,7 @@ DEFAULT_GUIDELINES = APP_DIR / "guidelines.md"
 CHOICES = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 SEED_RANGE = 2**31 - 1
 MAX_NAME_CHARS = 200  # storage's annotator column
+PREFETCH_TTL_S = 600.0  # a next pair nobody asked for within this long is dropped
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,22 @@ class VoteResult:
         return {"preference_id": self.preference_id, "new": self.new, "progress": progress}
 
 
+@dataclass
+class _Prefetch:
+    """An annotator's next pair, generating (or done) before they asked for it."""
+
+    pair: PairProgress
+    specs: list[AnswerSpec]
+    settings: LabelSettings
+    ticket: Ticket
+    started: float  # time.monotonic()
+
+    def usable(self, version: str, settings: LabelSettings, skipped: Collection[int]) -> bool:
+        fresh = time.monotonic() - self.started < PREFETCH_TTL_S
+        same = self.pair.version == version and self.settings == settings
+        return fresh and same and self.pair.prompt_id not in skipped
+
+
 class LabelService:
     def __init__(
         self,
@@ -114,6 +139,7 @@ class LabelService:
         settings: LabelSettings | None = None,
         guidelines_path: Path | None = None,
         rng: random.Random | None = None,
+        prefetch: bool = True,
     ) -> None:
         self.sm = sm
         self.models = models
@@ -121,6 +147,9 @@ class LabelService:
         self.settings = settings or LabelSettings()
         self.guidelines_path = guidelines_path
         self.rng = rng or random.Random()
+        self.prefetch = prefetch
+        self._prefetched: dict[str, _Prefetch] = {}  # annotator -> their next pair
+        self._prefetch_lock = threading.Lock()
 
     # --- start-up and reading ---------------------------------------------------------------
 
@@ -191,18 +220,38 @@ class LabelService:
         Raises ValueError (before anything is yielded) for an empty prompt, an empty queue or
         invalid settings; errors of the model come out of the iteration as ValueError too.
         """
-        params = (settings or self.settings).params()
+        settings = settings or self.settings
+        params = settings.params()
+        self._drop_stale_prefetches()
+        if typed is None and prompt_id is None:
+            ready = self._take_prefetch(annotator, settings, skipped)
+            if ready is not None:
+                self.models.versions.engine.promote(ready.ticket)
+                stream = self.models.relay(ready.ticket)
+                return self._pairs(stream, ready.pair, ready.specs, annotator, settings)
         prompt_id, prompt = self.pick_prompt(annotator, typed, skipped, prompt_id)
+        pair, specs = self._new_pair(prompt_id, prompt, params)
+        stream = self.models.stream(prompt, specs)
+        return self._pairs(stream, pair, specs, annotator, settings)
+
+    def _new_pair(
+        self, prompt_id: int, prompt: str, params: list[SamplingParams]
+    ) -> tuple[PairProgress, list[AnswerSpec]]:
+        """A pair for the active version: random seeds, and which answer is shown as A."""
         version = self.models.active_version
         seeds = [self.rng.randrange(SEED_RANGE) for _ in params]
         order = [0, 1]
-        self.rng.shuffle(order)  # which answer is shown as A
+        self.rng.shuffle(order)
         specs = [AnswerSpec(params[i], seeds[i], adapter=version) for i in order]
-        stream = self.models.stream(prompt, specs)
-        return self._pairs(stream, PairProgress(prompt_id, prompt, version), specs)
+        return PairProgress(prompt_id, prompt, version), specs
 
     def _pairs(
-        self, stream: Iterator[Waiting | GenerationUpdate], pair: PairProgress, specs: list
+        self,
+        stream: Iterator[Waiting | GenerationUpdate],
+        pair: PairProgress,
+        specs: list[AnswerSpec],
+        annotator: str,
+        settings: LabelSettings,
     ) -> Iterator[PairProgress]:
         yield pair
         for event in stream:
@@ -214,6 +263,63 @@ class LabelService:
             if event.done:
                 pair = self._store(pair)
             yield pair
+        if pair.done:  # shown: now start the next one
+            self._start_prefetch(annotator, settings, pair.prompt_id)
+
+    # --- the next pair, before the vote -------------------------------------------------------
+
+    def _start_prefetch(self, annotator: str, settings: LabelSettings, shown: int) -> None:
+        """Start `annotator`'s next queue pair at low priority (nothing is stored yet)."""
+        if not self.prefetch or not annotator.strip():
+            return
+        version = self.models.active_version
+        with self._prefetch_lock:
+            held = self._prefetched.get(annotator)
+            if held is not None and held.usable(version, settings, {shown}):
+                return
+        try:
+            prompt_id, prompt = self.pick_prompt(annotator, None, {shown})
+            if prompt_id == shown:
+                return  # the queue has nothing else
+            pair, specs = self._new_pair(prompt_id, prompt, settings.params())
+            ticket = self.models.submit(prompt, specs, priority=PREFETCH)
+        except ValueError as err:
+            logger.info("no next pair prefetched for %s: %s", annotator, err)
+            return
+        self._keep_prefetch(annotator, _Prefetch(pair, specs, settings, ticket, time.monotonic()))
+
+    def _keep_prefetch(self, annotator: str, prefetch: _Prefetch) -> None:
+        with self._prefetch_lock:
+            old = self._prefetched.pop(annotator, None)
+            self._prefetched[annotator] = prefetch
+        if old is not None:
+            old.ticket.cancel()
+
+    def _take_prefetch(
+        self, annotator: str, settings: LabelSettings, skipped: Collection[int]
+    ) -> _Prefetch | None:
+        """The annotator's prefetched pair if it still fits what they ask for (else dropped)."""
+        with self._prefetch_lock:
+            prefetch = self._prefetched.pop(annotator, None)
+        if prefetch is None:
+            return None
+        if prefetch.usable(self.models.active_version, settings, skipped):
+            return prefetch
+        prefetch.ticket.cancel()
+        return None
+
+    def _drop_stale_prefetches(self) -> None:
+        """Cancel prefetches of another version or older than the time limit."""
+        version = self.models.active_version
+        with self._prefetch_lock:
+            stale = [
+                name
+                for name, p in self._prefetched.items()
+                if not p.usable(version, p.settings, ())
+            ]
+            dropped = [self._prefetched.pop(name) for name in stale]
+        for prefetch in dropped:
+            prefetch.ticket.cancel()
 
     def _store(self, pair: PairProgress) -> PairProgress:
         """Record both answers; the pair is then ready for a vote."""
@@ -306,13 +412,22 @@ def _answer(spec: AnswerSpec, progress: Any) -> PairAnswer:
 
 
 def open_label_service(
-    sm: sessionmaker[Session], versions: Any, base_model: str, data_dir: Path
+    sm: sessionmaker[Session],
+    versions: Any,
+    base_model: str,
+    data_dir: Path,
+    *,
+    prefetch: bool = True,
 ) -> LabelService:
     """The Label tab's service on the app's shared model
     (`app.serving.versions.VersionedModel`); fills an empty prompt queue with the
-    default prompts."""
+    default prompts. prefetch: generate each annotator's next pair before their vote."""
     service = LabelService(
-        sm, ModelService(versions), base_model, guidelines_path=data_dir / "guidelines.md"
+        sm,
+        ModelService(versions),
+        base_model,
+        guidelines_path=data_dir / "guidelines.md",
+        prefetch=prefetch,
     )
     service.import_default_prompts()
     return service

@@ -1,16 +1,18 @@
 """Model versions in the one in-memory model: the base plus named LoRA adapters (`v1`, ...).
 
 Adapters load lazily into one PEFT wrapper around the shared base weights, so any version (or
-two at once, one per batch row) can answer without a second copy of the model. A lock
-serialises everything that touches the model (generation, loading, scoring).
+several at once, one per batch row) can answer without a second copy of the model. Every
+generation goes through the one decode loop (`dpo_core.engine`); loading a version and the
+reward evaluation take the model lock, which the loop holds for one step at a time, so they
+wait only for the current step, and rows already decoding finish on their own version.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
+from dpo_core.engine import EngineLimits, GenerationEngine, ModelLock
 from dpo_core.generation import AnswerGenerator, AnswerSpec, GenerationUpdate, SamplingParams
 from dpo_core.modeling import LoadedModel, ModelLoadError, is_adapter_dir
 from dpo_core.reward_eval import RewardAccuracy, implicit_reward_accuracy
@@ -18,15 +20,22 @@ from dpo_core.reward_eval import RewardAccuracy, implicit_reward_accuracy
 logger = logging.getLogger(__name__)
 
 BASE = "base"
+REWARD_CHUNK = 8  # pairs scored per hold of the model (a few hundred ms on the embedded model)
 
 
 class VersionedModel:
     """The served model and its loaded versions; `active` answers when no version is named."""
 
-    def __init__(self, lm: LoadedModel, generator: AnswerGenerator | None = None) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        generator: AnswerGenerator | None = None,
+        limits: EngineLimits | None = None,
+    ) -> None:
         self.lm = lm
-        self.lock = threading.RLock()
+        self.lock = ModelLock()
         self.generator = generator or AnswerGenerator(lm)
+        self.engine = GenerationEngine(self.generator, self.lock, limits)
         self.active = BASE
 
     def loaded(self) -> list[str]:
@@ -69,12 +78,35 @@ class VersionedModel:
     ) -> GenerationUpdate:
         """One answer per version to `prompt`, all in one batch, every row with the same seed."""
         specs = [AnswerSpec(params, seed=seed, adapter=v) for v in versions]
-        with self.lock:
-            return self.generator.generate(prompt, specs)
+        return self.engine.generate(prompt, specs)
 
     def reward_accuracy(
         self, pairs: list[dict[str, Any]], versions: list[str], *, max_length: int = 512
     ) -> dict[str, RewardAccuracy]:
+        """Implicit-reward accuracy per version, `REWARD_CHUNK` pairs per hold of the model,
+        so the labelers' decode loop runs between chunks. Raises ValueError when no pair is
+        usable."""
         adapters = [v for v in versions if v != BASE]
-        with self.lock:
-            return implicit_reward_accuracy(self.lm, pairs, adapters, max_length=max_length)
+        parts: list[dict[str, RewardAccuracy]] = []
+        for start in range(0, len(pairs), REWARD_CHUNK):
+            chunk = pairs[start : start + REWARD_CHUNK]
+            try:
+                with self.lock:
+                    parts.append(
+                        implicit_reward_accuracy(self.lm, chunk, adapters, max_length=max_length)
+                    )
+            except ValueError:  # a chunk of unusable pairs only
+                continue
+        if not parts:
+            raise ValueError("no usable held-out pairs (all empty or identical after truncation)")
+        return {name: _pooled([p[name] for p in parts]) for name in parts[0]}
+
+
+def _pooled(parts: list[RewardAccuracy]) -> RewardAccuracy:
+    """One RewardAccuracy over several chunks of pairs (means weighted by their pairs)."""
+    n = sum(p.pairs for p in parts)
+    return RewardAccuracy(
+        pairs=n,
+        accuracy=sum(p.accuracy * p.pairs for p in parts) / n,
+        mean_margin=sum(p.mean_margin * p.pairs for p in parts) / n,
+    )

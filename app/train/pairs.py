@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from dpo_core.heldout import split_pairs
 from storage import repo
+from storage.selection import VoteSelection
 
 
 @dataclass(frozen=True)
@@ -23,17 +24,26 @@ class StoredPairs:
     ties: int
     both_bad: int
     empty: int  # A/B votes where an answer is empty: a model can say nothing; DPO needs text
+    undecided: int  # pairs of answers whose votes do not agree enough (majority, unanimous)
+    left_out: int  # votes not read: left-out annotators, AI judges unless included
     readout_prompts: list[str]  # the KL readout's: held-out pairs' and `heldout` split prompts
 
 
-def stored_pairs(s: Session, heldout_fraction: float, min_heldout: int) -> StoredPairs:
-    """Pairs of the `heldout` split plus a stable share of the `train` split are held out
-    (`dpo_core.heldout.split_pairs`); ties and both-bad votes are counted, not used. The KL readout
+def stored_pairs(
+    s: Session,
+    heldout_fraction: float,
+    min_heldout: int,
+    selection: VoteSelection | None = None,
+) -> StoredPairs:
+    """Pairs from the votes `selection` picks (default: the majority of human votes per pair of
+    answers; storage/selection.py). Pairs of the `heldout` split plus a stable share of the
+    `train` split are held out (`dpo_core.heldout.split_pairs`); ties and both-bad votes are
+    counted, not used. The KL readout
     samples the held-out pairs' prompts and every prompt of the `heldout` split, also those
     without a usable pair (docs/defaults.md: a readout on the prompts with pairs only can
     stop a run on the few prompts that moved most)."""
-    train_set = repo.preference_pairs(s, split="train")
-    heldout_set = repo.preference_pairs(s, split="heldout")
+    train_set = repo.preference_pairs(s, split="train", selection=selection)
+    heldout_set = repo.preference_pairs(s, split="heldout", selection=selection)
     usable = [as_pair(p) for p in train_set.pairs if has_text(p)]
     train, heldout = split_pairs(usable, heldout_fraction, min_heldout)
     heldout += [as_pair(p) for p in heldout_set.pairs if has_text(p)]
@@ -45,6 +55,8 @@ def stored_pairs(s: Session, heldout_fraction: float, min_heldout: int) -> Store
         ties=train_set.excluded_ties + heldout_set.excluded_ties,
         both_bad=train_set.excluded_both_bad + heldout_set.excluded_both_bad,
         empty=empty,
+        undecided=train_set.undecided + heldout_set.undecided,
+        left_out=train_set.left_out + heldout_set.left_out,
         readout_prompts=list(dict.fromkeys([*(p["prompt"] for p in heldout), *split_prompts])),
     )
 

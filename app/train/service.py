@@ -28,8 +28,9 @@ from dpo_core.distributed import devices_problem, launch_command, visible_device
 from dpo_core.heldout import MAX_HELDOUT_FRACTION
 from dpo_core.losses import LOSS_TYPES
 from dpo_core.modeling import is_adapter_dir, remove_partial_saves
-from storage import runs
+from storage import repo, runs
 from storage.runs import RunStateError
+from storage.selection import DEFAULT_VOTES, VOTE_MODES, VoteSelection
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ ACTIVE_STATES = ("queued", "running")
 STALE_AFTER_S = 60.0
 # A queued run whose worker never started (e.g. it failed to import) is dead after this long.
 START_TIMEOUT_S = 120.0
+NAMES = tuple[str, ...]  # the kind of a setting that lists names (annotators to leave out)
 # Metric names beyond TRL's: the run's planned number of optimizer steps, held-out accuracy.
 TOTAL_STEPS = "total_steps"
 TIME_S = "time_s"
@@ -104,6 +106,32 @@ class TrainRequest:
             "more than 1 runs the worker under torchrun, data-parallel, same steps",
         },
     )
+    votes: str = field(
+        default=DEFAULT_VOTES,
+        metadata={
+            "label": "Pairs judged by several annotators",
+            "row": 4,
+            "help": "majority: the choice of more than half of the votes trains (a tie of votes "
+            "does not); unanimous: only when all agree; every: each vote is its own pair",
+            "choices": VOTE_MODES,
+        },
+    )
+    leave_out: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "label": "Leave out annotators",
+            "row": 4,
+            "help": "their votes do not train (e.g. those the Data tab flags for position bias)",
+        },
+    )
+    include_judge_votes: bool = field(
+        default=False,
+        metadata={
+            "label": "Include AI judges' votes",
+            "row": 4,
+            "help": "votes by annotators named judge:<name> (AI feedback); off: human votes only",
+        },
+    )
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> TrainRequest:
@@ -111,9 +139,14 @@ class TrainRequest:
         converted to its setting's type; ValueError names the setting that is not."""
         return cls(**{s.name: s.parse(values[s.name]) for s in SETTINGS if s.name in values})
 
+    def selection(self) -> VoteSelection:
+        """Which votes train (ValueError for an unknown votes mode)."""
+        return VoteSelection(self.votes, self.leave_out, include_judges=self.include_judge_votes)
+
     def validate(self) -> None:
         """Raise ValueError naming the setting for a value no run could use (TrainConfig checks
         the rest when the run's config is built)."""
+        self.selection()
         for setting in SETTINGS:
             value = getattr(self, setting.name)
             if setting.kind is int and (not isinstance(value, int) or value < 1):
@@ -129,7 +162,7 @@ class Setting:
     """One training setting as the Train tab and /train_start expose it (from TrainRequest)."""
 
     name: str
-    kind: type  # str, float, int or bool
+    kind: Any  # str, float, int, bool, or NAMES (a list of names)
     default: Any
     label: str
     help: str
@@ -144,6 +177,8 @@ class Setting:
 
     def parse(self, value: Any) -> Any:
         """`value` as this setting's type; ValueError with the setting's name if it is not one."""
+        if self.kind == NAMES:
+            return parse_names(value, self.spoken)
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise ValueError(f"{self.spoken} must be true or false, got {value!r}")
@@ -163,6 +198,17 @@ class Setting:
                 raise ValueError(f"{self.spoken} must be a whole number, got {value}")
             return int(number)
         return number
+
+
+def parse_names(value: Any, spoken: str) -> tuple[str, ...]:
+    """Names from a list (the form's multiselect, the API) or one comma-separated string."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{spoken} must be a list of names, got {value!r}")
+    return tuple(v.strip() for v in value if v.strip())
 
 
 def _settings() -> tuple[Setting, ...]:
@@ -333,7 +379,8 @@ class TrainingService:
                     False, f"Run #{stopping[0]}'s worker is still stopping; try again in a moment."
                 )
             with self.sm.begin() as s:
-                counts = pair_counts(s, request.heldout_fraction)
+                counts = pair_counts(s, request.heldout_fraction, request.selection())
+                unknown = repo.unknown_annotators(s, request.selection())
                 if counts["usable"] == 0:
                     return StartResult(False, no_pairs_message(counts))
                 parent = (
@@ -356,7 +403,8 @@ class TrainingService:
             self._launch(run_id, request.devices)
         return StartResult(
             True,
-            f"Run #{run_id} started on {counts['train']} pairs ({counts['heldout']} held out).",
+            f"Run #{run_id} started on {counts['train']} pairs ({counts['heldout']} held out)."
+            + unknown_note(unknown),
             run_id,
         )
 
@@ -381,6 +429,7 @@ class TrainingService:
             "train": build_train_config(request, self.model_settings, parent.adapter_path),
             "heldout_fraction": request.heldout_fraction,
             "continue_from_active": request.continue_from_active,
+            "votes": request.selection().to_dict(),
             "parent_version": parent.name,
             "num_train_pairs": counts["train"],
             "num_heldout_pairs": counts["heldout"],
@@ -548,14 +597,17 @@ class TrainingService:
                 return RunStatus()
             return run_status(run, steps_table(runs.run_metrics(s, run.id)), *_output(s, run))
 
-    def summary(self) -> dict[str, Any]:
-        """Counts and versions for the Train tab's summary line."""
+    def summary(self, selection: VoteSelection | None = None) -> dict[str, Any]:
+        """Counts and versions for the Train tab's summary line; the pairs are those that
+        `selection` (the form's choice of votes; default: the default choice) picks."""
         with self.sm.begin() as s:
-            counts = pair_counts(s, TrainRequest().heldout_fraction)
+            counts = pair_counts(s, TrainRequest().heldout_fraction, selection)
             return {
                 "usable_pairs": counts["usable"],
                 "ties": counts["ties"],
                 "both_bad": counts["both_bad"],
+                "undecided": counts["undecided"],
+                "left_out": counts["left_out"],
                 "base_model": self.base_model,
                 "active_version": self._active(s).name,
                 "version_error": self.version_error,
@@ -567,6 +619,11 @@ class TrainingService:
                 history_row(run, steps_table(runs.run_metrics(s, run.id)), *_output(s, run))
                 for run in runs.list_runs(s)
             ]
+
+    def annotators(self) -> list[str]:
+        """Everyone who has voted: the names "Leave out annotators" offers."""
+        with self.sm.begin() as s:
+            return repo.vote_annotators(s)
 
 
 def _output(s: Session, run: Any) -> tuple[str | None, str]:
@@ -582,9 +639,20 @@ def _output(s: Session, run: Any) -> tuple[str | None, str]:
     return version.name, str(saved.get("stop_reason") or "")
 
 
-def pair_counts(s: Session, heldout_fraction: float) -> dict[str, int]:
-    """Usable pairs, how a run would split them, and the excluded ties / both-bad votes."""
-    pairs = stored_pairs(s, heldout_fraction, config_default("min_heldout_pairs"))
+def unknown_note(unknown: list[str]) -> str:
+    """Said when "leave out" names someone with no votes: the run goes on, nothing is left out
+    for them (a typo should not block training, but should not pass unseen either)."""
+    if not unknown:
+        return ""
+    return f" Nobody named {', '.join(map(repr, unknown))} has voted: nothing left out for them."
+
+
+def pair_counts(
+    s: Session, heldout_fraction: float, selection: VoteSelection | None = None
+) -> dict[str, int]:
+    """Usable pairs (from the votes `selection` picks), how a run would split them, and what
+    does not train: ties / both-bad, pairs of answers without agreement, votes left out."""
+    pairs = stored_pairs(s, heldout_fraction, config_default("min_heldout_pairs"), selection)
     return {
         "usable": len(pairs.train) + len(pairs.heldout),
         "train": len(pairs.train),
@@ -592,6 +660,8 @@ def pair_counts(s: Session, heldout_fraction: float) -> dict[str, int]:
         "ties": pairs.ties,
         "both_bad": pairs.both_bad,
         "empty": pairs.empty,
+        "undecided": pairs.undecided,
+        "left_out": pairs.left_out,
     }
 
 

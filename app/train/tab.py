@@ -20,6 +20,7 @@ import pandas as pd
 from app.auth.users import ADMIN, require_role
 from app.train.service import (
     ACTIVE_STATES,
+    NAMES,
     SETTINGS,
     RunStatus,
     Setting,
@@ -29,6 +30,7 @@ from app.train.service import (
     format_duration,
 )
 from dpo_core.guard import few_pairs_warning
+from storage.selection import VoteSelection
 
 POLL_S = 1.0
 BAR_STYLE = "width: 100%; height: 1.25rem"
@@ -75,8 +77,13 @@ class TrainTab:
     seen: gr.State
     timer: gr.Timer
 
+    def selection_inputs(self) -> list[Any]:
+        """The fields of SELECTION_SETTINGS, in that order."""
+        return [self.settings[name] for name in SELECTION_SETTINGS]
+
     def refresh_outputs(self) -> list[Any]:
         return [
+            self.settings["leave_out"],
             self.progress,
             self.train_btn,
             self.cancel_btn,
@@ -158,8 +165,7 @@ def settings_text(row: dict[str, Any]) -> str:
 
 def summary_markdown(info: dict[str, Any]) -> str:
     lines = [
-        f"**{info['usable_pairs']}** usable preference pairs "
-        f"({info['ties']} ties and {info['both_bad']} both-bad votes are not used).",
+        f"**{info['usable_pairs']}** usable preference pairs{not_used_text(info)}.",
         f"Base model: **{info['base_model']}** · active version: **{info['active_version']}**",
     ]
     if info.get("version_error"):
@@ -168,6 +174,16 @@ def summary_markdown(info: dict[str, Any]) -> str:
     if warning:
         lines.append(f"⚠️ {warning}")
     return "  \n".join(lines)
+
+
+def not_used_text(info: dict[str, Any]) -> str:
+    """` (2 ties and 1 both-bad votes are not used; ...)`: what the chosen votes leave out."""
+    parts = [f"{info['ties']} ties and {info['both_bad']} both-bad votes are not used"]
+    if info.get("undecided"):
+        parts.append(f"{info['undecided']} answer pairs whose votes do not agree enough")
+    if info.get("left_out"):
+        parts.append(f"{info['left_out']} votes left out (AI judges, left-out annotators)")
+    return f" ({'; '.join(parts)})"
 
 
 def kl_note(status: RunStatus) -> str | None:
@@ -192,10 +208,23 @@ def kl_note(status: RunStatus) -> str | None:
 
 # --- the settings form -----------------------------------------------------------------------
 
+# The settings that choose which votes train: the pair count above Train follows them.
+SELECTION_SETTINGS = ("votes", "leave_out", "include_judge_votes")
+
 
 def default_values() -> dict[str, Any]:
     """The form's starting values, by setting name."""
     return {s.name: s.default for s in SETTINGS}
+
+
+def selection_from_values(values: list[Any]) -> VoteSelection | None:
+    """The vote selection of the form's SELECTION_SETTINGS values (None: not a valid one)."""
+    try:
+        return TrainRequest.from_values(
+            dict(zip(SELECTION_SETTINGS, values, strict=True))
+        ).selection()
+    except (ValueError, TypeError):
+        return None
 
 
 def request_from_values(values: dict[str, Any]) -> TrainRequest:
@@ -203,9 +232,12 @@ def request_from_values(values: dict[str, Any]) -> TrainRequest:
     return TrainRequest.from_values(values)
 
 
-def setting_component(setting: Setting) -> gr.components.Component:
-    """The form field for one setting; its help text is dpo_core's TrainConfig help."""
+def setting_component(setting: Setting, names: list[str] | None = None) -> gr.components.Component:
+    """The form field for one setting; its help text is dpo_core's TrainConfig help. `names`:
+    what a list-of-names setting offers (the annotators)."""
     common = {"label": setting.label, "info": setting.help, "elem_id": f"setting-{setting.name}"}
+    if setting.kind == NAMES:
+        return gr.Dropdown(names or [], value=[], multiselect=True, **common)
     if setting.choices:
         return gr.Dropdown(list(setting.choices), value=setting.default, **common)
     if setting.kind is bool:
@@ -225,9 +257,9 @@ class TrainHandlers:
     service: TrainingService
     tab: TrainTab
 
-    def refresh(self, seen: dict[str, Any] | None) -> dict[Any, Any]:
+    def refresh(self, seen: dict[str, Any] | None, *selection: Any) -> dict[Any, Any]:
         """Poll: the live (else latest) run's progress, curves and history, sending only what
-        changed since `seen`."""
+        changed since `seen`; the pair count follows the form's `selection` of votes."""
         seen = dict(seen or {})
         run_id, state = self.service.head()
         if seen.get("run") == [run_id, state] and state not in ACTIVE_STATES:
@@ -243,10 +275,16 @@ class TrainHandlers:
             out.update(self.curves(status))
         if seen.get("run") != [status.run_id, status.status]:
             out[self.tab.history] = history_frame(self.service.history())
-            out[self.tab.summary] = summary_markdown(self.service.summary())
+            out.update(self.recount(*selection))
+            out[self.tab.settings["leave_out"]] = gr.Dropdown(choices=self.service.annotators())
         seen.update(metrics=key, run=[status.run_id, status.status])
         out[self.tab.seen] = seen
         return out
+
+    def recount(self, *selection: Any) -> dict[Any, Any]:
+        """The summary's pair count for the votes the form selects."""
+        summary = self.service.summary(selection_from_values(list(selection)))
+        return {self.tab.summary: summary_markdown(summary)}
 
     def curves(self, status: RunStatus) -> dict[Any, Any]:
         """The four plots; the KL plot gives way to a note when there is no readout."""
@@ -289,7 +327,7 @@ TRAIN_START_SIGNATURE = inspect.Signature(
                 s.name,
                 inspect.Parameter.POSITIONAL_OR_KEYWORD,
                 default=s.default,
-                annotation=s.kind,
+                annotation=list[str] if s.kind == NAMES else s.kind,
             )
             for s in SETTINGS
         ),
@@ -363,7 +401,7 @@ def layout(service: TrainingService) -> TrainTab:
         cancel_btn = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel-button")
     message = gr.Markdown(elem_id="train-message")
     with gr.Accordion("Advanced", open=False):
-        settings = _settings_form()
+        settings = _settings_form(service.annotators())
     progress = gr.HTML(elem_id="train-progress")
     plots, note = _plots()
     history = gr.Dataframe(
@@ -389,12 +427,12 @@ def layout(service: TrainingService) -> TrainTab:
     )
 
 
-def _settings_form() -> dict[str, gr.components.Component]:
+def _settings_form(annotators: list[str]) -> dict[str, gr.components.Component]:
     """One field per setting, in the rows the settings name."""
     fields: dict[str, gr.components.Component] = {}
     for _, row in groupby(SETTINGS, key=lambda s: s.row):
         with gr.Row():
-            fields.update({s.name: setting_component(s) for s in row})
+            fields.update({s.name: setting_component(s, annotators) for s in row})
     return fields
 
 
@@ -428,15 +466,18 @@ def build_train_tab(service: TrainingService, tab_block: gr.Tab | None = None) -
     h = TrainHandlers(service, tab)
     outputs = tab.refresh_outputs()
     poll = {"show_progress": "hidden", "queue": False, "api_visibility": "private"}
-    tab.timer.tick(h.refresh, inputs=tab.seen, outputs=outputs, **poll)
+    chosen = tab.selection_inputs()
+    tab.timer.tick(h.refresh, inputs=[tab.seen, *chosen], outputs=outputs, **poll)
     if tab_block is not None:  # pairs labeled since the page loaded: recount on opening the tab
-        tab_block.select(h.refresh, inputs=gr.State({}), outputs=outputs, **poll)
+        tab_block.select(h.refresh, inputs=[gr.State({}), *chosen], outputs=outputs, **poll)
+    for field in chosen:
+        field.change(h.recount, inputs=chosen, outputs=tab.summary, **poll)
     tab.train_btn.click(
         h.start,
         inputs=set(tab.settings.values()),
         outputs=[tab.message, tab.seen],
         api_visibility="private",
-    ).then(h.refresh, inputs=tab.seen, outputs=outputs, **poll)
+    ).then(h.refresh, inputs=[tab.seen, *chosen], outputs=outputs, **poll)
     tab.cancel_btn.click(h.cancel, outputs=tab.message, api_visibility="private")
     return tab
 

@@ -36,6 +36,7 @@ from dpo_core import distributed
 from storage import runs
 from storage.db import open_db
 from storage.runs import RunStateError
+from storage.selection import VoteSelection
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,12 @@ def train_and_register(
 
     train_config = TrainConfig.from_dict(config["train"])
     with sm.begin() as s:
-        pairs = stored_pairs(s, train_config.heldout_fraction, train_config.min_heldout_pairs)
+        pairs = stored_pairs(
+            s,
+            train_config.heldout_fraction,
+            train_config.min_heldout_pairs,
+            VoteSelection.from_dict(config.get("votes")),  # which votes train, as the run chose
+        )
     logger.info(
         "run %d: %d training pairs, %d held out", run_id, len(pairs.train), len(pairs.heldout)
     )

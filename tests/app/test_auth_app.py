@@ -31,6 +31,7 @@ ADMIN_ONLY = {
     "/export_preferences": {},
     "/activate_version": {"name": "base"},
     "/set_overlap": {"k": 2},
+    "/export_version": {"name": "base", "fmt": "merged"},
 }
 
 

@@ -19,6 +19,8 @@ from app.data.service import DataService
 from app.data.tab import DataHandlers, layout
 from storage.db import open_db
 from storage.repo import store_stats
+from tests.storage.test_repo import answers
+from tests.storage.test_selection import three_annotators, vote
 
 ADMIN = None  # auth off: the local user acts as admin
 ANNOTATOR = SimpleNamespace(username="ann", state=SimpleNamespace(**{ROLE_STATE_KEY: "annotator"}))
@@ -92,3 +94,38 @@ def test_annotator_sees_the_counts_but_cannot_import_or_export(tab, upload_dir):
     shown = h.show_admin_area(ANNOTATOR)
     assert shown[view.admin_area].visible is False and shown[view.admin_note].visible is True
     assert "**Votes:** 0" in h.refresh()[view.summary]
+
+
+def test_export_follows_the_votes_chosen(tab):
+    service, view, h = tab
+    with service.sm.begin() as s:
+        three_annotators(s)
+        vote(s, answers(s, "judged", "j-A", "j-B"), "a", "judge:qwen")
+    summary = h.refresh()[view.summary]
+    assert "**Usable training pairs:** 13 (each vote its own pair); 3 by the majority" in summary
+    assert [c[0] for c in h.refresh()[view.export_leave_out].choices] == [
+        "ann",
+        "bob",
+        "cat",
+        "judge:qwen",
+    ]
+
+    def exported(*chosen: object) -> list[str]:
+        out = h.export("standard", ".jsonl", "all", ADMIN, *chosen)
+        lines = Path(out[view.export_file]).read_text().splitlines()
+        return [json.loads(line)["prompt"] for line in lines]
+
+    assert exported() == ["split", "same", "tie minority"]  # majority of human votes
+    assert exported("unanimous") == ["same"]
+    assert exported("majority", ["bob", "cat"], True) == [
+        "split",
+        "same",
+        "three-way",
+        "even",
+        "tie minority",
+        "judged",
+    ]
+    out = h.export("standard", ".jsonl", "all", ADMIN, "most")
+    assert out[view.export_message] == (
+        "⚠️ unknown votes mode 'most'; choose one of majority, unanimous, every"
+    )

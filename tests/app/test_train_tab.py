@@ -8,9 +8,10 @@ import math
 from dataclasses import fields
 
 import gradio as gr
+import pytest
 from gradio.utils import get_function_params
 
-from app.train.service import SETTINGS, RunStatus, StartResult, TrainRequest
+from app.train.service import NAMES, SETTINGS, RunStatus, StartResult, TrainRequest
 from app.train.tab import (
     HISTORY_COLUMNS,
     PLOTS,
@@ -19,8 +20,10 @@ from app.train.tab import (
     kl_note,
     layout,
     metric_frames,
+    summary_markdown,
     train_start_endpoint,
 )
+from storage.selection import VoteSelection
 
 
 def test_every_curve_is_in_the_first_frame_so_the_plot_can_colour_it():
@@ -89,9 +92,9 @@ def test_each_setting_is_one_form_field_and_one_api_parameter_with_its_default()
     with gr.Blocks():
         params = get_function_params(train_start_endpoint(StubService()))
     assert [(name, default, hint) for name, _, default, hint in params] == [
-        (s.name, s.default, s.kind) for s in SETTINGS
+        (s.name, s.default, list[str] if s.kind == NAMES else s.kind) for s in SETTINGS
     ]  # gr.Request is left out, as Gradio leaves it out of the API
-    assert {s.kind for s in SETTINGS} == {str, float, int, bool}
+    assert {s.kind for s in SETTINGS} == {str, float, int, bool, NAMES}
 
 
 def test_the_api_and_the_form_parse_values_the_same_way():
@@ -115,10 +118,47 @@ class StubService:
     def __init__(self) -> None:
         self.started: list[TrainRequest] = []
 
-    def summary(self) -> dict:
+    def annotators(self) -> list[str]:
+        return ["ann", "judge:qwen"]
+
+    def summary(self, selection: VoteSelection | None = None) -> dict:
+        self.selection = selection
         counts = {"usable_pairs": 0, "ties": 0, "both_bad": 0}
         return {**counts, "base_model": "tiny", "active_version": "base"}
 
     def start(self, request: TrainRequest) -> StartResult:
         self.started.append(request)
         return StartResult(True, "started", 1)
+
+
+def test_the_votes_settings_reach_the_request_and_the_pair_count():
+    service = StubService()
+    with gr.Blocks():
+        tab = layout(service)
+    leave_out = tab.settings["leave_out"]
+    assert leave_out.multiselect and [c[0] for c in leave_out.choices] == ["ann", "judge:qwen"]
+    form = {tab.settings[s.name]: s.default for s in SETTINGS}
+    form.update({tab.settings["votes"]: "unanimous", leave_out: ["ann"]})
+    TrainHandlers(service, tab).start(form, None)
+    assert service.started[-1] == TrainRequest(votes="unanimous", leave_out=("ann",))
+    TrainHandlers(service, tab).recount("every", ["ann"], True)
+    assert service.selection == VoteSelection("every", ("ann",), include_judges=True)
+
+
+def test_an_unknown_votes_mode_is_refused_and_names_arrive_as_a_list_or_text():
+    with pytest.raises(ValueError, match="votes must be one of majority, unanimous, every"):
+        TrainRequest.from_values({"votes": "most"}).validate()
+    service = StubService()
+    names = [(["a", " b "] if s.name == "leave_out" else s.default) for s in SETTINGS]
+    assert train_start_endpoint(service)(*names, None)["ok"]
+    assert service.started[-1].leave_out == ("a", "b")
+    assert TrainRequest.from_values({"leave_out": "a, b,"}).leave_out == ("a", "b")
+    with pytest.raises(ValueError, match="leave out must be a list of names"):
+        TrainRequest.from_values({"leave_out": 3})
+
+
+def test_the_summary_says_what_the_chosen_votes_leave_out():
+    info = {"usable_pairs": 3, "ties": 1, "both_bad": 0, "undecided": 2, "left_out": 4}
+    text = summary_markdown({**info, "base_model": "m", "active_version": "base"})
+    assert "2 answer pairs whose votes do not agree enough" in text
+    assert "4 votes left out" in text

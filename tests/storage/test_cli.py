@@ -71,7 +71,7 @@ def test_every_command_with_db(db_url: str, tmp_path: Path, capsys: pytest.Captu
     assert lines[0].startswith("database ready:")
     assert lines[1].endswith("1 pairs read, 1 new, 0 already there, 0 skipped (chosen == rejected)")
     assert lines[2].endswith("1 pairs read, 0 new, 1 already there, 0 skipped (chosen == rejected)")
-    assert lines[3] == f"{out}: 1 pairs written (conversational format)"
+    assert lines[3] == f"{out}: 1 pairs written (conversational format, votes: majority)"
     assert "votes seed: 1 (a 1, b 0, tie 0, both_bad 0); usable training pairs 1" in lines
     exported = datasets.load_dataset(
         "json", data_files=str(out), split="train", cache_dir=str(tmp_path / "cache")

@@ -1,0 +1,89 @@
+"""Which votes train: the rule for a pair of answers judged by several annotators.
+
+A *unit* is one pair of stored answers (votes are stored with response_a_id < response_b_id, so
+every annotator's vote on the same two answers has the same key and the same meaning of `a`).
+
+- `every`: each vote is its own training pair (one vote, one pair, as before overlap existed).
+- `majority` (default): the unit's outcome is the choice of more than half of its votes; ties
+  and both-bad votes are votes too, so they can block a majority. No majority: nothing trains.
+- `unanimous`: every vote on the unit made the same choice.
+
+How a rewrite counts (a rewrite is the annotator's own better answer): under `majority` and
+`unanimous` the agreement decides *which votes* train, namely those that voted the agreed
+outcome; each of those then trains as under `every` (its rewrite, if any, is chosen against
+the answer it rejected), and identical pairs from several agreeing votes train once. So the
+rejected side of every pair is backed by the agreement, the chosen side is either the answer
+the agreement preferred or a rewrite by someone who agreed; a rewrite by someone outvoted does
+not train, since the others rejected the judgement it rests on. With one vote per unit the
+three modes give the same pairs.
+
+Votes by AI judges (annotators named `judge:<name>`) are read only when `include_judges` is
+set; then they count as votes like any other. `leave_out` names annotators whose votes are
+not read at all (e.g. those the agreement panel flags for position bias).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from storage.overlap import JUDGE_PREFIX
+
+VOTE_MODES = ("majority", "unanimous", "every")
+DEFAULT_VOTES = "majority"
+
+
+@dataclass(frozen=True)
+class VoteSelection:
+    """Which votes make training pairs (see the module docstring)."""
+
+    votes: str = DEFAULT_VOTES  # one of VOTE_MODES
+    leave_out: tuple[str, ...] = ()  # annotators whose votes are ignored
+    include_judges: bool = False  # read `judge:` annotators' votes too
+
+    def __post_init__(self) -> None:
+        if self.votes not in VOTE_MODES:
+            raise ValueError(f"votes must be one of {', '.join(VOTE_MODES)}, got {self.votes!r}")
+        names = (self.leave_out,) if isinstance(self.leave_out, str) else self.leave_out
+        cleaned = sorted({str(n).strip() for n in names} - {""})
+        object.__setattr__(self, "leave_out", tuple(cleaned))
+
+    def reads(self, annotator: str) -> bool:
+        """Whether this annotator's votes are read."""
+        if annotator in self.leave_out:
+            return False
+        return self.include_judges or not annotator.startswith(JUDGE_PREFIX)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, as a run's config records it (`from_dict` inverts it)."""
+        return {
+            "votes": self.votes,
+            "leave_out": list(self.leave_out),
+            "include_judges": self.include_judges,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> VoteSelection:
+        """From `to_dict`'s output; None or {} (a run from before this setting): the default."""
+        values = values or {}
+        return cls(
+            votes=values.get("votes", DEFAULT_VOTES),
+            leave_out=tuple(values.get("leave_out", ())),
+            include_judges=bool(values.get("include_judges", False)),
+        )
+
+
+def agreed_outcome(choices: Sequence[str], mode: str) -> str | None:
+    """The unit's outcome (`a`, `b`, `tie` or `both_bad`) from its votes' choices, or None when
+    they do not agree enough: more than half of them (`majority`), all of them (`unanimous`).
+    Not for `every`, which has no outcome per unit."""
+    if not choices:
+        return None
+    choice, count = Counter(choices).most_common(1)[0]
+    if mode == "majority":
+        return choice if 2 * count > len(choices) else None
+    if mode == "unanimous":
+        return choice if count == len(choices) else None
+    raise ValueError(f"no agreed outcome for votes mode {mode!r}")
