@@ -10,6 +10,14 @@ Each run is its own process, so peak RSS is that framework's alone; runs alterna
 `train()` call for both: tokenization, reference log-probs and the optimiser steps.
 
     python bench/train_throughput.py [--runs 3] [--pairs 32]
+
+`--procs N` compares, instead, dpo_core in one process with N threads against N processes of
+one thread each under torchrun (data-parallel, gloo), alternating, with the same global batch.
+On a machine with N cores this measures the overhead of data parallelism (process group,
+gradient all-reduce, a model copy per process), not a speed-up: both use the same cores.
+Peak memory of the torchrun run is the sum of its processes' peak RSS.
+
+    python bench/train_throughput.py --procs 2 [--runs 3] [--pairs 32]
 """
 
 from __future__ import annotations
@@ -212,12 +220,86 @@ def run_child(which: str, n_pairs: int) -> dict:
     return result
 
 
+def child_procs(n_pairs: int, out: Path) -> None:
+    """One process of a `--procs` run (or the single process): train, report from rank 0."""
+    import torch
+
+    from dpo_core import distributed
+    from dpo_core.config import TrainConfig
+    from dpo_core.modeling import load_model
+    from dpo_core.trainer import train
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    comm, _ = distributed.init_from_env("cpu")
+    lm = load_model("embedded", device="cpu")
+    config = TrainConfig(
+        epochs=1, batch_size=BATCH, max_length=MAX_LENGTH, lora_r=LORA["r"],
+        lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    result = train(lm, synthetic_pairs(n_pairs), config, out)
+    seconds = time.perf_counter() - t0
+    rss = comm.sum_(torch.tensor([peak_rss_mb()], dtype=torch.float64)).item()
+    if comm.is_main:
+        print("RESULT " + json.dumps({
+            "seconds": seconds, "pairs_per_second": n_pairs / seconds, "peak_rss_mb": rss,
+            "loss": result.metrics["loss"], "accuracy": result.metrics["rewards/accuracies"],
+        }), flush=True)  # fmt: skip
+    distributed.close()
+
+
+def run_procs(procs: int, threads: int, n_pairs: int) -> dict:
+    """One timed run: `procs` processes of `threads` threads each."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [__file__, "--child", "procs", "--pairs", str(n_pairs), "--out", f"{tmp}/v1"]
+        cmd = [sys.executable, *(torchrun if procs > 1 else []), *args]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        wall = time.perf_counter() - t0
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{procs}x{threads} run failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("RESULT ") :]) | {"wall_s": wall}
+    print(f"  {procs} proc x {threads} thr  train {result['seconds']:.1f} s  "
+          f"{result['pairs_per_second']:.3f} pairs/s  command {wall:.1f} s  "
+          f"{result['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+    return result
+
+
+def compare_procs(procs: int, runs: int, n_pairs: int) -> None:
+    print(f"{n_pairs} pairs, batch {BATCH}, max_length {MAX_LENGTH}, LoRA {LORA}, 1 epoch, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")  # fmt: skip
+    shapes = {f"1 proc x {procs} threads": (1, procs), f"{procs} procs x 1 thread": (procs, 1)}
+    results: dict[str, list[dict]] = {name: [] for name in shapes}
+    for i in range(runs):
+        print(f"run {i + 1}/{runs}", flush=True)
+        for name, (n, threads) in shapes.items():
+            results[name].append(run_procs(n, threads, n_pairs))
+    print(f"\n{'':22s} {'train s':>8s} {'pairs/s':>8s} {'command s':>10s} {'peak RSS MB':>12s}")
+    for name, rs in results.items():
+        m = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        print(f"{name:22s} {m['seconds']:8.1f} {m['pairs_per_second']:8.3f} {m['wall_s']:10.1f} "
+              f"{m['peak_rss_mb']:12.0f}")  # fmt: skip
+    print(f"(medians of {runs}; on {os.cpu_count()} cores both shapes share the same cores, so "
+          "this is the overhead of data parallelism, not a speed-up)")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="alternating runs of each (median)")
     p.add_argument("--pairs", type=int, default=32)
-    p.add_argument("--child", choices=["dpo_core", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--procs", type=int, help="compare N processes with 1 process of N threads")
+    p.add_argument("--child", choices=["dpo_core", "trl", "procs"], help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child == "procs":
+        child_procs(args.pairs, args.out)
+        return
+    if args.procs:
+        compare_procs(args.procs, args.runs, args.pairs)
+        return
     if args.child:
         child(args.child, args.pairs)
         return

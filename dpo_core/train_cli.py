@@ -3,6 +3,10 @@
 Every `TrainConfig` field is a flag (`--beta 0.2`, `--loss-type ipo`, `--no-share-prompt`);
 `--config train_config.json` starts from a saved config, the same run (model, dtype, device and
 init adapter included); only the flags given override it.
+
+Under `torchrun --nproc_per_node N -m dpo_core train ...` (or `accelerate launch -m dpo_core
+train ...`) the N processes train data-parallel (`dpo_core.distributed`): the same global batch
+per step, rank 0 shows the progress and writes the adapter.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import Field, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpo_core import distributed
 from dpo_core.config import TrainConfig
 from dpo_core.modeling import LoadedModel, add_model_args, load_model
 
@@ -142,13 +147,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out.exists():
         raise FileExistsError(f"{args.out} already exists; choose a new adapter directory")
     inputs = read_inputs(args)
-    t0 = time.perf_counter()
-    lm = load_model(
-        config.model, dtype=config.dtype, load_in_4bit=config.load_in_4bit, device=config.device
-    )
-    logger.info("model loaded in %.1f s", time.perf_counter() - t0)
-    result = train_with_progress(lm, inputs, config, args.out)
-    return report(result)
+    comm, device = distributed.init_from_env(config.device)
+    try:
+        t0 = time.perf_counter()
+        lm = load_model(
+            config.model, dtype=config.dtype, load_in_4bit=config.load_in_4bit, device=device
+        )
+        logger.info("model loaded in %.1f s", time.perf_counter() - t0)
+        result = train_with_progress(lm, inputs, config, args.out, show=comm.is_main)
+    finally:
+        distributed.close()
+    return report(result) if comm.is_main else (130 if result.cancelled else 0)
 
 
 def read_inputs(args: argparse.Namespace) -> TrainInputs:
@@ -167,12 +176,12 @@ def read_inputs(args: argparse.Namespace) -> TrainInputs:
 
 
 def train_with_progress(
-    lm: LoadedModel, inputs: TrainInputs, config: TrainConfig, out: Path
+    lm: LoadedModel, inputs: TrainInputs, config: TrainConfig, out: Path, show: bool = True
 ) -> TrainResult:
-    """`train` with a progress bar; Ctrl-C stops between steps."""
+    """`train` with a progress bar (`show`: on this process); Ctrl-C stops between steps."""
     from dpo_core.trainer import train
 
-    progress, stop = ProgressBar(), StopOnInterrupt()
+    progress, stop = (ProgressBar() if show else None), StopOnInterrupt()
     try:
         return train(
             lm,
@@ -185,7 +194,8 @@ def train_with_progress(
             should_stop=stop,
         )
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         stop.restore()
 
 

@@ -5,6 +5,11 @@ log-probs are computed once, before the first step, and reused every epoch. Chos
 rejected go through the model in one forward pass per micro-batch (see `dpo_core.data`).
 The whole forward/backward runs in the base model's dtype (bf16 where fast); only the
 optimiser keeps fp32 copies of the LoRA weights (`dpo_core.optim.MasterWeights`).
+
+Under `torchrun` / `accelerate launch` (`dpo_core.distributed`) each rank runs its share of
+every step and of the reference pass; the fp32 master gradients are summed once per step, the
+metrics are computed over all ranks' pairs, rank 0 alone evaluates, calls `on_step` and saves,
+and every rank follows its guard and stop decisions.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import Tensor
 
 from dpo_core import data
 from dpo_core.config import TrainConfig
+from dpo_core.distributed import Comm, current
 from dpo_core.guard import EvalPoint, Guard, few_pairs_warning
 from dpo_core.guard import summary as guard_summary
 from dpo_core.heldout import split_pairs
@@ -84,9 +90,12 @@ class Hooks:
     on_step: StepCallback | None = None
     should_stop: StopCheck | None = None
     on_eval: EvalHook | None = None
+    comm: Comm = field(default_factory=Comm)
 
     def stop(self) -> bool:
-        return self.should_stop is not None and self.should_stop()
+        """Whether to stop now: asked on any rank, agreed by all (a collective under torchrun:
+        every rank calls it at the same points)."""
+        return self.comm.any(self.should_stop is not None and self.should_stop())
 
 
 @dataclass
@@ -159,6 +168,10 @@ def train(
     cancelled. `on_eval(model)` runs at each evaluation point with the policy (adapter on,
     eval mode) and returns more `eval/...` metrics. `lm.model` must be the base model; it is
     left as it was (the adapter is removed at the end).
+
+    Under torchrun (`dpo_core.distributed.init_from_env` called first) every rank calls `train`
+    with the same pairs and config; rank 0 gets `on_step` and `on_eval` calls and writes the
+    adapter, the others return a result without `adapter_dir` once it is written.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -167,9 +180,12 @@ def train(
         raise ValueError("pass the base model; to continue an adapter set config.init_adapter")
     config = resolved_config(config, lm)
     train_set, eval_set = prepare_datasets(lm, pairs, heldout, kl_prompts, config)
-    torch.manual_seed(config.seed)
+    comm = current()
+    torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
     policy = prepare_policy(lm, config, planned_steps(len(train_set.pairs), config))
-    hooks = Hooks(on_step, should_stop, on_eval)
+    if comm.active:  # each rank its own dropout masks
+        torch.manual_seed(config.seed + comm.rank)
+    hooks = Hooks(on_step, should_stop, on_eval, comm)
     try:
         return _run(Run(lm, policy, train_set, eval_set, config, hooks), out_dir)
     except TrainingCancelled:
@@ -196,6 +212,10 @@ class Run:
     def total_steps(self) -> int:
         return planned_steps(len(self.train_set.pairs), self.config)
 
+    @property
+    def comm(self) -> Comm:
+        return self.hooks.comm
+
 
 @dataclass
 class Progress:
@@ -211,10 +231,12 @@ def _run(run: Run, out_dir: Path) -> TrainResult:
     t0 = time.perf_counter()
     for dataset in (run.train_set, run.eval_set):
         if dataset is not None:
-            fill_reference_logps(run.policy.model, dataset, run.lm, run.config, run.hooks.stop)
+            fill_reference_logps(
+                run.policy.model, dataset, run.lm, run.config, run.hooks.stop, run.comm
+            )
     run.guard, run.why_off = make_guard(run.eval_set, run.config)
     warnings = [w for w in (few_pairs_warning(len(run.train_set.pairs)),) if w]
-    for warning in warnings:
+    for warning in warnings if run.comm.is_main else []:
         logger.warning(warning)
     progress = Progress()
     for step, epoch, micro_batches in iterate_steps(run.train_set, run.config):
@@ -225,8 +247,12 @@ def _run(run: Run, out_dir: Path) -> TrainResult:
             break
     if run.hooks.stop():
         raise TrainingCancelled
+    if not run.comm.is_main:  # rank 0 saves; the others wait until the adapter is written
+        run.comm.barrier()
+        return TrainResult(adapter_dir=None, metrics={}, config=run.config)
     result = finish(run, progress, out_dir, time.perf_counter() - t0)
     result.warnings = warnings
+    run.comm.barrier()
     return result
 
 
@@ -235,22 +261,47 @@ def run_step(
 ) -> None:
     """One optimiser step; its evaluation and the guard's decision when one is due; the
     caller's `on_step`."""
-    lm, config = run.lm, run.config
-    metrics = train_step(run.policy, micro_batches, run.train_set, lm, config)
+    lm, config, comm = run.lm, run.config, run.comm
+    n_pairs = sum(len(m) for m in micro_batches)
+    mine = step_share(micro_batches, comm)
+    metrics = train_step(run.policy, mine, run.train_set, lm, config, comm, n_pairs)
     metrics.update(step=step, total_steps=run.total_steps, epoch=epoch)
     if run.eval_set is not None and is_eval_step(step, run.total_steps, run.train_set, config):
-        model, on_eval = run.policy.model, run.hooks.on_eval
-        metrics.update(evaluate_point(model, run.eval_set, lm, config, on_eval))
-        if run.guard is not None:
-            decision = run.guard.observe(eval_point(step, metrics))
-            if decision.keep:
-                progress.best_weights = snapshot(run.policy)
-            progress.stop = decision.stop
+        stop = None
+        if comm.is_main:  # rank 0 evaluates and decides; the others follow its decision
+            model, on_eval = run.policy.model, run.hooks.on_eval
+            metrics.update(evaluate_point(model, run.eval_set, lm, config, on_eval))
+            stop = observe(run, progress, step, metrics)
+        progress.stop = comm.broadcast(stop)
     progress.history.append(metrics)
     progress.step = step
-    logger.info("step %d/%d loss %.4f", step, run.total_steps, metrics["loss"])
-    if run.hooks.on_step is not None:
+    if comm.is_main:
+        logger.info("step %d/%d loss %.4f", step, run.total_steps, metrics["loss"])
+    if run.hooks.on_step is not None and comm.is_main:
         run.hooks.on_step(dict(metrics))
+
+
+def observe(run: Run, progress: Progress, step: int, metrics: dict[str, float]) -> str | None:
+    """The guard's decision at an evaluation point: keep a checkpoint of the best weights so
+    far; why to stop now (None: go on)."""
+    if run.guard is None:
+        return None
+    decision = run.guard.observe(eval_point(step, metrics))
+    if decision.keep:
+        progress.best_weights = snapshot(run.policy)
+    return decision.stop
+
+
+def step_share(micro_batches: list[list[int]], comm: Comm) -> list[list[int]]:
+    """This rank's micro-batches of a step: whole micro-batches when there is one per rank
+    (the forward passes of the one-process run), else its part of the step's pairs, which are
+    length-sorted, in one micro-batch (at most `batch_size` pairs then)."""
+    if not comm.active:
+        return micro_batches
+    if len(micro_batches) >= comm.world:
+        return comm.share(micro_batches)
+    pairs = comm.share([i for m in micro_batches for i in m])
+    return [pairs] if pairs else []
 
 
 def finish(run: Run, progress: Progress, out_dir: Path, seconds: float) -> TrainResult:
@@ -431,17 +482,30 @@ def eval_batches(dataset: Dataset, config: TrainConfig) -> list[list[int]]:
 
 @torch.no_grad()
 def fill_reference_logps(
-    model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig, stop: StopCheck
+    model: Any,
+    dataset: Dataset,
+    lm: LoadedModel,
+    config: TrainConfig,
+    stop: StopCheck,
+    comm: Comm | None = None,
 ) -> None:
-    """Reference (= base, adapter disabled) log-probs of every pair, computed once."""
+    """Reference (= base, adapter disabled) log-probs of every pair, computed once. Under
+    torchrun each rank computes its share of the forward passes; the sum fills every rank's
+    table (`stop` is called as often on every rank: it may be a collective)."""
+    comm = comm or Comm()
     n = len(dataset.pairs)
     chosen, rejected = torch.zeros(n), torch.zeros(n)
+    batches = eval_batches(dataset, config)
+    mine, slots = comm.share(batches), len(Comm(0, comm.world).share(batches))
     with model.disable_adapter():
-        for indices in eval_batches(dataset, config):
+        for slot in range(slots):
             if stop():
                 raise TrainingCancelled
-            logps, _ = completion_logps(model, make_batch(dataset, indices, lm, config))
-            chosen[indices], rejected[indices] = logps.cpu().chunk(2)
+            if slot < len(mine):
+                indices = mine[slot]
+                logps, _ = completion_logps(model, make_batch(dataset, indices, lm, config))
+                chosen[indices], rejected[indices] = logps.cpu().float().chunk(2)
+    comm.sum_(chosen), comm.sum_(rejected)
     dataset.reference_chosen_logps, dataset.reference_rejected_logps = chosen, rejected
 
 
@@ -480,13 +544,22 @@ def batch_losses(
     return losses, parts
 
 
-def reward_metrics(parts: list[dict[str, Tensor]], prefix: str = "") -> dict[str, float]:
-    """TRL's metrics, averaged over pairs: loss, rewards/*, logps/*."""
-    cat = {k: torch.cat([p[k].float().cpu() for p in parts]) for k in parts[0]}
-    margins = cat["rewards/chosen"] - cat["rewards/rejected"]
-    out = {k: v.mean().item() for k, v in cat.items()}
-    out["rewards/accuracies"] = (margins > 0).float().mean().item()
-    out["rewards/margins"] = margins.mean().item()
+PART_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+
+
+def reward_metrics(
+    parts: list[dict[str, Tensor]], prefix: str = "", comm: Comm | None = None
+) -> dict[str, float]:
+    """TRL's metrics, averaged over pairs (of every rank): loss, rewards/*, logps/*."""
+    sums = torch.zeros(len(PART_KEYS) + 3, dtype=torch.float64)  # + accuracies, margins, n
+    for p in parts:
+        margins = (p["rewards/chosen"] - p["rewards/rejected"]).double().cpu()
+        values = [p[k].double().sum().cpu() for k in PART_KEYS]
+        extra = [(margins > 0).sum(), margins.sum(), torch.tensor(len(margins))]
+        sums += torch.stack(values + [e.double() for e in extra])
+    (comm or Comm()).sum_(sums)
+    means = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
+    out = dict(zip((*PART_KEYS, "rewards/accuracies", "rewards/margins"), means, strict=True))
     return {prefix + k: out[k] for k in REWARD_METRICS}
 
 
@@ -496,11 +569,16 @@ def train_step(
     dataset: Dataset,
     lm: LoadedModel,
     config: TrainConfig,
+    comm: Comm | None = None,
+    n_pairs: int | None = None,
 ) -> dict[str, float]:
     """One optimiser step over `micro_batches` (pair indices). The loss is the mean over all
-    pairs of the step, however they are split into micro-batches."""
+    pairs of the step (`n_pairs`, on all ranks), however they are split into micro-batches
+    and ranks: each rank's gradient is its pairs' share of that mean, so their sum is the
+    step's gradient."""
     t0 = time.perf_counter()
-    n_pairs = sum(len(m) for m in micro_batches)
+    comm = comm or Comm()
+    n_pairs = n_pairs or sum(len(m) for m in micro_batches)
     parts = []
     chunks = [c for indices in micro_batches for c in forward_chunks(dataset, indices, config)]
     for indices in chunks:
@@ -509,13 +587,14 @@ def train_step(
         (losses.sum() / n_pairs).backward()
         parts.append(part)
     policy.masters.grads_to_masters()
+    comm.sum_grads(policy.masters.masters)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.masters.masters, config.max_grad_norm)
     learning_rate = policy.scheduler.get_last_lr()[0]
     policy.optimizer.step()
     policy.scheduler.step()
     policy.optimizer.zero_grad(set_to_none=True)
     policy.masters.masters_to_params()
-    metrics = reward_metrics(parts)
+    metrics = reward_metrics(parts, comm=comm)
     metrics.update(
         learning_rate=learning_rate,
         grad_norm=grad_norm.item(),

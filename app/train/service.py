@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import Field, asdict, dataclass, field, fields
@@ -25,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import adapters_dir
 from app.train.pairs import stored_pairs
 from app.train.worker import host_file, log_file, pid_file, this_host
+from dpo_core.distributed import devices_problem, launch_command, visible_devices
 from dpo_core.heldout import MAX_HELDOUT_FRACTION
 from dpo_core.losses import LOSS_TYPES
 from dpo_core.modeling import is_adapter_dir, remove_partial_saves
@@ -95,6 +95,15 @@ class TrainRequest:
             "label": "Continue from the active adapter",
             "row": 3,
             "help": "off: a fresh adapter on the base model (the reference is the base either way)",
+        },
+    )
+    devices: int = field(
+        default=visible_devices(),
+        metadata={
+            "label": "Devices",
+            "row": 3,
+            "help": "training processes, one per GPU (default: every visible GPU; 1 on CPU); "
+            "more than 1 runs the worker under torchrun, data-parallel, same steps",
         },
     )
     votes: str = field(
@@ -355,6 +364,8 @@ class TrainingService:
         try:
             request.validate()
             build_train_config(request, self.model_settings, None)
+            if problem := devices_problem(request.devices):
+                raise ValueError(problem)
         except (ValueError, TypeError) as err:
             return StartResult(False, f"Invalid settings: {err}")
         with self._lock:
@@ -389,7 +400,7 @@ class TrainingService:
                 except RunStateError as err:
                     return StartResult(False, f"{err}. Wait for it to finish or cancel it.")
                 run_id = run.id
-            self._launch(run_id)
+            self._launch(run_id, request.devices)
         return StartResult(
             True,
             f"Run #{run_id} started on {counts['train']} pairs ({counts['heldout']} held out)."
@@ -424,18 +435,10 @@ class TrainingService:
             "num_heldout_pairs": counts["heldout"],
         }
 
-    def _launch(self, run_id: int) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "app.train.worker",
-            "--db",
-            self.db_url,
-            "--run-id",
-            str(run_id),
-            "--data-dir",
-            str(self.data_dir),
-        ]
+    def _launch(self, run_id: int, devices: int = 1) -> None:
+        """Start the run's worker: one process, or `devices` under torchrun."""
+        args = ["--db", self.db_url, "--run-id", str(run_id), "--data-dir", str(self.data_dir)]
+        cmd = launch_command(devices, "app.train.worker", args)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         log_path = log_file(self.data_dir, run_id)

@@ -6,6 +6,11 @@ the preference pairs from storage, trains with dpo_core, and writes status, a he
 metrics back. Between steps it polls the database for a cancel request. On success it registers
 the new immutable model version (adapter under <data-dir>/adapters/vN) and makes it active; on an
 exception it fails the run with the error text and the previous version stays active.
+
+With more than one device the app starts it under torchrun (`python -m torch.distributed.run
+--standalone --nproc_per_node N -m app.train.worker ...`): rank 0 does all of the above and
+sends the run's pairs to the other ranks, which only train (`dpo_core.distributed`). A rank
+that dies ends the run: torchrun stops the others and exits non-zero, and the app fails the run.
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import adapters_dir
-from app.train.pairs import stored_pairs
+from app.train.pairs import StoredPairs, stored_pairs
 from common.cli import setup_logging
+from dpo_core import distributed
 from storage import runs
 from storage.db import open_db
 from storage.runs import RunStateError
@@ -118,19 +125,33 @@ class RunCallbacks:
         return self.stopped
 
 
-def run_job(sm: sessionmaker[Session], run_id: int, data_dir: Path) -> int:
-    """Execute run `run_id` to its end; returns the process exit code (0 unless it failed)."""
+@dataclass(frozen=True)
+class Job:
+    """What every rank trains on, as rank 0 read it (the pairs could change meanwhile)."""
+
+    config: dict[str, Any]  # the run's saved config
+    pairs: StoredPairs
+    out_dir: Path
+
+
+def run_job(
+    sm: sessionmaker[Session], run_id: int, data_dir: Path, device: str | None = None
+) -> int:
+    """Execute run `run_id` to its end; returns the process exit code (0 unless it failed).
+    Under torchrun this is rank 0; `device` is this rank's (default: the run's config)."""
     write_pid(data_dir, run_id)
+    comm = distributed.current()
     try:
         with sm.begin() as s:
             config = dict(runs.start_run(s, run_id).config)
     except RunStateError as err:  # cancelled (or declared dead) before the worker got going
         logger.info("run %d not started: %s", run_id, err)
+        comm.broadcast(None)
         return 0
     beat = Heartbeat(sm, run_id, HEARTBEAT_INTERVAL_S)
     beat.start()
     try:
-        outcome = train_and_register(sm, run_id, config, data_dir)
+        outcome = train_and_register(sm, run_id, config, data_dir, device)
     except Exception as err:
         logger.exception("run %d failed", run_id)
         _fail(sm, run_id, f"{type(err).__name__}: {err}")
@@ -150,12 +171,15 @@ def _fail(sm: sessionmaker[Session], run_id: int, error: str) -> None:
 
 
 def train_and_register(
-    sm: sessionmaker[Session], run_id: int, config: dict[str, Any], data_dir: Path
+    sm: sessionmaker[Session],
+    run_id: int,
+    config: dict[str, Any],
+    data_dir: Path,
+    device: str | None = None,
 ) -> str:
     """Train on the stored pairs; register and activate the new version. Returns the outcome."""
     from dpo_core.config import TrainConfig
-    from dpo_core.modeling import load_model
-    from dpo_core.trainer import planned_steps, train
+    from dpo_core.trainer import planned_steps
 
     train_config = TrainConfig.from_dict(config["train"])
     with sm.begin() as s:
@@ -165,29 +189,15 @@ def train_and_register(
             train_config.min_heldout_pairs,
             VoteSelection.from_dict(config.get("votes")),  # which votes train, as the run chose
         )
-    train_pairs, heldout = pairs.train, pairs.heldout
-    logger.info("run %d: %d training pairs, %d held out", run_id, len(train_pairs), len(heldout))
+    logger.info(
+        "run %d: %d training pairs, %d held out", run_id, len(pairs.train), len(pairs.heldout)
+    )
     with sm.begin() as s:  # the planned length, for the progress bar until the first step
-        planned = planned_steps(len(train_pairs), train_config)
+        planned = planned_steps(len(pairs.train), train_config)
         runs.append_metrics(s, run_id, 0, {"total_steps": planned})
-    lm = load_model(
-        train_config.model,
-        dtype=train_config.dtype,
-        load_in_4bit=train_config.load_in_4bit,
-        device=train_config.device,
-    )
-    callbacks = RunCallbacks(sm, run_id)
     out_dir = adapter_dir(sm, adapters_dir(data_dir), config["base_model"], run_id)
-    result = train(
-        lm,
-        train_pairs,
-        train_config,
-        out_dir,
-        heldout=heldout,  # the app's split; empty: no evaluation (the trainer must not re-split)
-        kl_prompts=pairs.readout_prompts,
-        on_step=callbacks.on_step,
-        should_stop=callbacks.should_stop,
-    )
+    job = distributed.current().broadcast(Job(config, pairs, out_dir))
+    result = train_job(job, device, RunCallbacks(sm, run_id))
     if result.cancelled or result.adapter_dir is None:
         return "cancelled"
     try:
@@ -197,6 +207,47 @@ def train_and_register(
         _discard(result.adapter_dir)
         return "cancelled"
     return f"succeeded: {name} at {result.adapter_dir}"
+
+
+def train_job(job: Job, device: str | None, callbacks: RunCallbacks | None = None) -> Any:
+    """Load the model and train this rank's part of the job (`callbacks`: rank 0's)."""
+    from dpo_core.config import TrainConfig
+    from dpo_core.modeling import load_model
+    from dpo_core.trainer import train
+
+    train_config = TrainConfig.from_dict(job.config["train"])
+    lm = load_model(
+        train_config.model,
+        dtype=train_config.dtype,
+        load_in_4bit=train_config.load_in_4bit,
+        device=device or train_config.device,
+    )
+    return train(
+        lm,
+        job.pairs.train,
+        train_config,
+        job.out_dir,
+        heldout=job.pairs.heldout,  # the app's split; empty: no evaluation (must not re-split)
+        kl_prompts=job.pairs.readout_prompts,
+        on_step=callbacks.on_step if callbacks else None,
+        should_stop=callbacks.should_stop if callbacks else None,
+    )
+
+
+def follow_job() -> int:
+    """A rank other than 0: train on what rank 0 sends (nothing: the run did not start)."""
+    job = distributed.current().broadcast(None)
+    if job is None:
+        return 0
+    device = distributed.current().device
+    train_job(job, device if device.startswith("cuda") else None)
+    return 0
+
+
+def run_device(sm: sessionmaker[Session], run_id: int) -> str | None:
+    """The device the run's config asks for (read before the group forms: it picks NCCL)."""
+    with sm.begin() as s:
+        return runs.get_run(s, run_id).config["train"].get("device")
 
 
 def adapter_dir(sm: sessionmaker[Session], adapters: Path, base_model: str, run_id: int) -> Path:
@@ -226,7 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, server=True)
-    return run_job(open_db(args.db), args.run_id, args.data_dir)
+    sm = open_db(args.db)
+    if not distributed.launched():
+        return run_job(sm, args.run_id, args.data_dir)
+    _, device = distributed.init_from_env(run_device(sm, args.run_id))
+    try:
+        if distributed.current().is_main:
+            return run_job(sm, args.run_id, args.data_dir, device)
+        return follow_job()
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def service(db: sessionmaker[Session], db_url: str, tmp_path: Path, monkeypatch)
         base_model="tiny",
         model_settings={"model": "tiny", "dtype": "fp32", "device": "cpu"},
     )
-    monkeypatch.setattr(svc, "_launch", lambda run_id: None)
+    monkeypatch.setattr(svc, "_launch", lambda run_id, devices=1: None)
     with db.begin() as s:
         three_annotators(s)
         vote(s, answers(s, "judged", "j-A", "j-B"), "a", "judge:qwen")
