@@ -453,17 +453,17 @@ def shared_progress(shared: SharedPair) -> PairProgress:
     """A stored pair others judged, ready for this annotator's vote (no generation)."""
     answers = tuple(
         PairAnswer(
-            text=a.text,
-            num_tokens=a.num_tokens,
-            temperature=a.temperature,
-            top_p=a.top_p,
-            max_new_tokens=a.max_new_tokens,
-            seed=a.seed,
+            text=r.text,
+            num_tokens=r.num_tokens or 0,
+            temperature=r.temperature or 0.0,
+            top_p=r.top_p or 1.0,
+            max_new_tokens=r.max_new_tokens or 0,
+            seed=r.seed or 0,
             finished=True,
-            latency_s=a.latency_s,
-            response_id=a.response_id,
+            latency_s=r.latency_s,
+            response_id=r.id,
         )
-        for a in shared.answers
+        for r in shared.answers
     )
     return PairProgress(
         shared.prompt_id,

@@ -33,25 +33,13 @@ MAX_REMEMBERED = 10_000  # suggestions shown and not yet voted on, oldest forgot
 
 
 @dataclass(frozen=True)
-class StoredAnswer:
-    response_id: int
-    text: str
-    num_tokens: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int
-    latency_s: float | None
-
-
-@dataclass(frozen=True)
 class SharedPair:
     """A stored pair to show again: answers in display order (sides drawn for this person)."""
 
     prompt_id: int
     prompt: str
     version: str
-    answers: tuple[StoredAnswer, StoredAnswer]
+    answers: tuple[Response, Response]  # stored rows (read-only here)
     votes: int
     k: int
 
@@ -65,24 +53,11 @@ def next_shared(
         shared = next_shared_pair(s, annotator.strip(), k) if annotator.strip() else None
         if shared is None or shared.prompt_id in skipped:
             return None
-        answers = [_stored(s.get_one(Response, i)) for i in shared.response_ids]
+        answers = [s.get_one(Response, i) for i in shared.response_ids]
         version = _version_name(s, shared.response_ids[0])
     rng.shuffle(answers)
     return SharedPair(
         shared.prompt_id, shared.prompt, version, (answers[0], answers[1]), shared.votes, k
-    )
-
-
-def _stored(r: Response) -> StoredAnswer:
-    return StoredAnswer(
-        r.id,
-        r.text,
-        r.num_tokens or 0,
-        r.temperature or 0.0,
-        r.top_p or 1.0,
-        r.max_new_tokens or 0,
-        r.seed or 0,
-        r.latency_s,
     )
 
 
