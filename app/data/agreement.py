@@ -209,14 +209,14 @@ def layout() -> AgreementPanel:
                 elem_id="agreement-overlap",
             )
             overlap_btn = gr.Button("Set overlap", scale=0, elem_id="agreement-set-overlap")
-            download_btn = gr.Button("Download (JSON)", scale=0, elem_id="agreement-download")
+            download_btn = gr.Button("Download", scale=0, elem_id="agreement-download")
         with gr.Row(visible=False) as judge_row:
             judge_count = gr.Number(
                 value=10, precision=0, minimum=1, label="Pairs for the AI judge to label (admins)"
             )
             judge_btn = gr.Button("Let the judge label", scale=0, elem_id="agreement-judge")
         overlap_message = gr.Markdown(elem_id="agreement-message")
-        download = gr.File(label="Agreement", interactive=False, visible=True)
+        download = gr.File(label="Agreement", interactive=False, visible=False)
     return AgreementPanel(
         summary,
         annotators,
@@ -248,7 +248,7 @@ def build_agreement_panel(
 
     def on_download(request: gr.Request) -> dict[Any, Any]:
         require_role(request, ADMIN, "export data")
-        return {panel.download: str(service.export_json())}
+        return {panel.download: gr.File(value=str(service.export_json()), visible=True)}
 
     panel.overlap_btn.click(
         on_set, inputs=[panel.overlap], outputs=[panel.overlap_message, *outputs], **private
