@@ -23,11 +23,13 @@ loop turn beside the fast rows; its finished rows stay in it until the whole bat
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -46,6 +48,18 @@ from dpo_core.generation import (
 from dpo_core.sampling import RowSampler
 
 logger = logging.getLogger(__name__)
+
+
+_LIVE: weakref.WeakSet[GenerationEngine] = weakref.WeakSet()  # engines whose loop may run
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    """Stop every decode loop before the interpreter exits: a daemon thread killed inside a
+    torch op aborts the process ("terminate called without an active exception", exit 134)."""
+    for engine in list(_LIVE):
+        engine.close()
+
 
 NORMAL, PREFETCH = 0, 1  # request priorities: a prefetch waits behind every normal request
 POLL_S = 0.2  # how often a waiting caller re-checks (and a busy engine re-publishes positions)
@@ -292,6 +306,7 @@ class GenerationEngine:
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
+            _LIVE.add(self)
             self._thread.start()
 
     # --- the loop ----------------------------------------------------------------------------

@@ -13,7 +13,12 @@ from sqlalchemy import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.cli import setup_logging
-from storage.agreement import AgreementReport, agreement_report, load_judgements
+from storage.agreement import (
+    AgreementReport,
+    agreement_report,
+    label_event_counts,
+    load_judgements,
+)
 from storage.db import StorageError, default_url, open_db
 from storage.io import EXPORT_FORMATS, export_preferences, import_pairs, import_prompts
 from storage.models import SCHEMA_VERSION, SPLITS
@@ -75,7 +80,8 @@ def cmd_stats(db: sessionmaker[Session], args: argparse.Namespace) -> int:
             f"votes {who}: {counts.votes} ({choices}); usable training pairs {counts.usable_pairs}"
         )
     with db.begin() as session:
-        print_agreement(agreement_report(load_judgements(session)))
+        events = label_event_counts(session)
+        print_agreement(agreement_report(load_judgements(session), events=events))
     return 0
 
 
@@ -92,7 +98,8 @@ def print_agreement(report: AgreementReport) -> None:
         print(
             f"  {q.annotator}: {q.votes} votes, agrees with the others' majority "
             f"{num(q.agreement_with_majority, '.0%')} of {q.compared_units}, median "
-            f"{num(q.median_seconds, '.1f')} s, left side {num(q.share_left, '.0%')}{flag}"
+            f"{num(q.median_seconds, '.1f')} s, left side {num(q.share_left, '.0%')}, "
+            f"{q.skips} skips, {q.regenerations} regenerations{flag}"
         )
     for u in report.contested[:5]:
         if u.disagreement > 0:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import krippendorff
 import numpy as np
@@ -26,7 +26,7 @@ from scipy.stats import binomtest
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from storage.models import Preference
+from storage.models import LABEL_EVENTS, LabelEvent, Preference
 from storage.overlap import JUDGE_PREFIX
 
 VALUES = ("first", "second", "tie", "both_bad")  # a vote per answer, not per side
@@ -54,6 +54,8 @@ class AnnotatorQuality:
     share_left: float | None  # share of decisive votes for the left answer
     side_p_value: float | None  # two-sided binomial test of share_left against 0.5
     side_biased: bool
+    skips: int = 0  # distinct prompts skipped
+    regenerations: int = 0  # times new answers were asked for
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,30 @@ def as_judgement(pref: Preference) -> Judgement:
         if pref.left_response_id is not None:  # unknown for imported votes
             left = winner == pref.left_response_id
     return Judgement((lo, hi), pref.annotator, value, left, pref.seconds_spent)
+
+
+def record_label_event(session: Session, annotator: str, prompt_id: int, kind: str) -> None:
+    """Note a skip (once per annotator and prompt) or a regeneration (every time)."""
+    if kind not in LABEL_EVENTS:
+        raise ValueError(f"unknown label event {kind!r}; use one of {', '.join(LABEL_EVENTS)}")
+    row = {"annotator": annotator.strip(), "prompt_id": prompt_id, "kind": kind}
+    if kind == "skip" and session.scalar(select(LabelEvent.id).filter_by(**row).limit(1)):
+        return
+    session.add(LabelEvent(**row))
+    session.flush()
+
+
+def label_event_counts(session: Session) -> dict[str, dict[str, int]]:
+    """annotator -> {kind: count}."""
+    rows = session.execute(
+        select(LabelEvent.annotator, LabelEvent.kind, func.count()).group_by(
+            LabelEvent.annotator, LabelEvent.kind
+        )
+    )
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    for annotator, kind, n in rows:
+        counts[annotator][kind] = n
+    return dict(counts)
 
 
 def load_judgements(session: Session, *, exclude_prefix: str | None = None) -> list[Judgement]:
@@ -176,7 +202,11 @@ def annotator_quality(name: str, units: dict, mine: list[Judgement]) -> Annotato
     )
 
 
-def agreement_report(judgements: list[Judgement], contested: int = 10) -> AgreementReport:
+def agreement_report(
+    judgements: list[Judgement],
+    contested: int = 10,
+    events: dict[str, dict[str, int]] | None = None,
+) -> AgreementReport:
     """Everything the Data tab, `python -m storage stats` and the export say about agreement."""
     units = by_unit(judgements)
     per_annotator: dict[str, list[Judgement]] = defaultdict(list)
@@ -188,7 +218,14 @@ def agreement_report(judgements: list[Judgement], contested: int = 10) -> Agreem
         alpha=krippendorff_alpha(judgements),
         ac1=gwet_ac1(counts) if overlap else None,
         units_with_overlap=len(overlap),
-        annotators=[annotator_quality(n, units, v) for n, v in sorted(per_annotator.items())],
+        annotators=[
+            replace(
+                annotator_quality(n, units, v),
+                skips=(events or {}).get(n, {}).get("skip", 0),
+                regenerations=(events or {}).get(n, {}).get("regenerate", 0),
+            )
+            for n, v in sorted(per_annotator.items())
+        ],
         contested=sorted(overlap, key=lambda u: (-u.disagreement, -u.votes))[:contested],
     )
 

@@ -36,6 +36,7 @@ SCHEMA_VERSION = 2  # storage/db.py MIGRATIONS upgrades older databases in place
 SPLITS = ("train", "heldout")
 VERSION_KINDS = ("base", "adapter")
 CHOICES = ("a", "b", "tie", "both_bad")
+LABEL_EVENTS = ("skip", "regenerate")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 LIVE_RUN_STATUSES = ("queued", "running")
 WINNERS = ("left", "right", "tie")
@@ -328,3 +329,16 @@ class SignInCookie(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     cookie_id: Mapped[str] = mapped_column(String(64))
+
+
+class LabelEvent(Base):
+    """Something an annotator did besides voting: skipped a prompt, or asked for new answers
+    (regenerate). Counted per annotator in the agreement view."""
+
+    __tablename__ = "label_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    annotator: Mapped[str] = mapped_column(String(200), index=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    kind: Mapped[str] = mapped_column(String(20))  # LABEL_EVENTS
+    created_at: Mapped[datetime] = mapped_column(default=now_utc)

@@ -24,6 +24,7 @@ from storage.agreement import (
     JudgeFollowed,
     agreement_report,
     judge_followed,
+    label_event_counts,
     load_judgements,
 )
 from storage.overlap import JUDGE_PREFIX, overlap_k, set_overlap_k
@@ -36,6 +37,8 @@ ANNOTATOR_COLUMNS = [
     "median s",
     "left side",
     "position bias",
+    "skips",
+    "regenerations",
 ]
 CONTESTED_COLUMNS = ["responses", "votes", "first", "second", "tie", "both_bad", "disagreement"]
 
@@ -79,6 +82,8 @@ class AgreementView:
                 _num(q.median_seconds, ".1f"),
                 _pct(q.share_left),
                 f"yes (p={q.side_p_value:.3g})" if q.side_biased else "no",
+                q.skips,
+                q.regenerations,
             ]
             for q in self.report.annotators
         ]
@@ -128,7 +133,8 @@ class AgreementService:
     def view(self) -> AgreementView:
         with self.sm.begin() as s:
             judgements = load_judgements(s, exclude_prefix=JUDGE_PREFIX)
-            return AgreementView(agreement_report(judgements), judge_followed(s), overlap_k(s))
+            report = agreement_report(judgements, events=label_event_counts(s))
+            return AgreementView(report, judge_followed(s), overlap_k(s))
 
     def set_overlap(self, k: Any) -> str:
         """Set k; a message for the admin. Raises ValueError for a bad k."""

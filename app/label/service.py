@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.label.team import SharedPair, SuggestionBook, next_shared
@@ -32,6 +33,7 @@ from dpo_core.engine import PREFETCH, Ticket
 from dpo_core.generation import AnswerSpec, GenerationUpdate, SamplingParams
 from dpo_core.judge import Judge, Suggestion
 from storage import repo, runs
+from storage.agreement import record_label_event
 from storage.db import transaction
 from storage.models import Prompt
 from storage.overlap import JUDGE_PREFIX
@@ -230,6 +232,7 @@ class LabelService:
         """
         settings = settings or self.settings
         params = settings.params()
+        self._note_events(annotator, skipped, prompt_id)
         self._drop_stale_prefetches()
         if typed is None and prompt_id is None:
             shared = next_shared(self.sm, annotator, skipped, self.rng)
@@ -247,6 +250,22 @@ class LabelService:
         return self._with_suggestion(
             annotator, self._pairs(stream, pair, specs, annotator, settings)
         )
+
+    def _note_events(
+        self, annotator: str, skipped: Collection[int], regenerated: int | None
+    ) -> None:
+        """Skips (once per prompt) and regenerations, for the agreement view. Best effort: a
+        refused write is logged, never in the way of the next pair."""
+        if not annotator.strip() or annotator.startswith(JUDGE_PREFIX):
+            return
+        try:
+            with self.sm.begin() as s:
+                for prompt_id in skipped:
+                    record_label_event(s, annotator, int(prompt_id), "skip")
+                if regenerated is not None:
+                    record_label_event(s, annotator, int(regenerated), "regenerate")
+        except (SQLAlchemyError, ValueError) as err:  # a full disk: the pair matters more
+            logger.warning("could not note skips/regenerations for %s: %s", annotator, err)
 
     def _with_suggestion(
         self, annotator: str, pairs: Iterator[PairProgress]

@@ -132,3 +132,20 @@ def test_judge_flags_that_do_not_go_together_are_refused(flags, message, capsys,
 
     assert main([*flags, "--data-dir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_skips_and_regenerations_are_counted_per_annotator(label):
+    from storage.agreement import agreement_report, label_event_counts, load_judgements
+
+    service = label()
+    first = list(service.generate_pair("ann"))[-1]
+    again = list(service.generate_pair("ann", prompt_id=first.prompt_id))[-1]  # regenerate
+    assert again.prompt_id == first.prompt_id
+    second = list(service.generate_pair("ann", skipped=[first.prompt_id]))[-1]  # skip
+    list(service.generate_pair("ann", skipped=[first.prompt_id]))  # the same skip, still listed
+    service.vote("ann", *ids(second), "a")
+    with service.sm.begin() as s:
+        events = label_event_counts(s)
+        [ann] = agreement_report(load_judgements(s), events=events).annotators
+    assert events == {"ann": {"regenerate": 1, "skip": 1}}
+    assert (ann.skips, ann.regenerations) == (1, 1)

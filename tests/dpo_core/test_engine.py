@@ -238,3 +238,32 @@ def test_a_prefetch_waits_behind_normal_requests_until_promoted(tiny_lm):
         engine.lock.release()
     assert list(normal)[-1].done and list(prefetch)[-1].done
     engine.close()
+
+
+def test_a_process_that_exits_while_the_loop_decodes_exits_cleanly(tiny_model_dir, tmp_path):
+    """A daemon decode loop killed inside a torch op at interpreter exit aborted the process
+    (exit 134, "terminate called without an active exception"); the loop is stopped first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from dpo_core.modeling import load_model
+from dpo_core.engine import EngineLimits, GenerationEngine, ModelLock
+from dpo_core.generation import AnswerGenerator, AnswerSpec, SamplingParams
+lm = load_model({str(tiny_model_dir)!r}, dtype="fp32", device="cpu")
+generator = AnswerGenerator(lm, weights="none")
+generator.stop_ids = set()
+engine = GenerationEngine(generator, ModelLock(), EngineLimits())
+engine.submit("Hi", [AnswerSpec(SamplingParams(1.0, 1.0, 2000), 0)])
+import time
+time.sleep(1.0)  # the loop is decoding now
+print("exiting mid-decode")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "exiting mid-decode" in result.stdout
