@@ -21,7 +21,7 @@ from storage.db import open_db
 from storage.overlap import set_overlap_k
 from storage.runs import list_versions
 from tests.app.server import start_app
-from tests.browser.leaderboard_screenshot import browser_page
+from tests.browser.pages import browser_page
 from tests.tiny import save_tiny_model
 
 PAIRS = 20

@@ -11,17 +11,14 @@ import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from storage import repo, runs
 from storage.db import open_db
 from tests.app.server import start_app
+from tests.browser.pages import browser_page
 from tests.tiny import save_tiny_model
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 STRENGTH = {"base": 0.0, "v1": 0.6, "v2": 1.0, "v3": 0.9}
 MATCHES = [("v1", "base", 60), ("v2", "v1", 40), ("v2", "base", 30), ("v3", "v2", 8)]
 
@@ -57,22 +54,6 @@ def _winner(rng: random.Random, gap: float) -> str:
     if rng.random() < 0.1:
         return "tie"
     return "left" if rng.random() < 1 / (1 + 2.718281828 ** (-gap)) else "right"
-
-
-@contextmanager
-def browser_page(url: str, width: int = 1400, height: int = 1100) -> Iterator[Any]:
-    """A Playwright page on `url` in Debian's headless chromium, closed on exit."""
-    from playwright.sync_api import sync_playwright
-
-    args = ["--headless", "--no-sandbox", "--disable-gpu"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
-        try:
-            page = browser.new_page(viewport={"width": width, "height": height})
-            page.goto(url)
-            yield page
-        finally:
-            browser.close()
 
 
 def main(out_dir: Path) -> Path:

@@ -11,7 +11,8 @@ import pytest
 
 from storage import runs
 from tests.app.server import start_app
-from tests.browser.leaderboard_screenshot import browser_page, simulate_votes
+from tests.browser.leaderboard_screenshot import simulate_votes
+from tests.browser.pages import browser_page
 from tests.tiny import save_random_adapter
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -13,12 +13,12 @@ from app.label.service import LabelSettings
 from app.label.tab import layout as label_layout
 from app.train.tab import history_frame
 from app.train.tab import layout as train_layout
-from tests.app.server import free_port
 from tests.app.test_train_tab import StubService
+from tests.browser.pages import CHROMIUM, blocks_page
 
 pytestmark = [pytest.mark.browser]
 
-CHROMIUM = "/usr/bin/chromium"
+
 LONG = "\n\n".join(f"Paragraph {i}: " + "the sea is wide and deep and blue " * 6 for i in range(8))
 NOTE = (
     "the training worker exited with code 1. The previous version stays active.\n"
@@ -62,7 +62,6 @@ def _history_rows() -> list[dict]:
 def page():
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (make chromium)")
-    from playwright.sync_api import sync_playwright
 
     with gr.Blocks() as demo:
         with gr.Tab("Label"):
@@ -71,17 +70,8 @@ def page():
             train = train_layout(StubService())
         answers = [label.answer_a, label.answer_b, train.history]
         demo.load(lambda: (LONG, "Short.", history_frame(_history_rows())), outputs=answers)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/")
-            yield page
-            browser.close()
-    finally:
-        demo.close()
+    with blocks_page(demo) as page:
+        yield page
 
 
 def test_a_short_answer_starts_at_the_top_beside_a_long_one(page):

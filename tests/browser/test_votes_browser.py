@@ -12,19 +12,16 @@ import pytest
 from app.train.service import TrainingService
 from app.train.tab import build_train_tab
 from storage.db import open_db
-from tests.app.server import free_port
+from tests.browser.pages import CHROMIUM, blocks_page
 from tests.storage.test_selection import three_annotators
 
 pytestmark = [pytest.mark.browser]
-
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory: pytest.TempPathFactory):
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (make chromium)")
-    from playwright.sync_api import sync_playwright
 
     data_dir = tmp_path_factory.mktemp("votes-browser")
     url = f"sqlite:///{data_dir / 'studio.db'}"
@@ -36,17 +33,8 @@ def page(tmp_path_factory: pytest.TempPathFactory):
     )
     with gr.Blocks() as demo, gr.Tab("Train") as tab:
         build_train_tab(service, tab)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/")
-            yield page
-            browser.close()
-    finally:
-        demo.close()
+    with blocks_page(demo) as page:
+        yield page
 
 
 def test_the_pair_count_follows_the_votes_chosen(page):
