@@ -5,9 +5,7 @@ was suggested and what the person chose."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from storage.db import open_db
 from storage.models import Preference
 from tests.app.server import start_app
 from tests.browser.test_label_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.dpo_core.test_judge import RECORDED, Replay
+from tests.dpo_core.test_judge import RECORDED, Replay, replay_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -41,13 +39,8 @@ def judge_url() -> Iterator[str]:
     """test_judge's replaying server, answering REPLY to the model name `replay`."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(RECORDED, "replay", REPLY)
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Replay)
-        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-        thread.start()
-        Replay.seen.clear()
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-        httpd.shutdown()
-        httpd.server_close()
+        with replay_server() as url:
+            yield url
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
@@ -60,15 +61,24 @@ class Replay(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server() -> Iterator[str]:
+@contextmanager
+def replay_server() -> Iterator[str]:
+    """A real loopback server replaying RECORDED; yields its API base URL."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Replay)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     Replay.seen.clear()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    with replay_server() as url:
+        yield url
 
 
 @pytest.mark.parametrize(
