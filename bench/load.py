@@ -204,7 +204,7 @@ def report_latency(title: str, logs: list[Log], seconds: float) -> list[float]:
     return votes
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--annotators", type=int, default=16)
     p.add_argument("--seconds", type=float, default=120.0)
@@ -230,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         "runs on one replica, then spread over all of them (annotator i on replica i mod N)",
     )
     p.add_argument("--db", default=None, help="database URL for every replica (default SQLite)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="dpo-load-"))
     model = args.model or str(harness.tiny_model(work / "tiny-model"))
@@ -265,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
         for app in apps:
             app.stop()
     counts = compare_with_db(all_logs, args.db or apps[0].db_url)  # every phase's votes
+    return report(counts, http, load_votes, base_votes, peak)
+
+
+def report(
+    counts: dict[str, int],
+    http: harness.HttpStatus,
+    load_votes: list[float],
+    base_votes: list[float],
+    peak: float,
+) -> int:
+    """Print the database check and the latency figures; 0 when every target is met."""
     p99 = 1000 * harness.percentile(load_votes, 99)
     ratio = harness.percentile(load_votes, 50) / harness.percentile(base_votes, 50)
     print("\ndatabase vs client log (fresh connection after the app stopped):")
