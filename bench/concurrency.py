@@ -9,7 +9,9 @@ app) the app runs as `make run` would run it (a real `python -m app` process), a
 simulated annotators each loop: ask the next queue pair (streamed, as the page does), read R
 seconds, vote (`POST /api/vote`), for T seconds. Printed per mode and N: time from the vote to
 the next complete pair (p50, p95), first token after asking (p50, p95), pairs per minute (all
-annotators together), generated tokens per second, and the app's peak RSS so far.
+annotators together), generated tokens per second, and the app's peak RSS so far. With
+`--long-prompt CHARS` each level runs again beside one more client that asks for answers to a
+CHARS-character prompt back to back; its rows are the annotators' figures only.
 A benchmark, not a test: the figures depend on the machine and on what else runs on it.
 """
 
@@ -48,12 +50,13 @@ class Log:
     errors: list[str] = field(default_factory=list)
 
 
-def ask_pair(client: Any, name: str) -> tuple[dict[str, Any], float]:
-    """Stream the next queue pair; returns the final pair and the first token's delay."""
+def ask_pair(client: Any, name: str, typed: str | None = None) -> tuple[dict[str, Any], float]:
+    """Stream a pair (the next queue prompt, or `typed`); returns the final pair and the
+    first token's delay."""
     t0 = time.perf_counter()
     first = None
     final: dict[str, Any] | None = None
-    job = client.submit(None, name, api_name="/generate_pair")
+    job = client.submit(typed, name, api_name="/generate_pair")
     for pair in job:
         if first is None and any(a["num_tokens"] for a in pair.get("answers") or []):
             first = time.perf_counter() - t0
@@ -95,14 +98,69 @@ def annotate(
             log.errors.append(f"vote: {type(err).__name__}: {err}")
 
 
-def run_level(url: str, n: int, seconds: float, read_s: float) -> tuple[list[Log], float]:
+def send_long(
+    url: str, log: Log, clock: dict[str, float], chars: int, ready: threading.Barrier
+) -> None:
+    """The long-prompt client: ask pairs for a `chars`-character typed prompt (cut by the app
+    to its prompt limit, as designed) back to back until the deadline."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False, httpx_kwargs={"timeout": 900})
+    text = long_prompt(chars)
+    ready.wait()
+    ready.wait()
+    while time.monotonic() < clock["deadline"]:
+        try:
+            pair, first = ask_pair(client, log.name, typed=text)
+        except Exception as err:
+            log.errors.append(f"{type(err).__name__}: {err}")
+            return
+        log.first_token.append(first)
+        log.tokens += sum(a["num_tokens"] for a in pair["answers"])
+        log.pairs += 1
+
+
+def long_prompt(chars: int) -> str:
+    """A context-filling prompt: varied sentences (not one repeated token), then a question."""
+    w = [
+        "the",
+        "river",
+        "city",
+        "market",
+        "bridge",
+        "winter",
+        "garden",
+        "letter",
+        "station",
+        "music",
+        "harbour",
+        "lamp",
+    ]
+    lines, size, i = [], 0, 0
+    while size < chars:
+        lines.append(f"Note {i}: the {w[i % 12]} near the {w[i * 7 % 12]} was {i % 97} steps away.")
+        size += len(lines[-1]) + 1
+        i += 1
+    return "\n".join(lines)[:chars] + "\nSummarise the notes above in two sentences."
+
+
+def run_level(
+    url: str, n: int, seconds: float, read_s: float, long_chars: int = 0
+) -> tuple[list[Log], float]:
+    """N annotators for `seconds`; with `long_chars`, one more client sends a long prompt
+    meanwhile (its log is the last one returned)."""
     logs = [Log(f"ann{n:02d}-{i:02d}") for i in range(n)]
-    ready = threading.Barrier(n + 1)
+    ready = threading.Barrier(n + 1 + (1 if long_chars else 0))
     clock: dict[str, float] = {}
 
     threads = [
         threading.Thread(target=annotate, args=(url, log, clock, read_s, ready)) for log in logs
     ]
+    if long_chars:
+        logs.append(Log("long-prompt"))
+        threads.append(
+            threading.Thread(target=send_long, args=(url, logs[-1], clock, long_chars, ready))
+        )
     for t in threads:
         t.start()
     ready.wait()  # everyone is connected
@@ -137,16 +195,29 @@ def run_mode(mode: str, args: argparse.Namespace, levels: list[int]) -> list[str
         from gradio_client import Client
 
         ask_pair(Client(app.url, verbose=False), "warm-up")  # first-call costs out of the way
-        for n in levels:
-            logs, wall = run_level(app.url, n, args.seconds, args.read)
-            rows.append(row(mode, n, logs, wall, harness.peak_rss_mib(app.proc.pid)))
+        scenarios = [(n, 0) for n in levels] if not args.only_long else []
+        scenarios += [(n, args.long_prompt) for n in levels if args.long_prompt]
+        for n, long_chars in scenarios:
+            logs, wall = run_level(app.url, n, args.seconds, args.read, long_chars)
+            rss = harness.peak_rss_mib(app.proc.pid)
+            label = f"{mode} + long prompt" if long_chars else mode
+            rows.append(row(label, n, logs[:n], wall, rss))
             print(rows[-1], flush=True)
             for log in logs:
                 for err in log.errors[:2]:
                     print(f"  {log.name}: {err}", flush=True)
+            if long_chars:
+                print(f"  the long-prompt client: {describe_long(logs[-1])}", flush=True)
     finally:
         app.stop()
     return rows
+
+
+def describe_long(log: Log) -> str:
+    if not log.first_token:
+        return "no pair completed within the level's time"
+    firsts = ", ".join(f"{v:.1f}" for v in log.first_token)
+    return f"{log.pairs} pairs, first token after {firsts} s (its prefill, in line)"
 
 
 HEADER = (
@@ -163,6 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="T: seconds per level")
     p.add_argument("--read", type=float, default=8.0, help="R: seconds reading each pair")
     p.add_argument("--modes", default="serial,batched,prefetch")
+    p.add_argument(
+        "--long-prompt",
+        type=int,
+        default=0,
+        metavar="CHARS",
+        help="also run each level with one more client sending a CHARS-character prompt "
+        "(e.g. 100000: cut to the app's prompt limit) back to back",
+    )
+    p.add_argument("--only-long", action="store_true", help="only the --long-prompt levels")
     p.add_argument("app_args", nargs="*", help="extra `python -m app` flags (after --)")
     args = p.parse_args(argv)
     levels = [int(n) for n in args.annotators.split(",")]

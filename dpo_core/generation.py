@@ -120,8 +120,11 @@ def chat_input_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
     return enc["input_ids"]
 
 
-def prepare_prompt(tokenizer: Any, prompt: str, max_tokens: int) -> PreparedPrompt:
-    """Template `prompt`; if it exceeds `max_tokens`, keep its beginning and say so.
+def prepare_prompt(
+    tokenizer: Any, prompt: str, max_tokens: int, server_limit: bool = False
+) -> PreparedPrompt:
+    """Template `prompt`; if it exceeds `max_tokens`, keep its beginning and say so (and, with
+    `server_limit`, that the limit is the server's `--max-prompt-tokens`, not the model's).
 
     Raises ValueError for an empty prompt.
     """
@@ -141,10 +144,14 @@ def prepare_prompt(tokenizer: Any, prompt: str, max_tokens: int) -> PreparedProm
         keep -= ids.shape[0] - max_tokens
     if keep <= 0:
         raise ValueError(f"the chat template alone is longer than {max_tokens} tokens")
+    limit = (
+        f"this server's limit ({max_tokens:,} prompt tokens, set with --max-prompt-tokens)"
+        if server_limit
+        else f"the model can read ({max_tokens:,} tokens with room for the answer)"
+    )
     notice = (
-        f"The prompt ({len(prompt):,} characters) is longer than the model can read "
-        f"({max_tokens:,} tokens with room for the answer), so only its first {keep:,} "
-        "tokens were used."
+        f"The prompt ({len(prompt):,} characters) is longer than {limit}, so only its "
+        f"first {keep:,} tokens were used."
     )
     logger.info(notice)
     return PreparedPrompt(ids, truncated=True, notice=notice)
