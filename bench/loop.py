@@ -292,35 +292,65 @@ def sample_answers(
         bench.lm, model, [p for p in prompts for _ in range(each)],
         max_new_tokens=bench.max_new_tokens, seed=seed, batch_size=SAMPLE_BATCH,
         **ds.LABEL_SAMPLING,
-    )  # fmt: skip
+    )
     texts = [c.text for c in completions]
     return [texts[i * each : (i + 1) * each] for i in range(len(prompts))]
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One condition under one rule and seed: one line of versions, each trained on the last."""
+
+    cond: Condition
+    rule: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.cond.name} rule {self.rule} seed {self.seed}"
+
+    def folder(self, out: Path, round_no: int) -> Path:
+        lineage = self.cond.lineage(round_no)
+        return out / self.rule / f"seed{self.seed}" / lineage / f"round{round_no}"
+
+    def judge(self, round_no: int, prompt: str, answers: list[str]) -> Screen:
+        scores = [ds.rule_score(self.rule, a, LOOP_RULES) for a in answers]
+        return Screen(round_no, prompt, answers, scores)
+
+
+@dataclass
+class Lineage:
+    """What an arm has done so far: every verdict and the current version."""
+
+    screens: list[Screen] = field(default_factory=list)
+    adapter: Path | None = None
+
+
 def label_round(
-    bench: Bench, model: Any, cond: Condition, rule: str, seed: int, round_no: int,
-    prompts: list[str],
-) -> list[Screen]:  # fmt: skip
+    bench: Bench, model: Any, arm: Arm, round_no: int, prompts: list[str]
+) -> list[Screen]:
     """Show the round's prompts, a chunk at a time and round-robin (each prompt once, then
     each again with new answers, ...), until the round's labels are spent."""
-    each = cond.answers_per_screen
-    chunk = max(1, SAMPLE_BATCH // each)
+    cond = arm.cond
+    chunk = max(1, SAMPLE_BATCH // cond.answers_per_screen)
     screens: list[Screen] = []
     for rank in range(MAX_PASSES):
         for start in range(0, len(prompts), chunk):
             part = prompts[start : start + chunk]
-            sampling_seed = 1_000_000 * seed + 10_000 * round_no + 100 * rank + start // chunk
-            for prompt, answers in zip(
-                part, sample_answers(bench, model, part, each, sampling_seed), strict=True
-            ):
-                scores = [ds.rule_score(rule, a, LOOP_RULES) for a in answers]
-                screens.append(Screen(round_no, prompt, answers, scores))
+            seed = 1_000_000 * arm.seed + 10_000 * round_no + 100 * rank + start // chunk
+            answers = sample_answers(bench, model, part, cond.answers_per_screen, seed)
+            for prompt, texts in zip(part, answers, strict=True):
+                screens.append(arm.judge(round_no, prompt, texts))
                 if spent(screens, cond):
                     return screens
     logger.warning(
         "round %d: only %d of %d labels after %d passes over %d prompts",
-        round_no, labels_of(screens, cond), cond.per_round, MAX_PASSES, len(prompts),
-    )  # fmt: skip
+        round_no,
+        labels_of(screens, cond),
+        cond.per_round,
+        MAX_PASSES,
+        len(prompts),
+    )
     return screens
 
 
@@ -330,17 +360,17 @@ def spent(screens: list[Screen], cond: Condition) -> bool:
 
 
 def round_prompts(
-    bench: Bench, cond: Condition, round_no: int, history: list[Screen], model: Any, seed: int
+    bench: Bench, arm: Arm, round_no: int, state: Lineage, model: Any
 ) -> list[str]:
     """The round's share of the training prompts (1/R of them, none shown before); for
     `uncertain`, as many of the unused prompts, those the current version is least sure of."""
-    prompts, rounds = bench.train_prompts, cond.rounds
+    prompts, rounds = bench.train_prompts, arm.cond.rounds
     share = prompts[(round_no - 1) * len(prompts) // rounds : round_no * len(prompts) // rounds]
-    if cond.kind != "uncertain":
+    if arm.cond.kind != "uncertain":
         return share
-    shown = {s.prompt for s in history}
+    shown = {s.prompt for s in state.screens}
     pool = [p for p in prompts if p not in shown]
-    return least_sure_first(bench, model, pool, seed + round_no)[: len(share)]
+    return least_sure_first(bench, model, pool, arm.seed + round_no)[: len(share)]
 
 
 def least_sure_first(bench: Bench, model: Any, prompts: list[str], seed: int) -> list[str]:
@@ -355,44 +385,47 @@ def least_sure_first(bench: Bench, model: Any, prompts: list[str], seed: int) ->
 # --- one round ------------------------------------------------------------------------------
 
 
-def training_rows(
-    cond: Condition, rule: str, screens: list[Screen], round_no: int
-) -> list[dict[str, Any]]:
+def training_rows(arm: Arm, screens: list[Screen], round_no: int) -> list[dict[str, Any]]:
     """What the round trains on: this round's verdicts (`parent`) or all so far (`all`,
     `newest` with the weight 0.5^age), as pairs or, for `kto`, as unpaired rows."""
-    used = [s for s in screens if cond.mode != "parent" or s.round == round_no]
-    if cond.kind == "kto":
+    mode = arm.cond.mode
+    used = [s for s in screens if mode != "parent" or s.round == round_no]
+    if arm.cond.kind == "kto":
         return [row for s in used for row in s.unpaired()]
     rows = []
     for screen in used:
-        weight = NEWEST_DECAY ** (round_no - screen.round) if cond.mode == "newest" else None
-        for pair in screen.pairs(rule):
+        weight = NEWEST_DECAY ** (round_no - screen.round) if mode == "newest" else None
+        for pair in screen.pairs(arm.rule):
             rows.append(pair if weight is None else {**pair, "weight": weight})
     return rows
 
 
 def train_round(
-    bench: Bench, cond: Condition, rule: str, rows: list[dict[str, Any]],
-    parent: Path | None, out_dir: Path, seed: int,
-) -> tuple[Path | None, dict[str, Any]]:  # fmt: skip
+    bench: Bench, arm: Arm, rows: list[dict[str, Any]], parent: Path | None, out_dir: Path
+) -> tuple[Path | None, dict[str, Any]]:
     """Train the next version with the project's defaults, continuing from `parent`."""
     if not rows:
         return parent, {"stop_reason": "no verdict to train on: the version stays as it was"}
-    settings: dict[str, Any] = {"kl_max_new_tokens": bench.max_new_tokens, "seed": seed}
+    settings: dict[str, Any] = {"kl_max_new_tokens": bench.max_new_tokens, "seed": arm.seed}
     settings["init_adapter"] = str(parent) if parent else None
-    heldout = bench.heldout_pairs(rule)
+    heldout = bench.heldout_pairs(arm.rule)
     extra: dict[str, Any] = {}
-    if cond.kind == "kto":
+    if arm.cond.kind == "kto":
         settings["loss_type"] = "kto"
         heldout = [row for pair in heldout for row in unpaired(pair)]
-    if cond.kind == "sft":
+    if arm.cond.kind == "sft":
         settings["sft_epochs"] = max(1, TrainConfig().sft_epochs)  # type: ignore[attr-defined]
         extra["sft_examples"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
     t0 = time.perf_counter()
     result = trainer.train(
-        bench.lm, rows, TrainConfig(**settings), out_dir, heldout=heldout,
-        kl_prompts=bench.heldout.prompts, **extra,
-    )  # fmt: skip
+        bench.lm,
+        rows,
+        TrainConfig(**settings),
+        out_dir,
+        heldout=heldout,
+        kl_prompts=bench.heldout.prompts,
+        **extra,
+    )
     return result.adapter_dir, {
         "stop_reason": result.stop_reason,
         "train_minutes": (time.perf_counter() - t0) / 60,
@@ -409,26 +442,24 @@ def unpaired(pair: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def run_round(
-    bench: Bench, cond: Condition, rule: str, seed: int, round_no: int,
-    history: list[Screen], parent: Path | None, folder: Path,
-) -> None:  # fmt: skip
+def run_round(bench: Bench, arm: Arm, round_no: int, state: Lineage, folder: Path) -> None:
     """Label the current version's answers, train, measure; write the round's folder
     (`record.json` last: a folder without it is an unfinished round, redone)."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     t0 = time.perf_counter()
-    with version(bench.lm, parent) as model:
-        prompts = round_prompts(bench, cond, round_no, history, model, seed)
-        new = label_round(bench, model, cond, rule, seed, round_no, prompts)
-    rows = training_rows(cond, rule, [*history, *new], round_no)
+    with version(bench.lm, state.adapter) as model:
+        prompts = round_prompts(bench, arm, round_no, state, model)
+        new = label_round(bench, model, arm, round_no, prompts)
+    rows = training_rows(arm, [*state.screens, *new], round_no)
     logger.info(
-        "%s %s seed %d round %d: %d screens, %d labels, training on %d rows",
-        cond.name, rule, seed, round_no, len(new), labels_of(new, cond), len(rows),
-    )  # fmt: skip
-    adapter, training = train_round(bench, cond, rule, rows, parent, folder / "adapter", seed)
-    record = {"round": round_no, **training, **measure_version(bench, adapter, seed)}
+        "%s round %d: %d screens, %d labels, training on %d rows",
+        *(arm.name, round_no),
+        *(len(new), labels_of(new, arm.cond), len(rows)),
+    )
+    adapter, training = train_round(bench, arm, rows, state.adapter, folder / "adapter")
+    record = {"round": round_no, **training, **measure_version(bench, adapter, arm.seed)}
     record |= {"rows_trained": len(rows), "minutes": (time.perf_counter() - t0) / 60}
     record["adapter"] = str(adapter.relative_to(bench.out)) if adapter else None
     ds.append_jsonl(folder / "screens.jsonl", [dataclasses.asdict(s) for s in new])
@@ -440,57 +471,54 @@ def measure_version(bench: Bench, adapter: Path | None, seed: int) -> dict[str, 
     error of each rule's win rate over the answers."""
     with version(bench.lm, adapter) as model:
         out = ds.measure(
-            bench.lm, model, bench.heldout, seed, bench.measure_samples, LOOP_RULES,
+            bench.lm,
+            model,
+            bench.heldout,
+            seed,
+            bench.measure_samples,
+            LOOP_RULES,
             bench.max_new_tokens,
-        )  # fmt: skip
-    prompts = bench.heldout.prompts * bench.measure_samples
+        )
+    answers = list(zip(bench.heldout.prompts * bench.measure_samples, out["answers"], strict=True))
     for rule in LOOP_RULES:
-        per_answer = [
-            statistics.fmean(
-                ds.win(ds.rule_score(rule, text, LOOP_RULES), ds.rule_score(rule, row["text"], LOOP_RULES))
-                for row in bench.heldout.base[prompt]
-            )
-            for prompt, text in zip(prompts, out["answers"], strict=True)
-        ]
-        out[f"{rule}/win_stderr"] = stderr(per_answer)
+        out[f"{rule}/win_stderr"] = win_stderr(bench, rule, answers)
     return out
+
+
+def win_stderr(bench: Bench, rule: str, answers: list[tuple[str, str]]) -> float:
+    """The standard error of a win rate over the answers (each against the base's answers to
+    its prompt)."""
+    per_answer = [
+        ds.rule_metrics(rule, [(prompt, text)], bench.heldout.base, LOOP_RULES)[rule + "/win_rate"]
+        for prompt, text in answers
+    ]
+    return stderr(per_answer)
 
 
 def stderr(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
-# --- a condition, resumable -----------------------------------------------------------------
+# --- an arm, resumable ----------------------------------------------------------------------
 
 
-@dataclass
-class Lineage:
-    """What a condition has done so far: every verdict and the current version."""
-
-    screens: list[Screen] = field(default_factory=list)
-    adapter: Path | None = None
-
-
-def run_condition(bench: Bench, cond: Condition, rule: str, seed: int) -> None:
-    """Every round of `cond` under `rule`, each computed once and then read from the cache;
-    one line per round in results.jsonl."""
+def run_arm(bench: Bench, arm: Arm) -> None:
+    """Every round of the arm, each computed once and then read from the cache; one line per
+    round in results.jsonl."""
     state = Lineage()
-    for round_no in range(1, cond.rounds + 1):
-        folder = bench.out / rule / f"seed{seed}" / cond.lineage(round_no) / f"round{round_no}"
+    for round_no in range(1, arm.cond.rounds + 1):
+        folder = arm.folder(bench.out, round_no)
         if not (folder / "record.json").exists():
-            run_round(bench, cond, rule, seed, round_no, state.screens, state.adapter, folder)
+            run_round(bench, arm, round_no, state, folder)
         record = json.loads((folder / "record.json").read_text())
         new = [Screen(**row) for row in ds.read_jsonl(folder / "screens.jsonl")]
         state.screens += new
         state.adapter = bench.out / record["adapter"] if record["adapter"] else None
-        line = {
-            "condition": cond.name, "kind": cond.kind, "mode": cond.mode, "rule": rule,
-            "seed": seed, "labels": labels_of(state.screens, cond),
-            "screens": len(state.screens), "pairs_shown": len(new),
-        }  # fmt: skip
+        line = {"condition": arm.cond.name, "kind": arm.cond.kind, "mode": arm.cond.mode}
+        line |= {"rule": arm.rule, "seed": arm.seed, "screens": len(state.screens)}
+        line |= {"labels": labels_of(state.screens, arm.cond), "round_screens": len(new)}
         note_result(bench, line | {k: v for k, v in record.items() if k != "answers"})
-        logger.info("%s %s seed %d round %d: %s", cond.name, rule, seed, round_no,
-                    ds.brief(record, rule))  # fmt: skip
+        logger.info("%s round %d: %s", arm.name, round_no, ds.brief(record, arm.rule))
 
 
 def note_result(bench: Bench, line: dict[str, Any]) -> None:
@@ -638,17 +666,17 @@ def run_command(args: argparse.Namespace) -> int:
         else:
             runnable.append(cond)
     bench = open_bench(args.model, args.max_new_tokens, args.measure_samples)
-    failed = 0
-    for seed in args.seeds:
-        measure_base(bench, seed)
-        for cond in runnable:
-            for rule in args.rules:
-                try:
-                    run_condition(bench, cond, rule, seed)
-                except Exception:  # one broken condition must not cost the others' hours
-                    logger.exception("%s under rule %s, seed %d failed", cond.name, rule, seed)
-                    failed += 1
+    failed = []
+    for arm in [Arm(c, r, s) for s in args.seeds for c in runnable for r in args.rules]:
+        measure_base(bench, arm.seed)
+        try:
+            run_arm(bench, arm)
+        except Exception:  # one broken arm must not cost the others' hours
+            logger.exception("%s failed", arm.name)
+            failed.append(arm.name)
     print_tables(bench.out, args.rules)
+    for name in failed:
+        print(f"failed: {name} (the log above says why)")
     return 1 if failed else 0
 
 
