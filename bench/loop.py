@@ -414,7 +414,7 @@ def train_round(
         settings["loss_type"] = "kto"
         heldout = [row for pair in heldout for row in unpaired(pair)]
     if arm.cond.kind == "sft":
-        settings["sft_epochs"] = max(1, TrainConfig().sft_epochs)  # type: ignore[attr-defined]
+        settings["sft_epochs"] = TrainConfig().epochs  # as the Train tab: as many as DPO's
         extra["sft_examples"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
     t0 = time.perf_counter()
     result = trainer.train(
@@ -579,7 +579,10 @@ def table(rule: str, results: list[dict[str, Any]]) -> str:
 def table_line(rule: str, name: str, round_no: int, rows: list[dict[str, Any]]) -> str:
     """A condition's round over its seeds (relevance also as a change from the base's
     answers, which the goal bounds: within 5%)."""
-    change = statistics.fmean(r["relevance"] / r["base_relevance"] - 1 for r in rows)
+    change = statistics.fmean(
+        r["relevance"] / r["base_relevance"] - 1 if r["base_relevance"] else math.nan
+        for r in rows
+    )
     return (
         f"| {name} | {round_no} | {cell(rows, 'labels', digits=0)} "
         f"| {cell(rows, 'screens', digits=0)} | {cell(rows, 'rows_trained', digits=0)} "
