@@ -103,10 +103,8 @@ class Condition:
         return f"{self.kind}:{self.rounds}x{self.per_round}:{self.mode}"
 
     def lineage(self, round_no: int) -> str:
-        """The cache folder of a round: round 1 is the same whatever the mode, and uncertainty
-        first has nothing to order by in round 1 (the base is its own reference)."""
-        kind = "rounds" if self.kind == "uncertain" and round_no == 1 else self.kind
-        base = f"{kind}-{self.rounds}x{self.per_round}"
+        """The cache folder of a round: round 1 is the same whatever the mode."""
+        base = f"{self.kind}-{self.rounds}x{self.per_round}"
         return base if round_no == 1 else f"{base}-{self.mode}"
 
     @property
@@ -368,7 +366,7 @@ def round_prompts(
     `uncertain`, as many of the unused prompts, those the current version is least sure of."""
     prompts, rounds = bench.train_prompts, arm.cond.rounds
     share = prompts[(round_no - 1) * len(prompts) // rounds : round_no * len(prompts) // rounds]
-    if arm.cond.kind != "uncertain" or state.adapter is None:  # the base: no margin yet
+    if arm.cond.kind != "uncertain":
         return share
     shown = {s.prompt for s in state.screens}
     pool = [p for p in prompts if p not in shown]
