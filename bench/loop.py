@@ -370,16 +370,23 @@ def round_prompts(
         return share
     shown = {s.prompt for s in state.screens}
     pool = [p for p in prompts if p not in shown]
-    return least_sure_first(bench, model, pool, arm.seed + round_no)[: len(share)]
+    seed = 1_000_000 * arm.seed + 10_000 * round_no + 9_999  # apart from label_round's
+    return least_sure_first(bench, model, pool, seed)[: len(share)]
 
 
 def least_sure_first(bench: Bench, model: Any, prompts: list[str], seed: int) -> list[str]:
-    """`prompts` ordered by `dpo_core.uncertainty`, the least sure first."""
+    """`prompts`, least sure first: the version's margin between two answers it samples to
+    each (`dpo_core.uncertainty.pair_margins`: the implicit-reward margin of an adapter, the
+    mean per-token log-prob difference for the base); two identical answers count as sure."""
     from dpo_core import uncertainty
 
-    return uncertainty.least_sure_first(
-        bench.lm, model, prompts, max_new_tokens=bench.max_new_tokens, seed=seed
-    )
+    answers = sample_answers(bench, model, prompts, 2, seed)
+    pairs = [uncertainty.AnswerPair(p, a, b) for p, (a, b) in zip(prompts, answers, strict=True)]
+    adapter = None if model is bench.lm.model else model.active_adapter
+    scorer = dataclasses.replace(bench.lm, model=model)  # the version, adapter on
+    margins = uncertainty.pair_margins(scorer, pairs, adapter).values
+    sure = [math.inf if a == b else m for (a, b), m in zip(answers, margins, strict=True)]
+    return [prompts[i] for i in sorted(range(len(prompts)), key=sure.__getitem__)]
 
 
 # --- one round ------------------------------------------------------------------------------
@@ -412,7 +419,6 @@ def train_round(
     extra: dict[str, Any] = {}
     if arm.cond.kind == "kto":
         settings["loss_type"] = "kto"
-        heldout = [row for pair in heldout for row in unpaired(pair)]
     if arm.cond.kind == "sft":
         settings["sft_epochs"] = TrainConfig().epochs  # as the Train tab: as many as DPO's
         extra["sft_examples"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
@@ -432,14 +438,6 @@ def train_round(
         "steps": result.metrics.get("steps"),
         "kept_step": result.metrics.get("kept_step"),
     }
-
-
-def unpaired(pair: dict[str, Any]) -> list[dict[str, Any]]:
-    """A held-out pair as KTO rows: the chosen answer desirable, the rejected one not."""
-    return [
-        {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
-        {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False},
-    ]
 
 
 def run_round(bench: Bench, arm: Arm, round_no: int, state: Lineage, folder: Path) -> None:
