@@ -1,10 +1,10 @@
 """The label -> train -> label loop, measured (issue 18; write-up: docs/loop.md).
 
-    .venv/bin/python bench/loop.py run                       # every condition, rules list and figures
+    .venv/bin/python bench/loop.py run                  # every condition, rules list and figures
     .venv/bin/python bench/loop.py run --conditions rounds:2x64:parent,rounds:2x64:all --seeds 0,1
-    .venv/bin/python bench/loop.py table                     # the markdown tables, from the cache
+    .venv/bin/python bench/loop.py table                # the markdown tables, from the cache
     .venv/bin/python bench/loop.py run --model tiny --budget 8 --max-new-tokens 16 \\
-        --conditions rounds:2x4:parent --rules figures       # a smoke run, seconds
+        --conditions rounds:2x4:parent --rules figures   # a smoke run on a tiny random model
 
 A simulated annotator follows a hidden rule (`list`: answers laid out as lists, a rule about
 form; `figures`: answers that give concrete figures, a rule about content). With a fixed
@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import defaults_sweep as ds  # noqa: E402
 from dpo_core import kl, losses, trainer  # noqa: E402
 from dpo_core.config import TrainConfig  # noqa: E402
-from dpo_core.modeling import load_adapter, load_model  # noqa: E402
+from dpo_core.modeling import LoadedModel, load_adapter, load_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "loop"
@@ -224,7 +224,7 @@ def labels_of(screens: list[Screen], cond: Condition) -> int:
 class Bench:
     """The model, the prompts and the measuring kit shared by every condition."""
 
-    lm: Any
+    lm: LoadedModel
     out: Path  # bench/out/loop/<model>
     heldout: ds.Heldout
     heldout_rows: list[dict[str, Any]]  # the held-out prompts' base answers
@@ -270,7 +270,7 @@ def open_bench(model: str, max_new_tokens: int, measure_samples: int) -> Bench:
 
 
 @contextlib.contextmanager
-def version(lm: Any, adapter: Path | None) -> Iterator[Any]:
+def version(lm: LoadedModel, adapter: Path | None) -> Iterator[Any]:
     """The model of a version: the base, or the base with `adapter` on (removed after)."""
     if adapter is None:
         yield lm.model
