@@ -53,10 +53,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import defaults_sweep as ds  # noqa: E402
-from dpo_core import kl, losses, trainer  # noqa: E402
-from dpo_core.config import TrainConfig  # noqa: E402
-from dpo_core.modeling import LoadedModel, load_adapter, load_model  # noqa: E402
+from bench import defaults_sweep as ds
+from dpo_core import kl, losses, trainer
+from dpo_core.config import TrainConfig
+from dpo_core.modeling import LoadedModel, load_adapter, load_model
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "loop"
@@ -289,8 +289,12 @@ def sample_answers(
 ) -> list[list[str]]:
     """`each` answers to every prompt, sampled as the Label tab samples."""
     completions = kl.sample_completions(
-        bench.lm, model, [p for p in prompts for _ in range(each)],
-        max_new_tokens=bench.max_new_tokens, seed=seed, batch_size=SAMPLE_BATCH,
+        bench.lm,
+        model,
+        [p for p in prompts for _ in range(each)],
+        max_new_tokens=bench.max_new_tokens,
+        seed=seed,
+        batch_size=SAMPLE_BATCH,
         **ds.LABEL_SAMPLING,
     )
     texts = [c.text for c in completions]
@@ -359,9 +363,7 @@ def spent(screens: list[Screen], cond: Condition) -> bool:
     return cond.per_round - labels_of(screens, cond) < cond.labels_per_screen
 
 
-def round_prompts(
-    bench: Bench, arm: Arm, round_no: int, state: Lineage, model: Any
-) -> list[str]:
+def round_prompts(bench: Bench, arm: Arm, round_no: int, state: Lineage, model: Any) -> list[str]:
     """The round's share of the training prompts (1/R of them, none shown before); for
     `uncertain`, as many of the unused prompts, those the current version is least sure of."""
     prompts, rounds = bench.train_prompts, arm.cond.rounds
@@ -578,8 +580,7 @@ def table_line(rule: str, name: str, round_no: int, rows: list[dict[str, Any]]) 
     """A condition's round over its seeds (relevance also as a change from the base's
     answers, which the goal bounds: within 5%)."""
     change = statistics.fmean(
-        r["relevance"] / r["base_relevance"] - 1 if r["base_relevance"] else math.nan
-        for r in rows
+        r["relevance"] / r["base_relevance"] - 1 if r["base_relevance"] else math.nan for r in rows
     )
     return (
         f"| {name} | {round_no} | {cell(rows, 'labels', digits=0)} "
