@@ -582,11 +582,12 @@ def table_line(rule: str, name: str, round_no: int, rows: list[dict[str, Any]]) 
     change = statistics.fmean(
         r["relevance"] / r["base_relevance"] - 1 if r["base_relevance"] else math.nan for r in rows
     )
+    vs_base = "" if math.isnan(change) else f"{change:+.1%}"  # blank: the base never names it
     return (
         f"| {name} | {round_no} | {cell(rows, 'labels', digits=0)} "
         f"| {cell(rows, 'screens', digits=0)} | {cell(rows, 'rows_trained', digits=0)} "
         f"| {cell(rows, rule + '/win_rate', rule + '/win_stderr')} "
-        f"| {cell(rows, rule + '/share')} | {cell(rows, 'relevance')} | {change:+.1%} "
+        f"| {cell(rows, rule + '/share')} | {cell(rows, 'relevance')} | {vs_base} "
         f"| {cell(rows, 'fluency')} | {cell(rows, 'kl', 'kl_stderr', digits=1)} "
         f"| {cell(rows, 'minutes', digits=1)} | {len(rows)} |"
     )
