@@ -132,7 +132,10 @@ def parse_condition(spec: str, budget: int) -> Condition:
     per_round = int(match[2]) if match[2] else budget // rounds
     if per_round < 1:
         raise ValueError(f"{usage}; a budget of {budget} labels leaves none per round")
-    return Condition(parts[0], rounds, per_round, mode)
+    cond = Condition(parts[0], rounds, per_round, mode)
+    if per_round < cond.labels_per_screen:
+        raise ValueError(f"{usage}; a {parts[0]} verdict costs {cond.labels_per_screen} labels")
+    return cond
 
 
 def default_conditions(budget: int) -> list[Condition]:
@@ -648,7 +651,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--max-new-tokens must be at least 1")
     if args.command == "run":
         try:
-            args.seeds = [int(s) for s in args.seeds.split(",")]
+            args.seeds = parse_seeds(args.seeds)
             if args.budget < 1 or args.measure_samples < 1:
                 raise ValueError("--budget and --measure-samples must be at least 1")
             specs = args.conditions.split(",") if args.conditions else []
@@ -657,6 +660,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except ValueError as err:
             parser.error(str(err))
     return args
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds: expected whole numbers and commas, got {text!r}") from None
 
 
 def run_command(args: argparse.Namespace) -> int:
