@@ -335,8 +335,8 @@ def measure(
         "base_fluency": _mean(f for p in heldout.prompts for f in heldout.base_fluency[p]),
         "answers": [c.text for c in completions],
     }
+    answers = [(c.prompt, c.text) for c in completions]
     for rule in rules:
-        answers = [(c.prompt, c.text) for c in completions]
         out.update(rule_metrics(rule, answers, heldout.base, rules))
     return out
 
@@ -355,18 +355,13 @@ def rule_metrics(
         follows.append(score > 0)
         for row in base[prompt]:
             other = rule_score(rule, row["text"], rules)
-            outcomes.append(win(score, other))
+            outcomes.append(1.0 if score > other else 0.5 if score == other else 0.0)
             base_follows.append(other > 0)
     return {
         f"{rule}/win_rate": _mean(outcomes),
         f"{rule}/share": _mean(follows),
         f"{rule}/base_share": _mean(base_follows),
     }
-
-
-def win(score: float, other: float) -> float:
-    """One comparison by a rule's scores: 1 a win, 0.5 a tie, 0 a loss."""
-    return 1.0 if score > other else 0.5 if score == other else 0.0
 
 
 def _mean(values: Any) -> float:
