@@ -341,10 +341,10 @@ def label_round(
     cond = arm.cond
     chunk = max(1, SAMPLE_BATCH // cond.answers_per_screen)
     screens: list[Screen] = []
-    for rank in range(MAX_PASSES):
+    for visit in range(MAX_PASSES):
         for start in range(0, len(prompts), chunk):
             part = prompts[start : start + chunk]
-            seed = 1_000_000 * arm.seed + 10_000 * round_no + 100 * rank + start // chunk
+            seed = 1_000_000 * arm.seed + 10_000 * round_no + 100 * visit + start // chunk
             answers = sample_answers(bench, model, part, cond.answers_per_screen, seed)
             for prompt, texts in zip(part, answers, strict=True):
                 screens.append(arm.judge(round_no, prompt, texts))
