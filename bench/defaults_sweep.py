@@ -38,6 +38,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,13 +98,14 @@ def you_score(text: str) -> float:
     return float(len(YOU.findall(text)))
 
 
-RULES = {"list": list_score, "you": you_score, "tidy": tidy_list_score}
+Score = Callable[[str], float]  # a rule: an answer's text -> how well it follows the rule
+RULES: dict[str, Score] = {"list": list_score, "you": you_score, "tidy": tidy_list_score}
 
 
-def rule_score(rule: str, text: str) -> float:
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
-    return RULES[rule](text)
+def rule_score(rule: str, text: str, rules: Mapping[str, Score] = RULES) -> float:
+    if rule not in rules:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(rules)}")
+    return rules[rule](text)
 
 
 def repetition(text: str) -> float:
@@ -146,18 +148,42 @@ def sample_stage(lm: Any, batch_size: int) -> None:
     train, heldout = load_prompts()
     first = range(FIRST_ROUND_ANSWERS)
     jobs = [("train", e["prompt"], i, LABEL_SAMPLING) for i in first for e in train]
-    jobs += [("heldout", e["prompt"], i, {}) for i in range(BASE_ANSWERS) for e in heldout]
-    jobs += [
-        ("heldout_label", e["prompt"], i, LABEL_SAMPLING)
-        for i in range(BASE_ANSWERS)
-        for e in heldout
-    ]
+    jobs += heldout_jobs(heldout)
     later = range(FIRST_ROUND_ANSWERS, TRAIN_ANSWERS)  # added in the third round, sampled last
     jobs += [("train", e["prompt"], i, LABEL_SAMPLING) for i in later for e in train]
     more = [e["prompt"] for e in json.loads(MORE_PROMPTS.read_text())]
     jobs += [("train_more", p, i, LABEL_SAMPLING) for i in range(TRAIN_ANSWERS) for p in more]
+    sample_jobs(lm, jobs, SAMPLES, batch_size)
+
+
+SampleJob = tuple[str, str, int, dict[str, float]]  # split, prompt, answer index, sampling
+
+
+def heldout_jobs(heldout: list[dict[str, Any]]) -> list[SampleJob]:
+    """The held-out prompts' base answers: 2 from the model's own distribution (`heldout`),
+    then 2 sampled as the Label tab samples (`heldout_label`, what the win rate compares to)."""
+    jobs: list[SampleJob] = [
+        ("heldout", e["prompt"], i, {}) for i in range(BASE_ANSWERS) for e in heldout
+    ]
+    return jobs + [
+        ("heldout_label", e["prompt"], i, LABEL_SAMPLING)
+        for i in range(BASE_ANSWERS)
+        for e in heldout
+    ]
+
+
+def sample_jobs(
+    lm: Any,
+    jobs: list[SampleJob],
+    path: Path,
+    batch_size: int,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> None:
+    """Sample each job's answer from the base model into `path` (JSONL), `batch_size` at a
+    time, skipping the jobs `path` already holds: a rerun resumes a partial run. A job's seed
+    depends on its position in `jobs`, so the same list gives the same answers."""
     position = {j[:3]: n for n, j in enumerate(jobs)}
-    done = {(r["split"], r["prompt"], r["index"]) for r in read_jsonl(SAMPLES)}
+    done = {(r["split"], r["prompt"], r["index"]) for r in read_jsonl(path)}
     todo = [j for j in jobs if j[:3] not in done]
     logger.info("%d of %d answers to sample", len(todo), len(jobs))
     for start in range(0, len(todo), batch_size):
@@ -170,12 +196,12 @@ def sample_stage(lm: Any, batch_size: int) -> None:
                 continue
             seed = 1000 * (position[chunk[0][:3]] // batch_size) + len(params)
             completions = kl.sample_completions(
-                lm, lm.model, [j[1] for j in part], max_new_tokens=MAX_NEW_TOKENS,
+                lm, lm.model, [j[1] for j in part], max_new_tokens=max_new_tokens,
                 seed=seed, batch_size=batch_size, **params,
             )  # fmt: skip
             for (split, _, index, _), c in zip(part, completions, strict=True):
                 rows.append(sample_row(split, index, c))
-        append_jsonl(SAMPLES, rows)
+        append_jsonl(path, rows)
         logger.info("sampled %d answers in %.0f s", len(rows), time.perf_counter() - t0)
 
 
@@ -204,6 +230,7 @@ def rule_pairs(
     splits: tuple[str, ...],
     answers: int = FIRST_ROUND_ANSWERS,
     fresh: bool = False,
+    rules: Mapping[str, Score] = RULES,
 ) -> list[dict[str, Any]]:
     """Pairs a person following the rule would label from the first `answers` answers of each
     prompt of `splits`, the higher-scoring answer chosen, ties skipped, ordered round-robin
@@ -220,7 +247,7 @@ def rule_pairs(
     queues = []
     for prompt, rows in by_prompt.items():
         rows = sorted(rows, key=lambda r: r["index"])
-        scored = [(rule_score(rule, r["text"]), r["text"]) for r in rows]
+        scored = [(rule_score(rule, r["text"], rules), r["text"]) for r in rows]
         if fresh:
             shown = [(scored[i], scored[i + 1]) for i in range(0, len(scored) - 1, 2)]
             shown = [(a, b) if a[0] > b[0] else (b, a) for a, b in shown if a[0] != b[0]]
@@ -272,12 +299,18 @@ def load_heldout(lm: Any, samples: list[dict[str, Any]]) -> Heldout:
 
 
 def measure(
-    lm: Any, model: Any, heldout: Heldout, seed: int = 0, samples: int = 1
+    lm: Any,
+    model: Any,
+    heldout: Heldout,
+    seed: int = 0,
+    samples: int = 1,
+    rules: Mapping[str, Score] = RULES,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> dict[str, Any]:
     """Compare `model` with the base on the held-out prompts: `samples` answers per prompt
-    sampled as the Label tab samples (rule win rates, relevance, fluency) and one from the
-    model's own distribution (temperature 1, for the KL(model || base) estimate)."""
-    sample = {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": len(heldout.prompts)}
+    sampled as the Label tab samples (each rule's win rate, relevance, fluency) and one from
+    the model's own distribution (temperature 1, for the KL(model || base) estimate)."""
+    sample = {"max_new_tokens": max_new_tokens, "batch_size": len(heldout.prompts)}
     own = kl.sample_completions(lm, model, heldout.prompts, seed=10_000 + seed, **sample)
     estimate = kl.kl_from_completions(lm, model, own)
     completions = []
@@ -302,22 +335,26 @@ def measure(
         "base_fluency": _mean(f for p in heldout.prompts for f in heldout.base_fluency[p]),
         "answers": [c.text for c in completions],
     }
-    for rule in RULES:
-        out.update(rule_metrics(rule, [(c.prompt, c.text) for c in completions], heldout.base))
+    answers = [(c.prompt, c.text) for c in completions]
+    for rule in rules:
+        out.update(rule_metrics(rule, answers, heldout.base, rules))
     return out
 
 
 def rule_metrics(
-    rule: str, answers: list[tuple[str, str]], base: dict[str, list[dict[str, Any]]]
+    rule: str,
+    answers: list[tuple[str, str]],
+    base: dict[str, list[dict[str, Any]]],
+    rules: Mapping[str, Score] = RULES,
 ) -> dict:
     """Win rate of each (prompt, answer) against each base answer to the same prompt (ties
     count half), and the share of answers that follow the rule at all (score > 0)."""
     outcomes, follows, base_follows = [], [], []
     for prompt, text in answers:
-        score = rule_score(rule, text)
+        score = rule_score(rule, text, rules)
         follows.append(score > 0)
         for row in base[prompt]:
-            other = rule_score(rule, row["text"])
+            other = rule_score(rule, row["text"], rules)
             outcomes.append(1.0 if score > other else 0.5 if score == other else 0.0)
             base_follows.append(other > 0)
     return {
@@ -440,7 +477,7 @@ def run_grid_point(lm: Any, point: GridPoint, samples: list, heldout: Heldout) -
             "minutes": (time.perf_counter() - t0) / 60, **measured[-1],
         }  # fmt: skip
         append_jsonl(RESULTS, [record])
-        logger.info("%s epoch %d: %s", point.key, record["epoch"], _brief(record, point.rule))
+        logger.info("%s epoch %d: %s", point.key, record["epoch"], brief(record, point.rule))
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer.train(
@@ -449,7 +486,7 @@ def run_grid_point(lm: Any, point: GridPoint, samples: list, heldout: Heldout) -
         )  # fmt: skip
 
 
-def _brief(r: dict[str, Any], rule: str) -> str:
+def brief(r: dict[str, Any], rule: str) -> str:
     return (
         f"win {r[rule + '/win_rate']:.2f} share {r[rule + '/share']:.2f} "
         f"relevance {r['relevance']:.2f} fluency {r['fluency']:.2f} kl {r['kl']:.1f}"

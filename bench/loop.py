@@ -1,0 +1,712 @@
+"""The label -> train -> label loop, measured (issue 18; write-up: docs/loop.md).
+
+    .venv/bin/python bench/loop.py run                  # every condition, rules list and figures
+    .venv/bin/python bench/loop.py run --conditions rounds:2x64:parent,rounds:2x64:all --seeds 0,1
+    .venv/bin/python bench/loop.py table                # the markdown tables, from the cache
+    .venv/bin/python bench/loop.py run --model tiny --budget 8 --max-new-tokens 16 \\
+        --conditions rounds:2x4:parent --rules figures   # a smoke run on a tiny random model
+
+A simulated annotator follows a hidden rule (`list`: answers laid out as lists, a rule about
+form; `figures`: answers that give concrete figures, a rule about content). With a fixed
+budget of labels, each condition runs R rounds: the current version (the base model first)
+answers unused training prompts as the Label tab samples (temperature 0.8, top-p 0.95), the
+annotator judges what it is shown, and `dpo_core.trainer.train` with the project's defaults
+trains the next version, continuing from the current one (`TrainConfig.init_adapter`). Each
+version is measured on 32 held-out prompts never trained on, with `bench/defaults_sweep.py`'s
+measures (win rate against the base's answers, relevance, fluency, KL per answer).
+
+Conditions (`KIND:RxN[:MODE]`, N labels in each of R rounds; `KIND:R` splits `--budget`):
+- `rounds`: pairs of two fresh answers (one label each); MODE says what a round trains on:
+  `parent` (this round's pairs), `all` (all pairs so far), `newest` (all, weight 0.5^age);
+- `kto`: KTO (loss_type "kto") on every verdict, ties too ("both good" / "both bad");
+- `rank4`: 4 answers ranked by the rule, their implied pairs (a ranking costs 3 labels);
+- `uncertain`: the current version's least sure prompts first (`dpo_core.uncertainty`);
+- `sft`: an SFT stage on the chosen answers, then DPO, in each round.
+
+Everything is cached under bench/out/loop/<model>/ (each round's verdicts, adapter and
+measures), so a rerun resumes where the last one stopped and a round shared by several
+conditions (round 1 is the same for every MODE) is computed once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import inspect
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import defaults_sweep as ds
+from dpo_core import kl, losses, trainer
+from dpo_core.config import TrainConfig
+from dpo_core.modeling import LoadedModel, load_adapter, load_model
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out" / "loop"
+KINDS = ("rounds", "kto", "rank4", "uncertain", "sft")
+MODES = ("parent", "all", "newest")
+MAX_PASSES = 8  # a round shows each of its prompts at most this many times (16 answers)
+RANKED = 4  # answers in a ranking
+RANKING_LABELS = 3  # a ranking of 4 costs the annotator time of 3 pair labels (see docs/loop.md)
+SAMPLE_BATCH = 32
+NEWEST_DECAY = 0.5  # `newest`: a pair labelled k rounds ago weighs 0.5^k
+
+logger = logging.getLogger("loop")
+
+
+# --- the hidden rules -----------------------------------------------------------------------
+
+LIST_NUMBER = re.compile(r"^\s*\d+[.)]\s", re.MULTILINE)
+FIGURE = re.compile(r"\d+(?:[.,:]\d+)*")
+
+
+def figures_score(text: str) -> float:
+    """Rule `figures` (content): how many distinct figures the answer gives (quantities,
+    times, temperatures, years); the numbers of a numbered list do not count."""
+    return float(len(set(FIGURE.findall(LIST_NUMBER.sub("", text)))))
+
+
+LOOP_RULES: dict[str, ds.Score] = {"list": ds.list_score, "figures": figures_score}
+
+
+# --- conditions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Condition:
+    """R rounds of N labels each, labelled and trained the way `kind` and `mode` say."""
+
+    kind: str
+    rounds: int
+    per_round: int
+    mode: str = "parent"
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.rounds}x{self.per_round}:{self.mode}"
+
+    def lineage(self, round_no: int) -> str:
+        """The cache folder of a round: round 1 is the same whatever the mode."""
+        base = f"{self.kind}-{self.rounds}x{self.per_round}"
+        return base if round_no == 1 else f"{base}-{self.mode}"
+
+    @property
+    def labels_per_screen(self) -> int:
+        return RANKING_LABELS if self.kind == "rank4" else 1
+
+    @property
+    def answers_per_screen(self) -> int:
+        return RANKED if self.kind == "rank4" else 2
+
+
+def parse_condition(spec: str, budget: int) -> Condition:
+    """`KIND:RxN[:MODE]` or `KIND:R[:MODE]` (N = budget / R); a clear error otherwise."""
+    parts = spec.strip().split(":")
+    usage = f"condition {spec!r}: expected KIND:RxN[:MODE], e.g. rounds:2x64:parent"
+    if len(parts) not in (2, 3) or parts[0] not in KINDS:
+        raise ValueError(f"{usage}; KIND is one of {', '.join(KINDS)}")
+    mode = parts[2] if len(parts) == 3 else "parent"
+    if mode not in MODES:
+        raise ValueError(f"{usage}; MODE is one of {', '.join(MODES)}")
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?", parts[1])
+    if not match or int(match[1]) < 1:
+        raise ValueError(f"{usage}; R and N are positive whole numbers")
+    rounds = int(match[1])
+    per_round = int(match[2]) if match[2] else budget // rounds
+    if per_round < 1:
+        raise ValueError(f"{usage}; a budget of {budget} labels leaves none per round")
+    cond = Condition(parts[0], rounds, per_round, mode)
+    if per_round < cond.labels_per_screen:
+        raise ValueError(f"{usage}; a {parts[0]} verdict costs {cond.labels_per_screen} labels")
+    return cond
+
+
+def default_conditions(budget: int) -> list[Condition]:
+    """Every condition of the issue for a budget of `budget` labels, most informative first."""
+    specs = ["rounds:1", "rounds:2:parent", "rounds:2:all", "rounds:2:newest"]
+    specs += [f"rounds:{r}:{m}" for r in (4, 8) for m in MODES]
+    specs += ["kto:2", "rank4:2", "uncertain:4", "sft:2"]
+    return [parse_condition(s, budget) for s in specs]
+
+
+def unavailable(cond: Condition) -> str | None:
+    """Why dpo_core cannot run `cond` yet (another part of issue 18 adds it), or None."""
+    if cond.kind == "kto" and "kto" not in losses.LOSS_TYPES:
+        return 'dpo_core.losses has no loss_type "kto" yet'
+    if cond.kind == "uncertain" and importlib.util.find_spec("dpo_core.uncertainty") is None:
+        return "there is no dpo_core/uncertainty.py yet"
+    if cond.kind == "sft" and not sft_supported():
+        return "dpo_core.trainer.train takes no sft_examples (or TrainConfig no sft_epochs) yet"
+    if cond.mode == "newest" and cond.rounds > 1 and not weights_supported():
+        return 'the trainer does not read a pair\'s "weight" yet'
+    return None
+
+
+def sft_supported() -> bool:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return "sft_epochs" in fields and "sft_examples" in inspect.signature(trainer.train).parameters
+
+
+def weights_supported() -> bool:
+    from dpo_core import data
+
+    return "weight" in {f.name for f in dataclasses.fields(data.TokenizedPair)}
+
+
+# --- what the annotator sees and says --------------------------------------------------------
+
+
+@dataclass
+class Screen:
+    """Answers to one prompt shown together (2, or 4 to rank) and the rule's score of each."""
+
+    round: int
+    prompt: str
+    answers: list[str]
+    scores: list[float]
+
+    @property
+    def decisive(self) -> bool:
+        return len(set(self.scores)) > 1
+
+    def pairs(self, rule: str) -> list[dict[str, Any]]:
+        """The preference pairs the verdict implies: for a ranking, every two answers it
+        orders (`defaults_sweep.rule_pairs`), for two answers the one pair, if not a tie."""
+        rows = [
+            {"split": "screen", "prompt": self.prompt, "index": i, "text": text}
+            for i, text in enumerate(self.answers)
+            if usable(text)
+        ]
+        return ds.rule_pairs(rule, rows, ("screen",), len(self.answers), rules=LOOP_RULES)
+
+    def unpaired(self) -> list[dict[str, Any]]:
+        """KTO rows, one per answer: the preferred answer(s) desirable, the other(s) not; on a
+        tie both are desirable when they follow the rule ("both good"), else neither ("both
+        bad")."""
+        best, decisive = max(self.scores), self.decisive
+        return [
+            {"prompt": self.prompt, "completion": text, "label": s == best and (s > 0 or decisive)}
+            for text, s in zip(self.answers, self.scores, strict=True)
+            if usable(text)
+        ]
+
+
+def usable(text: str) -> bool:
+    """Whether an answer can be trained on (`common.pair_format` refuses blank text and NUL
+    characters, which the tiny random model can produce)."""
+    return bool(text.strip()) and "\x00" not in text
+
+
+def labels_of(screens: list[Screen], cond: Condition) -> int:
+    """Labels spent: a decisive verdict costs one (a ranking three); a tie is free (it is
+    counted as a screen shown, see docs/loop.md)."""
+    return sum(cond.labels_per_screen for s in screens if s.decisive)
+
+
+# --- the bench ------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """The model, the prompts and the measuring kit shared by every condition."""
+
+    lm: LoadedModel
+    out: Path  # bench/out/loop/<model>
+    heldout: ds.Heldout
+    heldout_rows: list[dict[str, Any]]  # the held-out prompts' base answers
+    train_prompts: list[str]
+    max_new_tokens: int
+    measure_samples: int
+
+    def heldout_pairs(self, rule: str) -> list[dict[str, Any]]:
+        """Pairs of the held-out prompts' base answers, for the guard (never trained on)."""
+        pairs = ds.rule_pairs(rule, self.heldout_rows, ds.HELDOUT_SPLITS, rules=LOOP_RULES)
+        return [p for p in pairs if usable(p["chosen"]) and usable(p["rejected"])]
+
+
+def training_prompts() -> list[str]:
+    """128 training prompts: defaults_sweep's 64 and its 64 more, in a fixed shuffle."""
+    more = json.loads(ds.MORE_PROMPTS.read_text())
+    prompts = [e["prompt"] for e in ds.load_prompts()[0] + more]
+    random.Random(1).shuffle(prompts)
+    return prompts
+
+
+def out_dir(model: str, max_new_tokens: int) -> Path:
+    """The cache of one model (and answer length, when not the default 96 tokens)."""
+    name = Path(model).name or "model"
+    return OUT / (name if max_new_tokens == ds.MAX_NEW_TOKENS else f"{name}-{max_new_tokens}tok")
+
+
+def open_bench(model: str, max_new_tokens: int, measure_samples: int) -> Bench:
+    """Load the model, sample (or read back) the held-out base answers."""
+    if model == "tiny":
+        from bench import harness
+
+        lm = load_model(str(harness.tiny_model(OUT / "tiny-model")), dtype="fp32", device="cpu")
+    else:
+        lm = load_model(model, device="cpu")
+    out = out_dir(model, max_new_tokens)
+    samples = out / "heldout_samples.jsonl"
+    jobs = ds.heldout_jobs(ds.load_prompts()[1])
+    ds.sample_jobs(lm, jobs, samples, SAMPLE_BATCH, max_new_tokens)
+    rows = ds.read_jsonl(samples)
+    heldout = ds.load_heldout(lm, rows)
+    return Bench(lm, out, heldout, rows, training_prompts(), max_new_tokens, measure_samples)
+
+
+@contextlib.contextmanager
+def version(lm: LoadedModel, adapter: Path | None) -> Iterator[Any]:
+    """The model of a version: the base, or the base with `adapter` on (removed after)."""
+    if adapter is None:
+        yield lm.model
+        return
+    model = load_adapter(lm.model, adapter)
+    model.eval()
+    try:
+        yield model
+    finally:
+        lm.model = model.unload()
+        lm.model.eval()
+
+
+def sample_answers(
+    bench: Bench, model: Any, prompts: list[str], each: int, seed: int
+) -> list[list[str]]:
+    """`each` answers to every prompt, sampled as the Label tab samples."""
+    completions = kl.sample_completions(
+        bench.lm,
+        model,
+        [p for p in prompts for _ in range(each)],
+        max_new_tokens=bench.max_new_tokens,
+        seed=seed,
+        batch_size=SAMPLE_BATCH,
+        **ds.LABEL_SAMPLING,
+    )
+    texts = [c.text for c in completions]
+    return [texts[i * each : (i + 1) * each] for i in range(len(prompts))]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One condition under one rule and seed: one line of versions, each trained on the last."""
+
+    cond: Condition
+    rule: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.cond.name} rule {self.rule} seed {self.seed}"
+
+    def folder(self, out: Path, round_no: int) -> Path:
+        lineage = self.cond.lineage(round_no)
+        return out / self.rule / f"seed{self.seed}" / lineage / f"round{round_no}"
+
+    def judge(self, round_no: int, prompt: str, answers: list[str]) -> Screen:
+        scores = [ds.rule_score(self.rule, a, LOOP_RULES) for a in answers]
+        return Screen(round_no, prompt, answers, scores)
+
+
+@dataclass
+class Lineage:
+    """What an arm has done so far: every verdict and the current version."""
+
+    screens: list[Screen] = field(default_factory=list)
+    adapter: Path | None = None
+
+
+def label_round(
+    bench: Bench, model: Any, arm: Arm, round_no: int, prompts: list[str]
+) -> list[Screen]:
+    """Show the round's prompts, a chunk at a time and round-robin (each prompt once, then
+    each again with new answers, ...), until the round's labels are spent."""
+    cond = arm.cond
+    chunk = max(1, SAMPLE_BATCH // cond.answers_per_screen)
+    screens: list[Screen] = []
+    for visit in range(MAX_PASSES):
+        for start in range(0, len(prompts), chunk):
+            part = prompts[start : start + chunk]
+            seed = 1_000_000 * arm.seed + 10_000 * round_no + 100 * visit + start // chunk
+            answers = sample_answers(bench, model, part, cond.answers_per_screen, seed)
+            for prompt, texts in zip(part, answers, strict=True):
+                screens.append(arm.judge(round_no, prompt, texts))
+                if spent(screens, cond):
+                    return screens
+    logger.warning(
+        "round %d: only %d of %d labels after %d passes over %d prompts",
+        round_no,
+        labels_of(screens, cond),
+        cond.per_round,
+        MAX_PASSES,
+        len(prompts),
+    )
+    return screens
+
+
+def spent(screens: list[Screen], cond: Condition) -> bool:
+    """Whether the round's labels are spent: another verdict would overdraw them."""
+    return cond.per_round - labels_of(screens, cond) < cond.labels_per_screen
+
+
+def round_prompts(bench: Bench, arm: Arm, round_no: int, state: Lineage, model: Any) -> list[str]:
+    """The round's share of the training prompts (1/R of them, none shown before); for
+    `uncertain`, as many of the unused prompts, those the current version is least sure of."""
+    prompts, rounds = bench.train_prompts, arm.cond.rounds
+    share = prompts[(round_no - 1) * len(prompts) // rounds : round_no * len(prompts) // rounds]
+    if arm.cond.kind != "uncertain":
+        return share
+    shown = {s.prompt for s in state.screens}
+    pool = [p for p in prompts if p not in shown]
+    seed = 1_000_000 * arm.seed + 10_000 * round_no + 9_999  # apart from label_round's
+    return least_sure_first(bench, model, pool, seed)[: len(share)]
+
+
+def least_sure_first(bench: Bench, model: Any, prompts: list[str], seed: int) -> list[str]:
+    """`prompts`, least sure first: the version's margin between two answers it samples to
+    each (`dpo_core.uncertainty.pair_margins`: the implicit-reward margin of an adapter, the
+    mean per-token log-prob difference for the base); two identical answers count as sure."""
+    from dpo_core import uncertainty
+
+    answers = sample_answers(bench, model, prompts, 2, seed)
+    pairs = [uncertainty.AnswerPair(p, a, b) for p, (a, b) in zip(prompts, answers, strict=True)]
+    adapter = None if model is bench.lm.model else model.active_adapter
+    scorer = dataclasses.replace(bench.lm, model=model)  # the version, adapter on
+    margins = uncertainty.pair_margins(scorer, pairs, adapter).values
+    sure = [math.inf if a == b else m for (a, b), m in zip(answers, margins, strict=True)]
+    return [prompts[i] for i in sorted(range(len(prompts)), key=sure.__getitem__)]
+
+
+# --- one round ------------------------------------------------------------------------------
+
+
+def training_rows(arm: Arm, screens: list[Screen], round_no: int) -> list[dict[str, Any]]:
+    """What the round trains on: this round's verdicts (`parent`) or all so far (`all`,
+    `newest` with the weight 0.5^age), as pairs or, for `kto`, as unpaired rows."""
+    mode = arm.cond.mode
+    used = [s for s in screens if mode != "parent" or s.round == round_no]
+    if arm.cond.kind == "kto":
+        return [row for s in used for row in s.unpaired()]
+    rows = []
+    for screen in used:
+        weight = NEWEST_DECAY ** (round_no - screen.round) if mode == "newest" else None
+        for pair in screen.pairs(arm.rule):
+            rows.append(pair if weight is None else {**pair, "weight": weight})
+    return rows
+
+
+def train_round(
+    bench: Bench, arm: Arm, rows: list[dict[str, Any]], parent: Path | None, out_dir: Path
+) -> tuple[Path | None, dict[str, Any]]:
+    """Train the next version with the project's defaults, continuing from `parent`."""
+    if not rows:
+        return parent, {"stop_reason": "no verdict to train on: the version stays as it was"}
+    settings: dict[str, Any] = {"kl_max_new_tokens": bench.max_new_tokens, "seed": arm.seed}
+    settings["init_adapter"] = str(parent) if parent else None
+    heldout = bench.heldout_pairs(arm.rule)
+    extra: dict[str, Any] = {}
+    if arm.cond.kind == "kto":
+        settings["loss_type"] = "kto"
+    if arm.cond.kind == "sft":
+        settings["sft_epochs"] = TrainConfig().epochs  # as the Train tab: as many as DPO's
+        extra["sft_examples"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    t0 = time.perf_counter()
+    result = trainer.train(
+        bench.lm,
+        rows,
+        TrainConfig(**settings),
+        out_dir,
+        heldout=heldout,
+        kl_prompts=bench.heldout.prompts,
+        **extra,
+    )
+    return result.adapter_dir, {
+        "stop_reason": result.stop_reason,
+        "train_minutes": (time.perf_counter() - t0) / 60,
+        "steps": result.metrics.get("steps"),
+        "kept_step": result.metrics.get("kept_step"),
+    }
+
+
+def run_round(bench: Bench, arm: Arm, round_no: int, state: Lineage, folder: Path) -> None:
+    """Label the current version's answers, train, measure; write the round's folder
+    (`record.json` last: a folder without it is an unfinished round, redone)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    t0 = time.perf_counter()
+    with version(bench.lm, state.adapter) as model:
+        prompts = round_prompts(bench, arm, round_no, state, model)
+        new = label_round(bench, model, arm, round_no, prompts)
+    rows = training_rows(arm, [*state.screens, *new], round_no)
+    logger.info(
+        "%s round %d: %d screens, %d labels, training on %d rows",
+        *(arm.name, round_no),
+        *(len(new), labels_of(new, arm.cond), len(rows)),
+    )
+    adapter, training = train_round(bench, arm, rows, state.adapter, folder / "adapter")
+    record = {"round": round_no, **training, **measure_version(bench, adapter, arm.seed)}
+    record |= {"rows_trained": len(rows), "minutes": (time.perf_counter() - t0) / 60}
+    record["adapter"] = str(adapter.relative_to(bench.out)) if adapter else None
+    ds.append_jsonl(folder / "screens.jsonl", [dataclasses.asdict(s) for s in new])
+    (folder / "record.json").write_text(json.dumps(record))
+
+
+def measure_version(bench: Bench, adapter: Path | None, seed: int) -> dict[str, Any]:
+    """defaults_sweep's measures of a version on the held-out prompts, plus the standard
+    error of each rule's win rate over the answers."""
+    with version(bench.lm, adapter) as model:
+        out = ds.measure(
+            bench.lm,
+            model,
+            bench.heldout,
+            seed,
+            bench.measure_samples,
+            LOOP_RULES,
+            bench.max_new_tokens,
+        )
+    answers = list(zip(bench.heldout.prompts * bench.measure_samples, out["answers"], strict=True))
+    for rule in LOOP_RULES:
+        out[f"{rule}/win_stderr"] = win_stderr(bench, rule, answers)
+    return out
+
+
+def win_stderr(bench: Bench, rule: str, answers: list[tuple[str, str]]) -> float:
+    """The standard error of a win rate over the answers (each against the base's answers to
+    its prompt)."""
+    per_answer = [
+        ds.rule_metrics(rule, [(prompt, text)], bench.heldout.base, LOOP_RULES)[rule + "/win_rate"]
+        for prompt, text in answers
+    ]
+    return stderr(per_answer)
+
+
+def stderr(values: list[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
+# --- an arm, resumable ----------------------------------------------------------------------
+
+
+def run_arm(bench: Bench, arm: Arm) -> None:
+    """Every round of the arm, each computed once and then read from the cache; one line per
+    round in results.jsonl."""
+    state = Lineage()
+    for round_no in range(1, arm.cond.rounds + 1):
+        folder = arm.folder(bench.out, round_no)
+        if not (folder / "record.json").exists():
+            run_round(bench, arm, round_no, state, folder)
+        record = json.loads((folder / "record.json").read_text())
+        new = [Screen(**row) for row in ds.read_jsonl(folder / "screens.jsonl")]
+        state.screens += new
+        state.adapter = bench.out / record["adapter"] if record["adapter"] else None
+        line = {"condition": arm.cond.name, "kind": arm.cond.kind, "mode": arm.cond.mode}
+        line |= {"rule": arm.rule, "seed": arm.seed, "screens": len(state.screens)}
+        line |= {"labels": labels_of(state.screens, arm.cond), "round_screens": len(new)}
+        note_result(bench, line | {k: v for k, v in record.items() if k != "answers"})
+        logger.info("%s round %d: %s", arm.name, round_no, ds.brief(record, arm.rule))
+
+
+def note_result(bench: Bench, line: dict[str, Any]) -> None:
+    """Add a line to results.jsonl unless that condition, rule, seed and round are there."""
+    if not has_result(bench, line):
+        ds.append_jsonl(bench.out / "results.jsonl", [line])
+
+
+def has_result(bench: Bench, line: dict[str, Any]) -> bool:
+    key = ("condition", "rule", "seed", "round")
+    results = ds.read_jsonl(bench.out / "results.jsonl")
+    return any(all(r.get(k) == line[k] for k in key) for r in results)
+
+
+def measure_base(bench: Bench, seed: int) -> None:
+    """The base model's own row (its win rate against its own answers is about 0.5)."""
+    line = {"condition": "base", "rule": None, "seed": seed, "round": 0}
+    if has_result(bench, line):
+        return
+    t0 = time.perf_counter()
+    record = measure_version(bench, None, seed)
+    record.pop("answers")
+    line |= {"labels": 0, "screens": 0, "rows_trained": 0}
+    note_result(bench, line | record | {"minutes": (time.perf_counter() - t0) / 60})
+
+
+# --- the tables -----------------------------------------------------------------------------
+
+TABLE_HEAD = (
+    "| condition | round | labels | screens | pairs trained | win vs base | follows rule "
+    "| relevance | vs base | fluency | KL (nats/answer) | minutes | seeds |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def cell(rows: list[dict[str, Any]], key: str, within: str | None = None, digits: int = 2) -> str:
+    """Mean over the seeds ± its standard error; with one seed, ± the run's own standard
+    error (`within`) when there is one."""
+    values = [float(r[key]) for r in rows]
+    mean = statistics.fmean(values)
+    if len(values) > 1:
+        return f"{mean:.{digits}f} ± {stderr(values):.{digits}f}"
+    if within is not None and within in rows[0]:
+        return f"{mean:.{digits}f} ± {float(rows[0][within]):.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
+def table(rule: str, results: list[dict[str, Any]]) -> str:
+    """One markdown table: the base, then every condition measured under `rule`, by round."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in results:
+        if r["rule"] in (rule, None):  # None: the base, measured once for every rule
+            groups.setdefault((r["condition"], r["round"]), []).append(r)
+    keys = sorted(groups, key=lambda key: order(*key))
+    return TABLE_HEAD + "\n".join(table_line(rule, *key, groups[key]) for key in keys)
+
+
+def table_line(rule: str, name: str, round_no: int, rows: list[dict[str, Any]]) -> str:
+    """A condition's round over its seeds (relevance also as a change from the base's
+    answers, which the goal bounds: within 5%)."""
+    change = statistics.fmean(
+        r["relevance"] / r["base_relevance"] - 1 if r["base_relevance"] else math.nan for r in rows
+    )
+    vs_base = "" if math.isnan(change) else f"{change:+.1%}"  # blank: the base never names it
+    return (
+        f"| {name} | {round_no} | {cell(rows, 'labels', digits=0)} "
+        f"| {cell(rows, 'screens', digits=0)} | {cell(rows, 'rows_trained', digits=0)} "
+        f"| {cell(rows, rule + '/win_rate', rule + '/win_stderr')} "
+        f"| {cell(rows, rule + '/share')} | {cell(rows, 'relevance')} | {vs_base} "
+        f"| {cell(rows, 'fluency')} | {cell(rows, 'kl', 'kl_stderr', digits=1)} "
+        f"| {cell(rows, 'minutes', digits=1)} | {len(rows)} |"
+    )
+
+
+def order(name: str, round_no: int) -> tuple[int, ...]:
+    """The base first, then the conditions in the order of `KINDS`, rounds, `MODES`, round."""
+    if name == "base":
+        return (-1,)
+    kind, schedule, mode = name.split(":")
+    rounds, per_round = (int(n) for n in schedule.split("x"))
+    return (KINDS.index(kind), rounds, per_round, MODES.index(mode), round_no)
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--model", default="embedded", help="embedded, tiny (the tests' random model) or a dir"
+    )
+    common.add_argument(
+        "--rules", default=",".join(LOOP_RULES), help=f"comma-separated: {', '.join(LOOP_RULES)}"
+    )
+    common.add_argument(
+        "--max-new-tokens", type=int, default=ds.MAX_NEW_TOKENS, help="tokens per answer"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", parents=[common], help="run the conditions (cached per round)")
+    run.add_argument("--budget", type=int, default=128, help="labels per condition")
+    run.add_argument(
+        "--conditions",
+        help="comma-separated KIND:RxN[:MODE] or KIND:R[:MODE] (N = budget / R), e.g. "
+        "rounds:2x64:parent; default: every condition (docs/loop.md)",
+    )
+    run.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    run.add_argument(
+        "--measure-samples", type=int, default=1, help="answers per held-out prompt (4: less noise)"
+    )
+    run.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)"
+    )
+    sub.add_parser("table", parents=[common], help="print the markdown tables from the cache")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments, the lists parsed and checked (a bad one: argparse's error, exit status 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    unknown = [r for r in args.rules if r not in LOOP_RULES] or ([] if args.rules else ["''"])
+    if unknown:
+        parser.error(f"--rules: unknown {', '.join(unknown)}; choose from {', '.join(LOOP_RULES)}")
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    if args.command == "run":
+        try:
+            args.seeds = parse_seeds(args.seeds)
+            if args.budget < 1 or args.measure_samples < 1:
+                raise ValueError("--budget and --measure-samples must be at least 1")
+            specs = args.conditions.split(",") if args.conditions else []
+            conditions = [parse_condition(s, args.budget) for s in specs]
+            args.conditions = conditions or default_conditions(args.budget)
+        except ValueError as err:
+            parser.error(str(err))
+    return args
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds: expected whole numbers and commas, got {text!r}") from None
+
+
+def run_command(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    runnable = []
+    for cond in args.conditions:
+        why = unavailable(cond)
+        if why:
+            print(f"skipping {cond.name}: {why}")
+        else:
+            runnable.append(cond)
+    bench = open_bench(args.model, args.max_new_tokens, args.measure_samples)
+    failed = []
+    for arm in [Arm(c, r, s) for s in args.seeds for c in runnable for r in args.rules]:
+        measure_base(bench, arm.seed)
+        try:
+            run_arm(bench, arm)
+        except Exception:  # one broken arm must not cost the others' hours
+            logger.exception("%s failed", arm.name)
+            failed.append(arm.name)
+    print_tables(bench.out, args.rules)
+    for name in failed:
+        print(f"failed: {name} (the log above says why)")
+    return 1 if failed else 0
+
+
+def print_tables(out: Path, rules: list[str]) -> None:
+    results = ds.read_jsonl(out / "results.jsonl")
+    for rule in rules:
+        print(f"### rule `{rule}`\n\n{table(rule, results)}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.command == "table":
+        print_tables(out_dir(args.model, args.max_new_tokens), args.rules)
+        return 0
+    return run_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
