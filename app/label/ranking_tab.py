@@ -39,7 +39,9 @@ RANK_KEYS_JS = """
     if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
     const target = event.composedPath()[0] || event.target;
     const tag = (target && target.tagName || "").toLowerCase();
-    if (tag === "input" || tag === "textarea" || tag === "select" ||
+    // The mode radio just clicked keeps the focus: a key pressed there is not typing.
+    const choice = tag === "input" && ["radio", "checkbox"].includes(target.type);
+    if ((tag === "input" && !choice) || tag === "textarea" || tag === "select" ||
         (target && target.isContentEditable)) return;  // typing, not ranking
     const id = keys[event.key.toLowerCase()];
     const element = id && document.getElementById(id);

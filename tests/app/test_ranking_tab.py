@@ -69,7 +69,7 @@ def test_letters_best_first_record_the_ranking_and_its_pairs(label: LabelService
     shown = last[screen.shown]
 
     first = h.pick(1, shown, [], "ann", None)
-    assert first[screen.picked] == [1] and "B > …" in first[screen.order]
+    assert first[screen.picked] == [1] and "**B** > …" in first[screen.order]
     assert first[screen.headings[1]] == "### B · 1."
     undone = h.rank_undo(shown, [1])
     assert undone[screen.picked] == []

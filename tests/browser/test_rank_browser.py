@@ -44,7 +44,6 @@ def test_rank_three_answers_with_the_keys_and_the_pairs_are_stored(app):
         first_prompt = page.inner_text("#label-prompt")
         annotator = page.input_value("#label-annotator textarea")
 
-        page.evaluate("document.activeElement && document.activeElement.blur()")
         page.keyboard.press("b")
         expect(page.locator("#rank-order")).to_contain_text("B > …", timeout=60_000)
         page.keyboard.press("a")
