@@ -89,7 +89,9 @@ def check_ranking(
     repeated = sorted({rid for rid in ids if ids.count(rid) > 1})
     if repeated:
         raise ValueError(f"answer {repeated[0]} is ranked twice: name each answer once")
-    found = dict(session.execute(select(Response.id, Response.prompt_id).where(Response.id.in_(ids))).all())
+    found = dict(
+        session.execute(select(Response.id, Response.prompt_id).where(Response.id.in_(ids))).all()
+    )
     missing = [rid for rid in ids if rid not in found]
     if missing:
         raise ValueError(f"no response with id {missing[0]}")

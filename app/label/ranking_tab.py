@@ -98,7 +98,9 @@ class RankingHandlers:
     screen: RankingScreen
 
     def buttons(self, k: int, enabled: bool) -> dict[Any, Any]:
-        picks = {b: gr.Button(interactive=enabled and i < k) for i, b in enumerate(self.screen.picks)}
+        picks = {
+            b: gr.Button(interactive=enabled and i < k) for i, b in enumerate(self.screen.picks)
+        }
         return {**picks, self.screen.undo: gr.Button(interactive=enabled)}
 
     def rank_switch(self, mode: str) -> dict[Any, Any]:
@@ -140,12 +142,20 @@ class RankingHandlers:
             if isinstance(answers, PairProgress):
                 yield self.render(answers, k, first=i == 0)
             else:  # a message for the user, not a crash
-                yield {self.tab.status: f"⚠️ {answers}", self.screen.shown: None, **self.buttons(k, False)}
+                yield {
+                    self.tab.status: f"⚠️ {answers}",
+                    self.screen.shown: None,
+                    **self.buttons(k, False),
+                }
 
     def render(self, answers: PairProgress, k: int, first: bool) -> dict[Any, Any]:
         screen = self.screen
         status = ready_text(k, answers.version) if answers.done else self._writing(answers, k)
-        out = {self.tab.status: status, screen.shown: answers.to_dict(), **self.buttons(k, answers.done)}
+        out = {
+            self.tab.status: status,
+            screen.shown: answers.to_dict(),
+            **self.buttons(k, answers.done),
+        }
         if first:
             out[self.tab.prompt] = safe_markdown(answers.prompt)
             out[screen.picked] = []
@@ -157,7 +167,9 @@ class RankingHandlers:
         for i, answer in enumerate(answers.answers):
             empty = "*(empty)*" if answer.finished else "…"
             out[screen.answers[i]] = safe_markdown(answer.text, empty=empty)
-            out[screen.counts[i]] = f"{answer.num_tokens} tokens" + ("" if answer.finished else " …")
+            out[screen.counts[i]] = f"{answer.num_tokens} tokens" + (
+                "" if answer.finished else " …"
+            )
         return out
 
     @staticmethod
@@ -171,7 +183,10 @@ class RankingHandlers:
         """The click handler of letter `index`'s button."""
 
         def rank_pick(
-            shown: dict[str, Any] | None, picked: list[int] | None, annotator: str, request: gr.Request
+            shown: dict[str, Any] | None,
+            picked: list[int] | None,
+            annotator: str,
+            request: gr.Request,
         ) -> dict[Any, Any]:
             return self.pick(index, shown, list(picked or []), annotator, request)
 
@@ -197,7 +212,10 @@ class RankingHandlers:
         spent = max(0.0, time.time() - (shown.get("ready_at") or time.time()))
         try:
             result = self.service.rank(
-                annotator_name(request, annotator), ids, seconds_spent=spent, prompt_id=shown["prompt_id"]
+                annotator_name(request, annotator),
+                ids,
+                seconds_spent=spent,
+                prompt_id=shown["prompt_id"],
             )
         except (ValueError, StorageError) as err:
             raise gr.Error(str(err)) from err
@@ -307,7 +325,9 @@ def wire_ranking(service: LabelService, tab: LabelTab, demo: gr.Blocks, generati
     for i, button in enumerate(screen.picks):
         picks = [screen.shown, screen.picked, tab.annotator]
         button.click(h.pick_for(i), picks, outputs, **ORDER_EVENTS, **private)
-    screen.undo.click(h.rank_undo, [screen.shown, screen.picked], outputs, **ORDER_EVENTS, **private)
+    screen.undo.click(
+        h.rank_undo, [screen.shown, screen.picked], outputs, **ORDER_EVENTS, **private
+    )
     skips = [screen.shown, tab.skipped, tab.answers_mode]
     screen.skip.click(h.rank_skip, skips, outputs, cancels=[ranking], **private)
 
