@@ -99,7 +99,8 @@ class RankingHandlers:
 
     def buttons(self, k: int, enabled: bool) -> dict[Any, Any]:
         picks = {
-            b: gr.Button(interactive=enabled and i < k) for i, b in enumerate(self.screen.picks)
+            b: gr.Button(interactive=enabled and i < k, visible=i < k)
+            for i, b in enumerate(self.screen.picks)
         }
         return {**picks, self.screen.undo: gr.Button(interactive=enabled)}
 

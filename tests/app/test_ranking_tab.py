@@ -65,6 +65,7 @@ def test_letters_best_first_record_the_ranking_and_its_pairs(label: LabelService
     last = updates[-1]
     assert "All 3 answers are ready" in last[tab.status]
     assert [last[b].interactive for b in screen.picks] == [True, True, True, False]
+    assert last[screen.picks[3]].visible is False
     assert updates[0][screen.panes[3]].visible is False  # no fourth answer
     shown = last[screen.shown]
 
