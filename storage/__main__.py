@@ -22,6 +22,7 @@ from storage.agreement import (
 from storage.db import StorageError, default_url, open_db
 from storage.io import EXPORT_FORMATS, export_preferences, import_pairs, import_prompts
 from storage.models import SCHEMA_VERSION, SPLITS
+from storage.rankings import LabelingRate, labeling_rates
 from storage.repo import store_stats, unknown_annotators
 from storage.selection import DEFAULT_VOTES, VOTE_MODES, VoteSelection
 
@@ -82,7 +83,19 @@ def cmd_stats(db: sessionmaker[Session], args: argparse.Namespace) -> int:
     with db.begin() as session:
         events = label_event_counts(session)
         print_agreement(agreement_report(load_judgements(session), events=events))
+        print_rates(labeling_rates(session))
     return 0
+
+
+def print_rates(rates: list[LabelingRate]) -> None:
+    """Pairs per minute of annotator time, the 2-answer screen against rankings."""
+    for r in rates:
+        per_minute = "-" if r.pairs_per_minute is None else f"{r.pairs_per_minute:.1f}"
+        usable = "-" if r.usable_per_minute is None else f"{r.usable_per_minute:.1f}"
+        print(
+            f"pairs per minute, {r.screen}: {per_minute} ({usable} usable for training; "
+            f"{r.pairs} pairs from {r.labels} labels in {r.seconds / 60:.1f} min)"
+        )
 
 
 def print_agreement(report: AgreementReport) -> None:

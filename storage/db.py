@@ -205,6 +205,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE preferences ADD COLUMN suggested_choice VARCHAR(10)",
         "ALTER TABLE preferences ADD COLUMN suggested_by VARCHAR(200)",
     ),
+    2: ("ALTER TABLE preferences ADD COLUMN ranking_id INTEGER",),
 }
 
 

@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 2  # storage/db.py MIGRATIONS upgrades older databases in place
+SCHEMA_VERSION = 3  # storage/db.py MIGRATIONS upgrades older databases in place
 
 SPLITS = ("train", "heldout")
 VERSION_KINDS = ("base", "adapter")
@@ -205,6 +205,10 @@ class Preference(Base):
     # An AI judge's suggestion, stored like `choice` (in stored order); NULL when none was shown.
     suggested_choice: Mapped[str | None] = mapped_column(String(10))
     suggested_by: Mapped[str | None] = mapped_column(String(200))
+    # Schema 3. The ranking this vote is one implied pair of (storage/rankings.py); NULL for a
+    # vote cast on two answers. No FK: older databases gain it by ALTER TABLE, before the
+    # rankings table exists.
+    ranking_id: Mapped[int | None]
 
     prompt: Mapped[Prompt] = relationship()
     response_a: Mapped[Response] = relationship(foreign_keys=[response_a_id])
@@ -341,4 +345,25 @@ class LabelEvent(Base):
     annotator: Mapped[str] = mapped_column(String(200), index=True)
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
     kind: Mapped[str] = mapped_column(String(20))  # LABEL_EVENTS
+    created_at: Mapped[datetime] = mapped_column(default=now_utc)
+
+
+class Ranking(Base):
+    """One person's order of 3 or 4 answers to one prompt, best first. Its k(k-1)/2 implied
+    pairs are stored as ordinary votes (`Preference.ranking_id`); see storage/rankings.py."""
+
+    __tablename__ = "rankings"
+    __table_args__ = (
+        # The same answers ranked twice by one person (double click, retry) are one ranking.
+        UniqueConstraint("annotator", "answers_key"),
+        CheckConstraint("length(annotator) > 0", name="annotator_not_empty"),
+        CheckConstraint("seconds_spent >= 0", name="seconds_spent_non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    annotator: Mapped[str] = mapped_column(String(200), index=True)
+    response_ids: Mapped[list[int]] = mapped_column(JSON)  # best first
+    answers_key: Mapped[str] = mapped_column(String(100))  # the ids sorted, "12,13,15"
+    seconds_spent: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=now_utc)

@@ -286,7 +286,7 @@ class LabelService:
         """A pair for the active version: random seeds, and which answer is shown as A."""
         version = self.models.active_version
         seeds = [self.rng.randrange(SEED_RANGE) for _ in params]
-        order = [0, 1]
+        order = list(range(len(params)))  # 2 for a pair, 3-4 for a ranking
         self.rng.shuffle(order)
         specs = [AnswerSpec(params[i], seeds[i], adapter=version) for i in order]
         return PairProgress(prompt_id, prompt, version), specs
@@ -298,6 +298,7 @@ class LabelService:
         specs: list[AnswerSpec],
         annotator: str,
         settings: LabelSettings,
+        prefetch_next: bool = True,
     ) -> Iterator[PairProgress]:
         yield pair
         for event in stream:
@@ -309,8 +310,18 @@ class LabelService:
             if event.done:
                 pair = self._store(pair)
             yield pair
-        if pair.done:  # shown: now start the next one
+        if pair.done and prefetch_next:  # shown: now start the next one
             self._start_prefetch(annotator, settings, pair.prompt_id)
+
+    def stream_answers(
+        self, prompt_id: int, prompt: str, params: list[SamplingParams]
+    ) -> Iterator[PairProgress]:
+        """One answer per `params` from the active version, in random display order, stored
+        once all are complete: the ranking mode's answers (app/label/ranking.py) take the same
+        engine path as a pair, without prefetch or judge."""
+        answers, specs = self._new_pair(prompt_id, prompt, params)
+        stream = self.models.stream(prompt, specs)
+        return self._pairs(stream, answers, specs, "", self.settings, prefetch_next=False)
 
     # --- the next pair, before the vote -------------------------------------------------------
 
@@ -433,10 +444,7 @@ class LabelService:
         """Record a vote on the answers shown as A and B. Idempotent per annotator and pair."""
         if choice not in CHOICES:
             raise ValueError(f"unknown choice {choice!r}; use one of {', '.join(CHOICES)}")
-        if not annotator or not annotator.strip():
-            raise ValueError("Type your name before voting: votes are recorded per annotator.")
-        if len(annotator.strip()) > MAX_NAME_CHARS:
-            raise ValueError(f"The name is too long: at most {MAX_NAME_CHARS} characters.")
+        check_name(annotator)
         shown = self.suggestions.shown(annotator, int(response_a_id), int(response_b_id))
         with transaction(self.sm, "Your vote") as s:
             preference, new = repo.record_preference(
@@ -454,6 +462,14 @@ class LabelService:
         if not new:
             logger.info("vote %d was already recorded (double click or retry)", preference_id)
         return VoteResult(preference_id, new, progress)
+
+
+def check_name(annotator: str | None) -> None:
+    """ValueError for a missing or too long annotator name (votes and rankings)."""
+    if not annotator or not annotator.strip():
+        raise ValueError("Type your name before voting: votes are recorded per annotator.")
+    if len(annotator.strip()) > MAX_NAME_CHARS:
+        raise ValueError(f"The name is too long: at most {MAX_NAME_CHARS} characters.")
 
 
 def _progress(s: Session, annotator: str) -> Progress:

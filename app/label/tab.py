@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 
 from app.auth.users import annotator_name
+from app.label.ranking import RANK_MODES
 from app.label.service import (
     CHOICES,
     MAX_NAME_CHARS,
@@ -89,6 +90,9 @@ class LabelTab:
     pair: gr.State
     skipped: gr.State
     request: gr.State
+    answers_mode: gr.Radio  # "2", or a ranking of 3-4 answers (app/label/ranking_tab.py)
+    pair_screen: gr.Column  # what only the 2-answer screen shows
+    ranking: Any  # app.label.ranking_tab.RankingScreen, shown instead while ranking
 
     def outputs(self) -> list[Any]:
         """Every component a handler may update (Gradio needs them declared per event)."""
@@ -310,22 +314,30 @@ class LabelHandlers:
 def layout(service: LabelService) -> LabelTab:
     """Declare the tab's components (inside the open `gr.Tab`); no events."""
     guidelines, annotator, progress = _header(service)
+    answers_mode = gr.Radio(
+        ["2", *RANK_MODES], value="2", label="Answers to judge", elem_id="label-answers-mode"
+    )
     prompt = gr.Markdown("…", label="Prompt", container=True, elem_id="label-prompt")
     status = gr.Markdown(elem_id="label-status")
-    # Not equal_height: that stretches each column's heading too, which pushes a short answer's
-    # box down to the middle of the row. Each box starts at the top.
-    with gr.Row(equal_height=False):
-        answer_a, count_a = _answer_pane("a")
-        answer_b, count_b = _answer_pane("b")
-    votes, skip, regenerate = _vote_row()
-    rewrite = gr.Textbox(
-        label="Write a better answer (optional: it becomes the chosen answer)",
-        lines=3,
-        elem_id="label-rewrite",
-    )
-    with gr.Accordion("Your own prompt", open=False):
-        typed = gr.Textbox(label="Prompt", lines=3, elem_id="label-typed")
-        ask = gr.Button("Answer my prompt", elem_id="label-ask")
+    with gr.Column() as pair_screen:  # hidden while ranking
+        # Not equal_height: that stretches each column's heading too, which pushes a short
+        # answer's box down to the middle of the row. Each box starts at the top.
+        with gr.Row(equal_height=False):
+            answer_a, count_a = _answer_pane("a")
+            answer_b, count_b = _answer_pane("b")
+        votes, skip, regenerate = _vote_row()
+        rewrite = gr.Textbox(
+            label="Write a better answer (optional: it becomes the chosen answer)",
+            lines=3,
+            elem_id="label-rewrite",
+        )
+        with gr.Accordion("Your own prompt", open=False):
+            typed = gr.Textbox(label="Prompt", lines=3, elem_id="label-typed")
+            ask = gr.Button("Answer my prompt", elem_id="label-ask")
+    # Imported here (as in build_label_tab and register_api): ranking_tab builds on this module.
+    from app.label.ranking_tab import ranking_layout
+
+    ranking = ranking_layout()
     sliders = _sampling_sliders(service.settings)
     return LabelTab(
         guidelines=guidelines,
@@ -348,6 +360,9 @@ def layout(service: LabelService) -> LabelTab:
         pair=gr.State(None),
         skipped=gr.State([]),
         request=gr.State(None),
+        answers_mode=answers_mode,
+        pair_screen=pair_screen,
+        ranking=ranking,
     )
 
 
@@ -426,6 +441,9 @@ def build_label_tab(service: LabelService, demo: gr.Blocks) -> LabelTab:
     tab.annotator.blur(h.save_name, [tab.annotator], outputs, **hidden)
     tab.annotator.submit(h.save_name, [tab.annotator], outputs, **hidden)
     generation = _wire_generation(tab, h)
+    from app.label.ranking_tab import wire_ranking  # see layout
+
+    wire_ranking(service, tab, demo, generation)  # rankings: 3-4 answers ordered best first
     for choice, button in tab.votes.items():
         button.click(
             h.vote_for(choice),
@@ -525,6 +543,8 @@ class LabelApi:
 
 def register_api(service: LabelService) -> None:
     """Register `LabelApi`'s endpoints under their method names."""
+    from app.label.ranking_tab import register_ranking_api  # see layout
+
     api = LabelApi(service)
     gr.api(api.generate_pair, api_name="generate_pair", concurrency_limit=None)
     # Votes and progress are short database transactions (~9 ms). API clients still reach them
@@ -533,3 +553,4 @@ def register_api(service: LabelService) -> None:
     # `POST /api/vote` route instead (app/label/route.py: p99 28.5 ms in the same benchmark).
     gr.api(api.vote, api_name="vote", queue=False)
     gr.api(api.label_progress, api_name="label_progress", queue=False)
+    register_ranking_api(service)  # /generate_answers and /rank
