@@ -30,6 +30,7 @@ from storage.io import (
 from storage.models import SCHEMA_VERSION, SPLITS
 from storage.repo import store_stats, unknown_annotators
 from storage.selection import DEFAULT_VOTES, VOTE_MODES, VoteSelection
+from storage.verdicts import kto_rows, verdict_counts
 
 
 def cmd_init(db: sessionmaker[Session], args: argparse.Namespace) -> int:
@@ -89,6 +90,9 @@ def cmd_stats(db: sessionmaker[Session], args: argparse.Namespace) -> int:
             f"votes {who}: {counts.votes} ({choices}); usable training pairs {counts.usable_pairs}"
         )
     with db.begin() as session:
+        kto = kto_rows(session, split=None)
+        verdicts = verdict_counts(session, "").everyone
+        print(f"verdicts on single answers: {verdicts}; KTO rows (human votes) {len(kto.rows)}")
         events = label_event_counts(session)
         print_agreement(agreement_report(load_judgements(session), events=events))
     return 0

@@ -176,3 +176,5 @@ def test_export_kto_writes_a_datasets_file(
         ("Mars.", True, "vote"),
         ("A banana.", False, "vote"),
     ]
+    assert main(["stats", "--db", db_url]) == 0
+    assert "verdicts on single answers: 0; KTO rows (human votes) 2" in capsys.readouterr().out
