@@ -131,7 +131,11 @@ class SingleHandlers:
             if isinstance(progress, SingleProgress):
                 yield self.render(progress, first=i == 0)
             else:  # a message for the user, not a crash
-                yield {self.tab.status: f"⚠️ {progress}", self.view.shown: None, **self.buttons(False)}
+                yield {
+                    self.tab.status: f"⚠️ {progress}",
+                    self.view.shown: None,
+                    **self.buttons(False),
+                }
 
     def render(self, progress: SingleProgress, first: bool) -> dict[Any, Any]:
         view = self.view

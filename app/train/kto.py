@@ -60,6 +60,6 @@ def no_kto_message(ties: int) -> str:
     """Why a `kto` run cannot start: no verdict or vote gives a row."""
     extra = f" ({ties} ties give none)" if ties else ""
     return (
-        f"No KTO votes yet{extra}. In the Label tab choose \"Answers to judge: 1\" and judge "
+        f'No KTO votes yet{extra}. In the Label tab choose "Answers to judge: 1" and judge '
         "answers 👍 / 👎 (keys U / D), or vote on pairs (A/B, both bad), then click Train again."
     )

@@ -49,7 +49,11 @@ def test_one_answer_is_stored_then_judged_once_and_the_queue_moves_on(label: Lab
     assert answer.temperature in SHORT.temperatures and answer.max_new_tokens == 16
     with label.sm.begin() as s:
         row = s.get(Response, answer.response_id)
-        assert (row.text, row.seed, row.temperature) == (answer.text, answer.seed, answer.temperature)
+        assert (row.text, row.seed, row.temperature) == (
+            answer.text,
+            answer.seed,
+            answer.temperature,
+        )
         assert row.prompt_id == last.prompt_id and row.num_tokens == answer.num_tokens > 0
     result = single.verdict("ann", answer.response_id, "up", seconds_spent=1.5)
     again = single.verdict("ann", answer.response_id, "down")  # a double click, a retry

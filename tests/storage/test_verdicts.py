@@ -44,7 +44,7 @@ def test_a_verdict_is_one_row_and_the_first_one_stands(session: Session):
         ("Name a planet.", "Mars.", True, "verdict"),
         ("Name a planet.", "A banana.", False, "verdict"),
     ]
-    assert [r.trl() for r in rows][0] == {
+    assert rows[0].trl() == {
         "prompt": "Name a planet.",
         "completion": "Mars.",
         "label": True,
@@ -130,7 +130,7 @@ def test_a_bad_verdict_is_refused_with_a_clear_error(session: Session):
     ids = answers(session, "Name a planet.", "Mars.")
     with pytest.raises(ValueError, match=r"^unknown verdict 'maybe'; use up \(a good answer\)"):
         judge(session, ids[0], "maybe")
-    with pytest.raises(ValueError, match="^no response with id 999999$"):
+    with pytest.raises(ValueError, match=r"^no response with id 999999$"):
         judge(session, 999999, "up")
     with pytest.raises(ValueError, match="the annotator name is empty"):
         judge(session, ids[0], "up", "  ")
