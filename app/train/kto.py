@@ -6,8 +6,8 @@ single answers, A/B votes (winner desirable, loser undesirable), both-bad votes 
 undesirable); ties give nothing. The run's choice of whose votes to read (left-out annotators,
 AI judges) applies; its choice of majority / unanimous does not (each vote counts on its own).
 
-Nothing is held out of the rows (the held-out evaluation compares pairs); the KL readout samples
-the `heldout` split's prompts, as for pairs.
+Rows are held out as pairs are (the same prompts), so a `kto` run has the same evaluation, KL
+readout and guard as a pair run.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from app.train.pairs import StoredPairs, stored_pairs
+from dpo_core.heldout import split_pairs
 from storage import repo
 from storage.selection import VoteSelection
 from storage.verdicts import KtoSet, kto_rows
@@ -22,19 +23,30 @@ from storage.verdicts import KtoSet, kto_rows
 KTO = "kto"  # the loss type that trains on KTO rows
 
 
-def stored_kto(s: Session, selection: VoteSelection | None = None) -> StoredPairs:
-    """The `train` split's KTO rows (`{prompt, completion, label}`) in a run's shape: all of
-    them train, none held out; ties, empty answers and votes not read are counted."""
-    found = kto_rows(s, split="train", selection=selection)
+def stored_kto(
+    s: Session,
+    heldout_fraction: float,
+    min_heldout: int,
+    selection: VoteSelection | None = None,
+) -> StoredPairs:
+    """The KTO rows (`{prompt, completion, label}`) in a run's shape, held out as pairs are:
+    rows of the `heldout` split, and of the prompts `dpo_core.heldout.split_pairs` holds out
+    (the same prompts as a pair run's); ties, empty answers and votes not read are counted."""
+    train_set = kto_rows(s, split="train", selection=selection)
+    heldout_set = kto_rows(s, split="heldout", selection=selection)
+    rows = [row.trl() for row in train_set.rows]
+    train, heldout = split_pairs(rows, heldout_fraction, min_heldout)
+    heldout += [row.trl() for row in heldout_set.rows]
+    split_prompts = [p.text for p in repo.list_prompts(s, split="heldout")]
     return StoredPairs(
-        train=[row.trl() for row in found.rows],
-        heldout=[],
-        ties=found.ties,
+        train=train,
+        heldout=heldout,
+        ties=train_set.ties + heldout_set.ties,
         both_bad=0,  # both-bad votes train here (both answers undesirable)
-        empty=found.empty,
+        empty=train_set.empty + heldout_set.empty,
         undecided=0,
-        left_out=found.left_out,
-        readout_prompts=[p.text for p in repo.list_prompts(s, split="heldout")],
+        left_out=train_set.left_out + heldout_set.left_out,
+        readout_prompts=list(dict.fromkeys([*(r["prompt"] for r in heldout), *split_prompts])),
     )
 
 
@@ -47,13 +59,13 @@ def training_rows(
 ) -> StoredPairs:
     """What a run with `loss_type` trains on: KTO rows for `kto`, else preference pairs."""
     if loss_type == KTO:
-        return stored_kto(s, selection)
+        return stored_kto(s, heldout_fraction, min_heldout, selection)
     return stored_pairs(s, heldout_fraction, min_heldout, selection)
 
 
 def kto_summary(s: Session, selection: VoteSelection | None = None) -> KtoSet:
-    """The `train` split's KTO rows, for the Train tab's count line."""
-    return kto_rows(s, split="train", selection=selection)
+    """Every KTO row (both splits, as a run would read them), for the Train tab's count line."""
+    return kto_rows(s, split=None, selection=selection)
 
 
 def no_kto_message(ties: int) -> str:
