@@ -54,8 +54,9 @@ KEYS_JS = """
     if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
     const target = event.composedPath()[0] || event.target;
     const tag = (target && target.tagName || "").toLowerCase();
-    if (tag === "input" || tag === "textarea" || tag === "select" ||
-        (target && target.isContentEditable)) return;  // typing, not voting
+    const choice = tag === "input" && ["radio", "checkbox"].includes(target.type);
+    if ((tag === "input" && !choice) || tag === "textarea" || tag === "select" ||
+        (target && target.isContentEditable)) return;  // typing (not a clicked radio)
     const id = keys[event.key.toLowerCase()];
     const element = id && document.getElementById(id);
     if (!element || element.offsetParent === null) return;  // Label tab not shown

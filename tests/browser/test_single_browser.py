@@ -1,6 +1,7 @@
 """The Label tab's one-answer mode in a real browser (Playwright + Debian's chromium) on the
 tiny model: "Answers to judge: 1" hides the pair and shows one answer; the keys U and D store a
-thumbs up and a thumbs down, and the next answer follows each."""
+thumbs up and a thumbs down (also right after the click on the mode, which leaves the radio
+button focused), and the next answer follows each."""
 
 from __future__ import annotations
 
@@ -44,12 +45,12 @@ def app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def judge_with_key(page, key: str, judged: int) -> None:
-    """Wait for a complete answer, press `key`, wait for the count and the next answer."""
+    """Wait for a complete answer, press `key` (whatever has focus: the mode's radio button
+    right after the switch), wait for the count and the next answer."""
     from playwright.sync_api import expect
 
     expect(page.locator("#label-verdict-up")).to_be_enabled(timeout=ANSWER_TIMEOUT_MS)
     prompt = page.inner_text("#label-prompt")
-    page.evaluate("document.activeElement && document.activeElement.blur()")
     page.keyboard.press(key)
     progress = page.locator("#label-progress")
     expect(progress).to_contain_text(f"Single answers judged by you: {judged}", timeout=60_000)
@@ -65,7 +66,8 @@ def test_keys_u_and_d_store_verdicts_on_single_answers(app):
     expect(page.locator("#label-answer-single")).to_be_visible()
     expect(page.locator("#label-vote-a")).to_be_hidden()
     expect(page.locator("#label-answer-a")).to_be_hidden()
-    judge_with_key(page, "u", 1)
+    judge_with_key(page, "u", 1)  # the radio button just clicked has focus: keys still work
+    page.evaluate("document.activeElement && document.activeElement.blur()")
     judge_with_key(page, "d", 2)
     with sm.begin() as s:
         verdicts = s.scalars(select(AnswerVerdict).order_by(AnswerVerdict.id)).all()
