@@ -20,11 +20,18 @@ from storage.agreement import (
     load_judgements,
 )
 from storage.db import StorageError, default_url, open_db
-from storage.io import EXPORT_FORMATS, export_preferences, import_pairs, import_prompts
+from storage.io import (
+    EXPORT_FORMATS,
+    KTO_FORMAT,
+    export_preferences,
+    import_pairs,
+    import_prompts,
+)
 from storage.models import SCHEMA_VERSION, SPLITS
 from storage.rankings import LabelingRate, labeling_rates
 from storage.repo import store_stats, unknown_annotators
 from storage.selection import DEFAULT_VOTES, VOTE_MODES, VoteSelection
+from storage.verdicts import kto_rows, verdict_counts
 
 
 def cmd_init(db: sessionmaker[Session], args: argparse.Namespace) -> int:
@@ -65,7 +72,10 @@ def cmd_export(db: sessionmaker[Session], args: argparse.Namespace) -> int:
         n = export_preferences(
             session, args.file, fmt=args.format, split=split, selection=selection
         )
-    print(f"{args.file}: {n} pairs written ({args.format} format, votes: {args.votes})")
+    if args.format == KTO_FORMAT:  # storage/verdicts.py: each vote counts on its own
+        print(f"{args.file}: {n} KTO rows written (kto format, every verdict and vote)")
+    else:
+        print(f"{args.file}: {n} pairs written ({args.format} format, votes: {args.votes})")
     return 0
 
 
@@ -81,6 +91,9 @@ def cmd_stats(db: sessionmaker[Session], args: argparse.Namespace) -> int:
             f"votes {who}: {counts.votes} ({choices}); usable training pairs {counts.usable_pairs}"
         )
     with db.begin() as session:
+        kto = kto_rows(session, split=None)
+        verdicts = verdict_counts(session, "").everyone
+        print(f"verdicts on single answers: {verdicts}; KTO rows (human votes) {len(kto.rows)}")
         events = label_event_counts(session)
         print_agreement(agreement_report(load_judgements(session), events=events))
         print_rates(labeling_rates(session))
@@ -138,7 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_pairs)
     p = sub.add_parser("export", parents=[common], help="write preferences for TRL / datasets")
     p.add_argument("file", help=".jsonl, .json, .parquet, or a new directory (save_to_disk)")
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="standard")
+    p.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="standard",
+        help="standard / conversational: TRL preference pairs; kto: every verdict and vote as "
+        "TRL unpaired rows (prompt, completion, label) for KTO (default: %(default)s)",
+    )
     p.add_argument("--split", choices=(*SPLITS, "all"), default="all")
     p.add_argument(
         "--votes",

@@ -7,7 +7,9 @@ format (`prompt`/`chosen`/`rejected` strings) or its *conversational* one (lists
 is normalised here, at the edge, into a `Pair` of strings and checked once, by the rule of
 `common.pair_format` (single-turn; the one `python -m dpo_core train` applies).
 Exports write the same two formats with provenance columns, loadable by
-`datasets.load_dataset` and accepted by TRL's `DPOTrainer` as they are.
+`datasets.load_dataset` and accepted by TRL's `DPOTrainer` as they are; the `kto` format writes
+every verdict and vote as TRL's unpaired rows (`prompt`/`completion`/`label`,
+storage/verdicts.py) for `KTOTrainer`.
 
 A bad file raises one `ImportFileError` naming the file and the problem, before anything is
 written; the caller's transaction makes an import all or nothing.
@@ -35,11 +37,13 @@ from storage.repo import (
     preference_pairs,
 )
 from storage.selection import VoteSelection
+from storage.verdicts import kto_rows
 
 MAX_FILE_BYTES = 1 << 30
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
-EXPORT_FORMATS = ("standard", "conversational")
+KTO_FORMAT = "kto"  # unpaired rows: one answer, a desirable / undesirable label
+EXPORT_FORMATS = ("standard", "conversational", KTO_FORMAT)
 
 
 class ImportFileError(StorageError):
@@ -93,13 +97,29 @@ def export_preferences(
     """Write the training pairs to `.jsonl`/`.json`/`.parquet`, or a `save_to_disk` directory
     (any other name). Returns the number of rows. The file appears whole or not at all.
     `selection`: which votes make pairs (default: the majority of human votes), as in training.
+    `fmt="kto"`: KTO's unpaired rows instead (`storage.verdicts.kto_rows`).
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {EXPORT_FORMATS}")
+    if fmt == KTO_FORMAT:
+        rows = _kto_rows(session, split, selection)
+    else:
+        rows = _pair_rows(session, split, selection, fmt)
+    try:
+        _write_dataset(rows, Path(path))
+    except OSError as err:
+        raise StorageError(f"{path}: cannot write the export: {err}") from err
+    return len(rows)
+
+
+def _pair_rows(
+    session: Session, split: str | None, selection: VoteSelection | None, fmt: str
+) -> list[dict[str, Any]]:
+    """The export's preference pairs: TRL's columns in `fmt`, then provenance."""
     pairs = preference_pairs(session, split=split, selection=selection).pairs
     if not pairs:
         raise StorageError("there are no usable preference pairs to export yet")
-    rows = [
+    return [
         {
             **_trl_columns(p.prompt, p.chosen, p.rejected, fmt),
             "annotator": p.annotator,
@@ -108,11 +128,27 @@ def export_preferences(
         }
         for p in pairs
     ]
-    try:
-        _write_dataset(rows, Path(path))
-    except OSError as err:
-        raise StorageError(f"{path}: cannot write the export: {err}") from err
-    return len(rows)
+
+
+def _kto_rows(
+    session: Session, split: str | None, selection: VoteSelection | None
+) -> list[dict[str, Any]]:
+    """The export's KTO rows: TRL's unpaired columns, then provenance."""
+    rows = kto_rows(session, split=split, selection=selection).rows
+    if not rows:
+        raise StorageError(
+            "there are no KTO votes to export yet: judge single answers (thumbs up/down) or "
+            "vote on pairs in the Label tab (ties give no KTO row)"
+        )
+    return [
+        {
+            **row.trl(),
+            "annotator": row.annotator,
+            "model_version": row.model_version,
+            "source": row.source,
+        }
+        for row in rows
+    ]
 
 
 def _trl_columns(prompt: str, chosen: str, rejected: str, fmt: str) -> dict[str, Any]:

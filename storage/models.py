@@ -367,3 +367,28 @@ class Ranking(Base):
     answers_key: Mapped[str] = mapped_column(String(100))  # the ids sorted, "12,13,15"
     seconds_spent: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=now_utc)
+
+
+VERDICTS = ("up", "down")  # a thumbs up (desirable) or down (undesirable) on one answer
+
+
+class AnswerVerdict(Base):
+    """One person's thumbs up or down on a single answer (the Label tab's one-answer mode): a
+    KTO vote (storage/verdicts.py). The same verdict twice is one row; the first one stands."""
+
+    __tablename__ = "answer_verdicts"
+    __table_args__ = (
+        UniqueConstraint("annotator", "response_id"),
+        CheckConstraint("length(annotator) > 0", name="annotator_not_empty"),
+        CheckConstraint("seconds_spent >= 0", name="seconds_spent_non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    annotator: Mapped[str] = mapped_column(String(200), index=True)
+    verdict: Mapped[str] = mapped_column(_enum(VERDICTS, "answer_verdict"))
+    seconds_spent: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=now_utc)
+
+    response: Mapped[Response] = relationship()

@@ -105,7 +105,8 @@ class RankingHandlers:
         return {**picks, self.screen.undo: gr.Button(interactive=enabled)}
 
     def rank_switch(self, mode: str) -> dict[Any, Any]:
-        """Show the ranking screen and start k answers, or go back to pairs."""
+        """Show the ranking screen and start k answers, or show the pair screen again (whose
+        own switch handler, in app.label.single_tab, starts what it shows)."""
         k = RANK_MODES.get(mode)
         ranking = k is not None
         out = {
@@ -117,7 +118,7 @@ class RankingHandlers:
         }
         if ranking:
             return {**out, self.screen.request: new_request("queue", k=k)}
-        return {**out, self.tab.request: new_request("queue")}
+        return out  # 1 or 2 answers: app.label.single_tab's handler starts them
 
     def rank_stream(
         self,
@@ -305,7 +306,7 @@ def ranking_layout() -> RankingScreen:
 
 def wire_ranking(service: LabelService, tab: LabelTab, demo: gr.Blocks, generation: Any) -> None:
     """Wire the ranking screen (`tab.ranking`, declared by the tab's layout) to
-    `tab.answers_mode`. `generation` is the pair screen's generation event: switching modes
+    `tab.answers`. `generation` is the pair screen's generation event: switching modes
     cancels it and this screen's own, so only the screen shown generates."""
     screen: RankingScreen = tab.ranking
     h = RankingHandlers(RankingService(service), tab, screen)
@@ -322,14 +323,14 @@ def wire_ranking(service: LabelService, tab: LabelTab, demo: gr.Blocks, generati
         **private,
     )
     switch = [generation, ranking]  # only the screen shown generates
-    tab.answers_mode.change(h.rank_switch, [tab.answers_mode], outputs, cancels=switch, **private)
+    tab.answers.change(h.rank_switch, [tab.answers], outputs, cancels=switch, **private)
     for i, button in enumerate(screen.picks):
         picks = [screen.shown, screen.picked, tab.annotator]
         button.click(h.pick_for(i), picks, outputs, **ORDER_EVENTS, **private)
     screen.undo.click(
         h.rank_undo, [screen.shown, screen.picked], outputs, **ORDER_EVENTS, **private
     )
-    skips = [screen.shown, tab.skipped, tab.answers_mode]
+    skips = [screen.shown, tab.skipped, tab.answers]
     screen.skip.click(h.rank_skip, skips, outputs, cancels=[ranking], **private)
 
 

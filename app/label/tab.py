@@ -12,13 +12,12 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 from app.auth.users import annotator_name
-from app.label.ranking import RANK_MODES
 from app.label.service import (
     CHOICES,
     MAX_NAME_CHARS,
@@ -27,9 +26,13 @@ from app.label.service import (
     PairProgress,
     Progress,
 )
+from app.label.single import ONE_ANSWER, SingleAnswers
 from app.safe_text import safe_markdown
 from dpo_core.judge import Suggestion
 from storage.db import StorageError
+
+if TYPE_CHECKING:  # app.label.single_tab imports this module; this one imports it late
+    from app.label.single_tab import SingleHandlers, SingleView
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +48,15 @@ KEYS_JS = """
   if (window.__dpoLabelKeys) return;
   window.__dpoLabelKeys = true;
   const keys = {"1": "label-vote-a", "2": "label-vote-b", "3": "label-vote-tie",
-                "4": "label-vote-both-bad", "s": "label-skip", "r": "label-regenerate"};
+                "4": "label-vote-both-bad", "s": "label-skip", "r": "label-regenerate",
+                "u": "label-verdict-up", "d": "label-verdict-down"};
   document.addEventListener("keydown", (event) => {
     if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
     const target = event.composedPath()[0] || event.target;
     const tag = (target && target.tagName || "").toLowerCase();
-    if (tag === "input" || tag === "textarea" || tag === "select" ||
-        (target && target.isContentEditable)) return;  // typing, not voting
+    const choice = tag === "input" && ["radio", "checkbox"].includes(target.type);
+    if ((tag === "input" && !choice) || tag === "textarea" || tag === "select" ||
+        (target && target.isContentEditable)) return;  // typing (not a clicked radio)
     const id = keys[event.key.toLowerCase()];
     const element = id && document.getElementById(id);
     if (!element || element.offsetParent === null) return;  // Label tab not shown
@@ -90,8 +95,10 @@ class LabelTab:
     pair: gr.State
     skipped: gr.State
     request: gr.State
-    answers_mode: gr.Radio  # "2", or a ranking of 3-4 answers (app/label/ranking_tab.py)
-    pair_screen: gr.Column  # what only the 2-answer screen shows
+    answers: gr.Radio  # how many answers to judge: 1 (thumbs up/down), 2 (the pair), 3-4 (rank)
+    pair_screen: gr.Column  # what only the 2-answer screen shows (hidden while ranking)
+    pair_row: gr.Row  # the two answers, hidden when one answer is judged
+    single: SingleView  # the one-answer view (app.label.single_tab)
     ranking: Any  # app.label.ranking_tab.RankingScreen, shown instead while ranking
 
     def outputs(self) -> list[Any]:
@@ -112,6 +119,7 @@ class LabelTab:
             self.pair,
             self.skipped,
             self.request,
+            *self.single.outputs(),
         ]
 
 
@@ -173,6 +181,12 @@ class LabelHandlers:
 
     service: LabelService
     tab: LabelTab
+    single: SingleHandlers = field(init=False)  # the one-answer mode's
+
+    def __post_init__(self) -> None:
+        from app.label.single_tab import SingleHandlers  # it imports this module
+
+        self.single = SingleHandlers(SingleAnswers(self.service), self.tab)
 
     def buttons(self, enabled: bool) -> dict[Any, Any]:
         return {b: gr.Button(interactive=enabled) for b in self.tab.votes.values()}
@@ -207,13 +221,18 @@ class LabelHandlers:
         top_p: float,
         max_new_tokens: float,
         request: gr.Request,
+        answers: str = "2",
     ) -> Iterator[dict[Any, Any]]:
-        """Stream the pair `req` asks for; a user error (empty queue, bad settings, a write the
-        database refused) ends the stream with its message in the status line."""
+        """Stream the pair `req` asks for (one answer when `answers` is "1"); a user error
+        (empty queue, bad settings, a write the database refused) ends the stream with its
+        message in the status line."""
         if not req:
             return
         settings = LabelSettings((temperature_a, temperature_b), top_p, int(max_new_tokens))
         name = annotator_name(request, annotator)
+        if answers == ONE_ANSWER:
+            yield from self.single.generate(req, name, skipped or [], settings)
+            return
         pairs = user_errors(
             lambda: self.service.generate_pair(
                 name,
@@ -290,7 +309,14 @@ class LabelHandlers:
             **self.buttons(False),
         }
 
-    def skip(self, pair: dict[str, Any] | None, skipped: list[int] | None) -> dict[Any, Any]:
+    def skip(
+        self,
+        pair: dict[str, Any] | None,
+        skipped: list[int] | None,
+        single: dict[str, Any] | None = None,
+    ) -> dict[Any, Any]:
+        """Pass over the prompt shown (`single`: the one answer shown, in that mode)."""
+        pair = pair or single
         skipped = list(skipped or [])
         if pair:
             skipped.append(pair["prompt_id"])
@@ -300,7 +326,10 @@ class LabelHandlers:
             self.tab.rewrite: "",
         }
 
-    def regenerate(self, pair: dict[str, Any] | None) -> dict[Any, Any]:
+    def regenerate(
+        self, pair: dict[str, Any] | None, single: dict[str, Any] | None = None
+    ) -> dict[Any, Any]:
+        pair = pair or single
         if not pair:
             return {self.tab.request: new_request("queue")}
         return {self.tab.request: new_request("regenerate", prompt_id=pair["prompt_id"])}
@@ -313,18 +342,19 @@ class LabelHandlers:
 
 def layout(service: LabelService) -> LabelTab:
     """Declare the tab's components (inside the open `gr.Tab`); no events."""
+    from app.label.single_tab import answers_radio, single_layout  # it imports this module
+
     guidelines, annotator, progress = _header(service)
-    answers_mode = gr.Radio(
-        ["2", *RANK_MODES], value="2", label="Answers to judge", elem_id="label-answers-mode"
-    )
+    answers = answers_radio()
     prompt = gr.Markdown("…", label="Prompt", container=True, elem_id="label-prompt")
     status = gr.Markdown(elem_id="label-status")
     with gr.Column() as pair_screen:  # hidden while ranking
         # Not equal_height: that stretches each column's heading too, which pushes a short
         # answer's box down to the middle of the row. Each box starts at the top.
-        with gr.Row(equal_height=False):
+        with gr.Row(equal_height=False) as pair_row:  # hidden while one answer is judged
             answer_a, count_a = _answer_pane("a")
             answer_b, count_b = _answer_pane("b")
+        single = single_layout()
         votes, skip, regenerate = _vote_row()
         rewrite = gr.Textbox(
             label="Write a better answer (optional: it becomes the chosen answer)",
@@ -360,8 +390,10 @@ def layout(service: LabelService) -> LabelTab:
         pair=gr.State(None),
         skipped=gr.State([]),
         request=gr.State(None),
-        answers_mode=answers_mode,
+        answers=answers,
         pair_screen=pair_screen,
+        pair_row=pair_row,
+        single=single,
         ranking=ranking,
     )
 
@@ -455,13 +487,14 @@ def build_label_tab(service: LabelService, demo: gr.Blocks) -> LabelTab:
             **hidden,
         )
     for button, handler, inputs in (
-        (tab.skip, h.skip, [tab.pair, tab.skipped]),
-        (tab.regenerate, h.regenerate, [tab.pair]),
+        (tab.skip, h.skip, [tab.pair, tab.skipped, tab.single.shown]),
+        (tab.regenerate, h.regenerate, [tab.pair, tab.single.shown]),
         (tab.ask, h.ask, [tab.typed]),
     ):
         button.click(
             handler, inputs, outputs, cancels=[generation], api_visibility="private", **hidden
         )
+    h.single.wire(generation)
     return tab
 
 
@@ -478,6 +511,7 @@ def _wire_generation(tab: LabelTab, h: LabelHandlers) -> Any:
             tab.temperature_b,
             tab.top_p,
             tab.max_new_tokens,
+            tab.answers,
         ],
         tab.outputs(),
         show_progress="hidden",
@@ -542,8 +576,11 @@ class LabelApi:
 
 
 def register_api(service: LabelService) -> None:
-    """Register `LabelApi`'s endpoints under their method names."""
-    from app.label.ranking_tab import register_ranking_api  # see layout
+    """Register `LabelApi`'s endpoints under their method names, the one-answer mode's
+    (`/generate_answer`, `/verdict`: app.label.single_tab) and the rankings'
+    (`/generate_answers`, `/rank`: app.label.ranking_tab)."""
+    from app.label.ranking_tab import register_ranking_api  # they import this module
+    from app.label.single_tab import register_single_api
 
     api = LabelApi(service)
     gr.api(api.generate_pair, api_name="generate_pair", concurrency_limit=None)
@@ -554,3 +591,4 @@ def register_api(service: LabelService) -> None:
     gr.api(api.vote, api_name="vote", queue=False)
     gr.api(api.label_progress, api_name="label_progress", queue=False)
     register_ranking_api(service)  # /generate_answers and /rank
+    register_single_api(SingleAnswers(service))  # /generate_answer and /verdict

@@ -22,7 +22,7 @@ from typing import Any, get_type_hints
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import adapters_dir
-from app.train.pairs import stored_pairs
+from app.train.kto import KTO, kto_summary, no_kto_message, training_rows
 from app.train.worker import host_file, log_file, pid_file, this_host
 from dpo_core.distributed import devices_problem, launch_command, visible_devices
 from dpo_core.heldout import MAX_HELDOUT_FRACTION
@@ -379,10 +379,14 @@ class TrainingService:
                     False, f"Run #{stopping[0]}'s worker is still stopping; try again in a moment."
                 )
             with self.sm.begin() as s:
-                counts = pair_counts(s, request.heldout_fraction, request.selection())
+                counts = pair_counts(
+                    s, request.heldout_fraction, request.selection(), request.loss_type
+                )
                 unknown = repo.unknown_annotators(s, request.selection())
                 if counts["usable"] == 0:
-                    return StartResult(False, no_pairs_message(counts))
+                    kto = request.loss_type == KTO
+                    none = no_kto_message(counts["ties"]) if kto else no_pairs_message(counts)
+                    return StartResult(False, none)
                 parent = (
                     self._active(s)
                     if request.continue_from_active
@@ -401,9 +405,10 @@ class TrainingService:
                     return StartResult(False, f"{err}. Wait for it to finish or cancel it.")
                 run_id = run.id
             self._launch(run_id, request.devices)
+        what = "KTO rows" if request.loss_type == KTO else "pairs"
         return StartResult(
             True,
-            f"Run #{run_id} started on {counts['train']} pairs ({counts['heldout']} held out)."
+            f"Run #{run_id} started on {counts['train']} {what} ({counts['heldout']} held out)."
             + unknown_note(unknown),
             run_id,
         )
@@ -602,7 +607,10 @@ class TrainingService:
         `selection` (the form's choice of votes; default: the default choice) picks."""
         with self.sm.begin() as s:
             counts = pair_counts(s, TrainRequest().heldout_fraction, selection)
+            kto = kto_summary(s, selection)
             return {
+                "kto_rows": len(kto.rows),  # what the loss type `kto` trains on
+                "kto_desirable": kto.desirable,
                 "usable_pairs": counts["usable"],
                 "ties": counts["ties"],
                 "both_bad": counts["both_bad"],
@@ -648,11 +656,16 @@ def unknown_note(unknown: list[str]) -> str:
 
 
 def pair_counts(
-    s: Session, heldout_fraction: float, selection: VoteSelection | None = None
+    s: Session,
+    heldout_fraction: float,
+    selection: VoteSelection | None = None,
+    loss_type: str = "",
 ) -> dict[str, int]:
-    """Usable pairs (from the votes `selection` picks), how a run would split them, and what
-    does not train: ties / both-bad, pairs of answers without agreement, votes left out."""
-    pairs = stored_pairs(s, heldout_fraction, config_default("min_heldout_pairs"), selection)
+    """Usable pairs (from the votes `selection` picks; KTO rows for the loss type `kto`), how a
+    run would split them, and what does not train: ties / both-bad, pairs of answers without
+    agreement, votes left out."""
+    min_heldout = config_default("min_heldout_pairs")
+    pairs = training_rows(s, loss_type, heldout_fraction, min_heldout, selection)
     return {
         "usable": len(pairs.train) + len(pairs.heldout),
         "train": len(pairs.train),

@@ -168,12 +168,22 @@ def summary_markdown(info: dict[str, Any]) -> str:
         f"**{info['usable_pairs']}** usable preference pairs{not_used_text(info)}.",
         f"Base model: **{info['base_model']}** · active version: **{info['active_version']}**",
     ]
+    if info.get("kto_rows") is not None:
+        lines.insert(1, kto_line(info["kto_rows"], info.get("kto_desirable", 0)))
     if info.get("version_error"):
         lines.append(f"⚠️ {html.escape(info['version_error'])}")
     warning = few_pairs_warning(info["usable_pairs"]) if info["usable_pairs"] > 0 else None
     if warning:
         lines.append(f"⚠️ {warning}")
     return "  \n".join(lines)
+
+
+def kto_line(rows: int, desirable: int) -> str:
+    """How many KTO votes there are: what the loss type `kto` trains on (app/train/kto.py)."""
+    return (
+        f"**{rows}** KTO rows ({desirable} 👍, {rows - desirable} 👎: single-answer verdicts, "
+        "A/B and both-bad votes), what loss type `kto` trains on."
+    )
 
 
 def not_used_text(info: dict[str, Any]) -> str:

@@ -30,7 +30,8 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import adapters_dir
-from app.train.pairs import StoredPairs, stored_pairs
+from app.train.kto import training_rows
+from app.train.pairs import StoredPairs
 from common.cli import setup_logging
 from dpo_core import distributed
 from storage import runs
@@ -183,8 +184,9 @@ def train_and_register(
 
     train_config = TrainConfig.from_dict(config["train"])
     with sm.begin() as s:
-        pairs = stored_pairs(
+        pairs = training_rows(  # KTO rows for the loss type `kto`, else pairs
             s,
+            train_config.loss_type,
             train_config.heldout_fraction,
             train_config.min_heldout_pairs,
             VoteSelection.from_dict(config.get("votes")),  # which votes train, as the run chose

@@ -47,7 +47,7 @@ def _ids(pair: dict) -> tuple[int, int]:
 
 
 ENDPOINTS = [  # every tab's API names, used by scripts, bench/ and the README
-    *("/generate_pair", "/vote", "/label_progress"),
+    *("/generate_pair", "/vote", "/label_progress", "/generate_answer", "/verdict"),
     *("/train_start", "/train_status", "/train_cancel", "/train_history"),
     *("/list_versions", "/activate_version"),
     *("/compare", "/blind_pair", "/blind_vote", "/win_rates", "/compare_batch"),
