@@ -34,7 +34,9 @@ from storage.repo import (
     check_storable,
     preference_pairs,
 )
-from storage.selection import VoteSelection
+from storage.models import ModelVersion
+from storage.rounds import RoundPair, no_parent_pairs_message, select_round
+from storage.selection import DEFAULT_TRAIN_ON, VoteSelection
 
 MAX_FILE_BYTES = 1 << 30
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -92,27 +94,51 @@ def export_preferences(
 ) -> int:
     """Write the training pairs to `.jsonl`/`.json`/`.parquet`, or a `save_to_disk` directory
     (any other name). Returns the number of rows. The file appears whole or not at all.
-    `selection`: which votes make pairs (default: the majority of human votes), as in training.
+    `selection`: which votes make pairs (default: the majority of human votes), as in training,
+    and which round (`train_on`: only the pairs on a version's answers, or all weighted toward
+    the newest, with an `answers_version` column and, for newest, a `weight` column).
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {EXPORT_FORMATS}")
+    selection = selection or VoteSelection()
     pairs = preference_pairs(session, split=split, selection=selection).pairs
-    if not pairs:
-        raise StorageError("there are no usable preference pairs to export yet")
+    kept = select_round(session, pairs, selection)  # a round's pairs (storage/rounds.py)
+    if not kept:
+        raise StorageError(_nothing_to_export(session, selection))
     rows = [
         {
-            **_trl_columns(p.prompt, p.chosen, p.rejected, fmt),
-            "annotator": p.annotator,
-            "chosen_model_version": p.chosen_model_version,
-            "rejected_model_version": p.rejected_model_version,
+            **_trl_columns(r.pair.prompt, r.pair.chosen, r.pair.rejected, fmt),
+            "annotator": r.pair.annotator,
+            "chosen_model_version": r.pair.chosen_model_version,
+            "rejected_model_version": r.pair.rejected_model_version,
+            **_round_columns(r, selection.train_on),
         }
-        for p in pairs
+        for r in kept
     ]
     try:
         _write_dataset(rows, Path(path))
     except OSError as err:
         raise StorageError(f"{path}: cannot write the export: {err}") from err
     return len(rows)
+
+
+def _round_columns(kept: RoundPair, train_on: str) -> dict[str, Any]:
+    """A round's export (train on parent or newest) says which version's answers each pair
+    compares; `newest` adds the pair's `weight` (dpo_core's loss reads it)."""
+    if train_on == DEFAULT_TRAIN_ON:
+        return {}
+    out: dict[str, Any] = {"answers_version": kept.version}
+    if train_on == "newest":
+        out["weight"] = kept.weight
+    return out
+
+
+def _nothing_to_export(session: Session, selection: VoteSelection) -> str:
+    if selection.train_on == "parent" and selection.parent_id is not None:
+        parent = session.get(ModelVersion, selection.parent_id)
+        if parent is not None:
+            return no_parent_pairs_message(parent.name)
+    return "there are no usable preference pairs to export yet"
 
 
 def _trl_columns(prompt: str, chosen: str, rejected: str, fmt: str) -> dict[str, Any]:

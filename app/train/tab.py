@@ -28,9 +28,10 @@ from app.train.service import (
     TrainingService,
     TrainRequest,
     format_duration,
+    next_round_text,
 )
 from dpo_core.guard import few_pairs_warning
-from storage.selection import VoteSelection
+from storage.selection import DEFAULT_TRAIN_ON, VoteSelection
 
 POLL_S = 1.0
 BAR_STYLE = "width: 100%; height: 1.25rem"
@@ -49,15 +50,16 @@ KL_PLOT = "KL to base"
 HISTORY_COLUMNS = {  # column -> width
     "run": "4%",
     "status": "8%",
-    "version": "7%",
-    "pairs": "5%",
-    "settings": "16%",
-    "final loss": "7%",
-    "reward acc": "8%",
-    "eval acc": "7%",
+    "version": "6%",
+    "lineage": "9%",  # v3 ← v2 ← v1 ← base
+    "pairs": "11%",  # how many, and on which versions' answers
+    "settings": "13%",
+    "final loss": "6%",
+    "reward acc": "7%",
+    "eval acc": "6%",
     "duration": "7%",
-    "started": "9%",
-    "note": "22%",
+    "started": "8%",
+    "note": "15%",
 }
 
 
@@ -149,8 +151,20 @@ def metric_frames(metrics: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
 
 def history_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The Run history table from `TrainingService.history()` rows."""
-    shown = [{**row, "settings": settings_text(row)} for row in rows]
+    shown = [{**row, "settings": settings_text(row), "pairs": pairs_text(row)} for row in rows]
     return pd.DataFrame(shown, columns=list(HISTORY_COLUMNS))
+
+
+def pairs_text(row: dict[str, Any]) -> str:
+    """`40 (train on parent: 40 on v2's answers)`: how many pairs a run used, what it chose to
+    train on (when not all) and the versions whose answers they compare (when recorded)."""
+    count = row.get("pairs")
+    text = "" if count is None else str(count)
+    detail = row.get("pairs used") or ""
+    train_on = row.get("train on") or DEFAULT_TRAIN_ON
+    if train_on != DEFAULT_TRAIN_ON:
+        detail = f"train on {train_on}" + (f": {detail}" if detail else "")
+    return f"{text} ({detail})" if detail else text
 
 
 def settings_text(row: dict[str, Any]) -> str:
@@ -165,15 +179,47 @@ def settings_text(row: dict[str, Any]) -> str:
 
 def summary_markdown(info: dict[str, Any]) -> str:
     lines = [
-        f"**{info['usable_pairs']}** usable preference pairs{not_used_text(info)}.",
+        f"**{info['usable_pairs']}** usable preference pairs{train_on_text(info)}"
+        f"{not_used_text(info)}.",
         f"Base model: **{info['base_model']}** · active version: **{info['active_version']}**",
     ]
+    lines += rounds_lines(info)
     if info.get("version_error"):
         lines.append(f"⚠️ {html.escape(info['version_error'])}")
     warning = few_pairs_warning(info["usable_pairs"]) if info["usable_pairs"] > 0 else None
     if warning:
         lines.append(f"⚠️ {warning}")
     return "  \n".join(lines)
+
+
+def train_on_text(info: dict[str, Any]) -> str:
+    """` on v2's answers` / ` (all, weighted toward the newest)`: the train-on choice, when
+    not all pairs (a continued run counts from the active version)."""
+    train_on = info.get("train_on", DEFAULT_TRAIN_ON)
+    if train_on == "parent":
+        return f" on {info['active_version']}'s answers"
+    if train_on == "newest":
+        return " (all, weighted toward the newest versions' answers)"
+    return ""
+
+
+def rounds_lines(info: dict[str, Any]) -> list[str]:
+    """The loop label → train → label the new version: the pairs labeled on the active
+    version's answers since it was made, and, for a version a run made, the next round."""
+    if info.get("on_active") is None:
+        return []
+    active, labeled = info["active_version"], info["on_active"]
+    since = f" since {active} was made" if info.get("made_by_run") else ""
+    lines = [f"**{labeled}** pairs labeled on {active}'s answers{since}."]
+    size = info.get("round_size")
+    if size and labeled < size:
+        lines.append("Next round: " + next_round_text(active, size, labeled))
+    elif size:
+        lines.append(
+            f"Next round: {labeled} pairs on {active}'s answers, as many as its round used: "
+            "train again continuing from it (Advanced: train on parent)."
+        )
+    return lines
 
 
 def not_used_text(info: dict[str, Any]) -> str:
@@ -209,7 +255,7 @@ def kl_note(status: RunStatus) -> str | None:
 # --- the settings form -----------------------------------------------------------------------
 
 # The settings that choose which votes train: the pair count above Train follows them.
-SELECTION_SETTINGS = ("votes", "leave_out", "include_judge_votes")
+SELECTION_SETTINGS = ("votes", "leave_out", "include_judge_votes", "train_on")
 
 
 def default_values() -> dict[str, Any]:
@@ -218,10 +264,11 @@ def default_values() -> dict[str, Any]:
 
 
 def selection_from_values(values: list[Any]) -> VoteSelection | None:
-    """The vote selection of the form's SELECTION_SETTINGS values (None: not a valid one)."""
+    """The vote selection of the form's SELECTION_SETTINGS values, in order; the ones left
+    off keep their defaults (None: not a valid one). A round counts from the active version."""
     try:
         return TrainRequest.from_values(
-            dict(zip(SELECTION_SETTINGS, values, strict=True))
+            dict(zip(SELECTION_SETTINGS, values, strict=False))
         ).selection()
     except (ValueError, TypeError):
         return None
