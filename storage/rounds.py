@@ -116,9 +116,9 @@ def select_round(
     lineage = Lineage.load(session)
     parent = selection.parent_id
     if selection.train_on != "all" and parent not in lineage.names:
+        what = "none given" if parent is None else f"no version has id {parent}"
         raise ValueError(
-            f"train on {selection.train_on} needs the version the run continues from "
-            f"(no version with id {parent})"
+            f"train on {selection.train_on} needs the version the run continues from ({what})"
         )
     versions = answer_versions(session, [p.preference_id for p in pairs])
     kept = []
