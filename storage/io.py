@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from common.pair_format import Pair, PairError, parse_pairs
 from storage.db import StorageError
+from storage.models import ModelVersion
 from storage.repo import (
     AddPromptsResult,
     add_imported_pairs,
@@ -34,7 +35,6 @@ from storage.repo import (
     check_storable,
     preference_pairs,
 )
-from storage.models import ModelVersion
 from storage.rounds import RoundPair, no_parent_pairs_message, select_round
 from storage.selection import DEFAULT_TRAIN_ON, VoteSelection
 

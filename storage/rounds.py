@@ -178,7 +178,9 @@ def find_version(session: Session, name: str, base_model: str | None = None) -> 
         return found[0]
     if found:
         models = ", ".join(sorted(v.base_model for v in found))
-        raise ValueError(f"{name} exists for several base models ({models}): name one (--base-model)")
+        raise ValueError(
+            f"{name} exists for several base models ({models}): name one (--base-model)"
+        )
     names = sorted({v.name for v in session.scalars(select(ModelVersion))})
     there = ", ".join(names) if names else "none yet (train a run first)"
     raise ValueError(f"no version named {name!r}; the versions are: {there}")

@@ -29,8 +29,8 @@ from dpo_core.heldout import MAX_HELDOUT_FRACTION
 from dpo_core.losses import LOSS_TYPES
 from dpo_core.modeling import is_adapter_dir, remove_partial_saves
 from storage import repo, runs
-from storage.runs import RunStateError
 from storage.rounds import Lineage, counts_text, no_parent_pairs_message
+from storage.runs import RunStateError
 from storage.selection import DEFAULT_TRAIN_ON, DEFAULT_VOTES, TRAIN_ON, VOTE_MODES, VoteSelection
 
 logger = logging.getLogger(__name__)

@@ -80,7 +80,9 @@ def test_the_tab_counts_pairs_on_the_active_versions_answers_and_invites_the_nex
     assert (info["active_version"], info["on_active"], info["round_size"]) == ("v1", 2, 3)
     text = summary_markdown(info)
     assert "**2** pairs labeled on v1's answers since v1 was made." in text
-    assert "Next round: v1 is now serving in Label: label ~3 pairs of its answers (2 so far)" in text
+    assert (
+        "Next round: v1 is now serving in Label: label ~3 pairs of its answers (2 so far)" in text
+    )
     assert "**5** usable preference pairs" in text  # the default trains on all of them
     parent_only = round_two.summary(TrainRequest(train_on="parent").selection())
     assert parent_only["usable_pairs"] == 2
@@ -114,7 +116,10 @@ def test_the_run_history_shows_lineage_and_the_pairs_used_by_version(
     assert (first["lineage"], first["pairs used"]) == ("v1 ← base", "3 on base's answers")
     frame = history_frame(round_two.history())
     assert frame["lineage"].tolist() == ["v2 ← v1 ← base", "v1 ← base"]
-    assert frame["pairs"].tolist() == ["2 (train on parent: 2 on v1's answers)", "3 (3 on base's answers)"]
+    assert frame["pairs"].tolist() == [
+        "2 (train on parent: 2 on v1's answers)",
+        "3 (3 on base's answers)",
+    ]
     message = round_two.status().message
     assert "v2 is the new version" in message
     assert "v2 is now serving in Label: label ~2 pairs of its answers" in message
@@ -142,7 +147,10 @@ def test_parent_with_no_pairs_on_its_answers_is_refused_with_a_clear_message(
     ("train_on", "expected"),
     [
         ("parent", {"v1 one": None, "v1 two": None}),
-        ("newest", {"v1 one": 1.0, "v1 two": 1.0, "base one": 0.5, "base two": 0.5, "base three": 0.5}),
+        (
+            "newest",
+            {"v1 one": 1.0, "v1 two": 1.0, "base one": 0.5, "base two": 0.5, "base three": 0.5},
+        ),
     ],
 )
 def test_the_worker_trains_on_the_round_the_run_chose(

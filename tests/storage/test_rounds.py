@@ -143,7 +143,11 @@ def test_a_round_without_a_parent_is_refused_and_a_bad_choice_named(session: Ses
 
 
 def test_the_choice_round_trips_through_a_runs_record_and_the_default_reads_as_before():
-    assert VoteSelection().to_dict() == {"votes": "majority", "leave_out": [], "include_judges": False}
+    assert VoteSelection().to_dict() == {
+        "votes": "majority",
+        "leave_out": [],
+        "include_judges": False,
+    }
     selection = VoteSelection("every", train_on="newest", parent_id=7)
     record = json.loads(json.dumps(selection.to_dict()))
     assert record["train_on"] == "newest" and record["parent_id"] == 7
@@ -161,7 +165,9 @@ def test_lineage_text_and_versions_by_name(session: Session):
     with pytest.raises(ValueError, match=r"v2 exists for several base models \(m, other\)"):
         find_version(session, "v2")
     assert find_version(session, "v2", base_model="m").id == f.v2
-    with pytest.raises(ValueError, match="no version named 'v9'; the versions are: base, v1, v2, v3$"):
+    with pytest.raises(
+        ValueError, match=r"no version named 'v9'; the versions are: base, v1, v2, v3$"
+    ):
         find_version(session, "v9")
 
 
