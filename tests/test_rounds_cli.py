@@ -36,11 +36,9 @@ def test_a_round_exported_from_storage_continues_the_parent_in_dpo_core(
     v1 = save_random_adapter(tiny_model_dir, tmp_path / "adapters" / "v1")
     for name, pairs in (("v2", on_v1), ("v2-newest", newest)):
         out = tmp_path / "adapters" / name
-        code = dpo_main([
-            "train", "--adapter", str(v1), "--pairs", str(pairs), "--out", str(out),
-            "--model", str(tiny_model_dir), "--dtype", "fp32", "--epochs", "1",
-            "--lora-r", "4", "--max-length", "96",
-        ])  # fmt: skip
-        assert code == 0
+        model = ["--model", str(tiny_model_dir), "--dtype", "fp32"]
+        short = ["--epochs", "1", "--lora-r", "4", "--max-length", "96"]
+        round_ = ["--adapter", str(v1), "--pairs", str(pairs), "--out", str(out)]
+        assert dpo_main(["train", *round_, *model, *short]) == 0
         config = json.loads((out / "train_config.json").read_text())
         assert config["init_adapter"] == str(v1)
