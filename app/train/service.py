@@ -623,17 +623,21 @@ class TrainingService:
                 return RunStatus()
             return run_status(run, steps_table(runs.run_metrics(s, run.id)), *_output(s, run))
 
-    def summary(self, selection: VoteSelection | None = None) -> dict[str, Any]:
+    def summary(
+        self, selection: VoteSelection | None = None, fresh: bool = False
+    ) -> dict[str, Any]:
         """Counts and versions for the Train tab's summary line; the pairs are those that
         `selection` (the form's choice of votes and rounds; default: the default choice)
-        picks, a round counted from the active version. Also the rounds: the pairs labeled
-        on the active version's answers, and the size of the round that made it."""
+        picks, a round counted from the active version (`fresh`: from the base, as a fresh
+        adapter's run). Also the rounds: the pairs labeled on the active version's answers,
+        and the size of the round that made it."""
         selection = selection or VoteSelection()
         fraction = TrainRequest().heldout_fraction
         with self.sm.begin() as s:
             active = self._active(s)
+            parent = self._parent(s, continue_from_active=not fresh)
             if selection.train_on != DEFAULT_TRAIN_ON and selection.parent_id is None:
-                selection = replace(selection, parent_id=active.id)
+                selection = replace(selection, parent_id=parent.id)
             counts = pair_counts(s, fraction, selection)
             own = replace(selection, train_on="parent", parent_id=active.id)
             return {
@@ -646,6 +650,7 @@ class TrainingService:
                 "active_version": active.name,
                 "version_error": self.version_error,
                 "train_on": selection.train_on,
+                "round_parent": parent.name,
                 "on_active": pair_counts(s, fraction, own)["usable"],
                 "made_by_run": active.training_run_id,
                 "round_size": made_round_size(s, active),

@@ -197,7 +197,7 @@ def train_on_text(info: dict[str, Any]) -> str:
     not all pairs (a continued run counts from the active version)."""
     train_on = info.get("train_on", DEFAULT_TRAIN_ON)
     if train_on == "parent":
-        return f" on {info['active_version']}'s answers"
+        return f" on {info.get('round_parent', info['active_version'])}'s answers"
     if train_on == "newest":
         return " (all, weighted toward the newest versions' answers)"
     return ""
@@ -254,8 +254,15 @@ def kl_note(status: RunStatus) -> str | None:
 
 # --- the settings form -----------------------------------------------------------------------
 
-# The settings that choose which votes train: the pair count above Train follows them.
-SELECTION_SETTINGS = ("votes", "leave_out", "include_judge_votes", "train_on")
+# The settings that choose which votes train and from which version a round counts: the pair
+# count above Train follows them.
+SELECTION_SETTINGS = (
+    "votes",
+    "leave_out",
+    "include_judge_votes",
+    "train_on",
+    "continue_from_active",
+)
 
 
 def default_values() -> dict[str, Any]:
@@ -329,8 +336,11 @@ class TrainHandlers:
         return out
 
     def recount(self, *selection: Any) -> dict[Any, Any]:
-        """The summary's pair count for the votes the form selects."""
-        summary = self.service.summary(selection_from_values(list(selection)))
+        """The summary's pair count for the votes and round the form selects (a round counts
+        from the active version, or from the base for a fresh adapter)."""
+        chosen = dict(zip(SELECTION_SETTINGS, selection, strict=False))
+        fresh = chosen.get("continue_from_active") is False
+        summary = self.service.summary(selection_from_values(list(selection)), fresh=fresh)
         return {self.tab.summary: summary_markdown(summary)}
 
     def curves(self, status: RunStatus) -> dict[Any, Any]:

@@ -87,6 +87,8 @@ def test_the_tab_counts_pairs_on_the_active_versions_answers_and_invites_the_nex
     parent_only = round_two.summary(TrainRequest(train_on="parent").selection())
     assert parent_only["usable_pairs"] == 2
     assert "**2** usable preference pairs on v1's answers" in summary_markdown(parent_only)
+    fresh = round_two.summary(TrainRequest(train_on="parent").selection(), fresh=True)
+    assert "**3** usable preference pairs on base's answers" in summary_markdown(fresh)
 
 
 def test_a_run_on_the_parents_answers_uses_only_those_and_records_them(
