@@ -50,7 +50,7 @@ KL_PLOT = "KL to base"
 HISTORY_COLUMNS = {  # column -> width
     "run": "4%",
     "status": "8%",
-    "version": "6%",
+    "version": "7%",
     "lineage": "9%",  # v3 ← v2 ← v1 ← base
     "pairs": "11%",  # how many, and on which versions' answers
     "settings": "13%",
@@ -59,7 +59,7 @@ HISTORY_COLUMNS = {  # column -> width
     "eval acc": "6%",
     "duration": "7%",
     "started": "8%",
-    "note": "15%",
+    "note": "14%",
 }
 
 
