@@ -103,10 +103,9 @@ class TrainRequest:
         metadata={
             "label": "Train on",
             "row": 3,
-            "help": "the pairs by the version whose answers they compare (the parent: the version "
-            "the run continues from). all: every pair; parent: only pairs labeled on the "
-            "parent's answers (a round on its own answers); newest: all, weighted toward the "
-            "newest (x0.5 per version back)",
+            "help": "all: every pair; parent: only pairs labeled on the answers of the version "
+            "the run continues from (a round on its own answers); newest: all, weighted toward "
+            "the newest versions' answers (x0.5 per version back)",
             "choices": TRAIN_ON,
         },
     )

@@ -210,7 +210,8 @@ def rounds_lines(info: dict[str, Any]) -> list[str]:
         return []
     active, labeled = info["active_version"], info["on_active"]
     since = f" since {active} was made" if info.get("made_by_run") else ""
-    lines = [f"**{labeled}** pairs labeled on {active}'s answers{since}."]
+    pairs = "pair" if labeled == 1 else "pairs"
+    lines = [f"**{labeled}** {pairs} labeled on {active}'s answers{since}."]
     size = info.get("round_size")
     if size and labeled < size:
         lines.append("Next round: " + next_round_text(active, size, labeled))
