@@ -30,7 +30,8 @@ from storage.io import (
 from storage.models import SCHEMA_VERSION, SPLITS
 from storage.rankings import LabelingRate, labeling_rates
 from storage.repo import store_stats, unknown_annotators
-from storage.selection import DEFAULT_VOTES, VOTE_MODES, VoteSelection
+from storage.rounds import find_version
+from storage.selection import DEFAULT_TRAIN_ON, DEFAULT_VOTES, TRAIN_ON, VOTE_MODES, VoteSelection
 from storage.verdicts import kto_rows, verdict_counts
 
 
@@ -63,8 +64,14 @@ def cmd_import_pairs(db: sessionmaker[Session], args: argparse.Namespace) -> int
 
 def cmd_export(db: sessionmaker[Session], args: argparse.Namespace) -> int:
     split = None if args.split == "all" else args.split
+    with db.begin() as session:
+        train_on, parent_id = export_round(session, args)
     selection = VoteSelection(
-        votes=args.votes, leave_out=tuple(args.leave_out), include_judges=args.include_judges
+        votes=args.votes,
+        leave_out=tuple(args.leave_out),
+        include_judges=args.include_judges,
+        train_on=train_on,
+        parent_id=parent_id,
     )
     with db.begin() as session:
         for name in unknown_annotators(session, selection):
@@ -74,9 +81,32 @@ def cmd_export(db: sessionmaker[Session], args: argparse.Namespace) -> int:
         )
     if args.format == KTO_FORMAT:  # storage/verdicts.py: each vote counts on its own
         print(f"{args.file}: {n} KTO rows written (kto format, every verdict and vote)")
-    else:
-        print(f"{args.file}: {n} pairs written ({args.format} format, votes: {args.votes})")
+        return 0
+    parent = args.on_version or args.parent
+    rounds = "" if train_on == DEFAULT_TRAIN_ON else f", train on: {train_on} from {parent}"
+    print(f"{args.file}: {n} pairs written ({args.format} format, votes: {args.votes}{rounds})")
     return 0
+
+
+def export_round(session: Session, args: argparse.Namespace) -> tuple[str, int | None]:
+    """(train_on, parent version id) from `--on-version V` (the pairs on V's answers) or
+    `--train-on MODE --parent V`; ValueError for a combination that says two things."""
+    train_on, parent = args.train_on, args.parent
+    if args.on_version:
+        if train_on not in (None, "parent") or parent not in (None, args.on_version):
+            raise ValueError(
+                "--on-version V is --train-on parent --parent V: give one or the other"
+            )
+        train_on, parent = "parent", args.on_version
+    train_on = train_on or DEFAULT_TRAIN_ON
+    if train_on != DEFAULT_TRAIN_ON and not parent:
+        raise ValueError(
+            f"--train-on {train_on} needs --parent VERSION: the version the round continues "
+            "from (e.g. --parent v3)"
+        )
+    if not parent:
+        return train_on, None
+    return train_on, find_version(session, parent, args.base_model).id
 
 
 def cmd_stats(db: sessionmaker[Session], args: argparse.Namespace) -> int:
@@ -133,6 +163,26 @@ def print_agreement(report: AgreementReport) -> None:
             print(f"  contested: responses {u.unit[0]} and {u.unit[1]}: {votes}")
 
 
+def add_round_args(p: argparse.ArgumentParser) -> None:
+    """export's rounds: the pairs a round would train on (storage/rounds.py)."""
+    p.add_argument(
+        "--on-version",
+        metavar="VERSION",
+        help="only the pairs labeled on this version's answers (same as --train-on parent "
+        "--parent VERSION)",
+    )
+    p.add_argument(
+        "--train-on",
+        choices=TRAIN_ON,
+        help="the pairs a run continuing from --parent uses: parent (only those on its "
+        "answers), all (default), newest (all, with a weight column: x0.5 per version back)",
+    )
+    p.add_argument("--parent", metavar="VERSION", help="the version the round continues from")
+    p.add_argument(
+        "--base-model", help="the base model whose versions are meant, when several have a v3"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=None, help="SQLAlchemy URL (default: %(default)s)")
@@ -179,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also use votes by AI judges (annotators named judge:<name>); off by default",
     )
+    add_round_args(p)
     p.set_defaults(func=cmd_export)
     sub.add_parser(
         "stats", parents=[common], help="counts per split, choice, annotator"

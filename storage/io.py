@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from common.pair_format import Pair, PairError, parse_pairs
 from storage.db import StorageError
+from storage.models import ModelVersion
 from storage.repo import (
     AddPromptsResult,
     add_imported_pairs,
@@ -36,7 +37,8 @@ from storage.repo import (
     check_storable,
     preference_pairs,
 )
-from storage.selection import VoteSelection
+from storage.rounds import RoundPair, no_parent_pairs_message, select_round
+from storage.selection import DEFAULT_TRAIN_ON, VoteSelection
 from storage.verdicts import kto_rows
 
 MAX_FILE_BYTES = 1 << 30
@@ -96,11 +98,14 @@ def export_preferences(
 ) -> int:
     """Write the training pairs to `.jsonl`/`.json`/`.parquet`, or a `save_to_disk` directory
     (any other name). Returns the number of rows. The file appears whole or not at all.
-    `selection`: which votes make pairs (default: the majority of human votes), as in training.
+    `selection`: which votes make pairs (default: the majority of human votes), as in training,
+    and which round (`train_on`: only the pairs on a version's answers, or all weighted toward
+    the newest, with an `answers_version` column and, for newest, a `weight` column).
     `fmt="kto"`: KTO's unpaired rows instead (`storage.verdicts.kto_rows`).
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {EXPORT_FORMATS}")
+    selection = selection or VoteSelection()
     if fmt == KTO_FORMAT:
         rows = _kto_rows(session, split, selection)
     else:
@@ -113,20 +118,23 @@ def export_preferences(
 
 
 def _pair_rows(
-    session: Session, split: str | None, selection: VoteSelection | None, fmt: str
+    session: Session, split: str | None, selection: VoteSelection, fmt: str
 ) -> list[dict[str, Any]]:
-    """The export's preference pairs: TRL's columns in `fmt`, then provenance."""
+    """The export's preference pairs (of the round `selection` picks): TRL's columns in
+    `fmt`, then provenance."""
     pairs = preference_pairs(session, split=split, selection=selection).pairs
-    if not pairs:
-        raise StorageError("there are no usable preference pairs to export yet")
+    kept = select_round(session, pairs, selection)  # a round's pairs (storage/rounds.py)
+    if not kept:
+        raise StorageError(_nothing_to_export(session, selection))
     return [
         {
-            **_trl_columns(p.prompt, p.chosen, p.rejected, fmt),
-            "annotator": p.annotator,
-            "chosen_model_version": p.chosen_model_version,
-            "rejected_model_version": p.rejected_model_version,
+            **_trl_columns(r.pair.prompt, r.pair.chosen, r.pair.rejected, fmt),
+            "annotator": r.pair.annotator,
+            "chosen_model_version": r.pair.chosen_model_version,
+            "rejected_model_version": r.pair.rejected_model_version,
+            **_round_columns(r, selection.train_on),
         }
-        for p in pairs
+        for r in kept
     ]
 
 
@@ -149,6 +157,25 @@ def _kto_rows(
         }
         for row in rows
     ]
+
+
+def _round_columns(kept: RoundPair, train_on: str) -> dict[str, Any]:
+    """A round's export (train on parent or newest) says which version's answers each pair
+    compares; `newest` adds the pair's `weight` (dpo_core's loss reads it)."""
+    if train_on == DEFAULT_TRAIN_ON:
+        return {}
+    out: dict[str, Any] = {"answers_version": kept.version}
+    if train_on == "newest":
+        out["weight"] = kept.weight
+    return out
+
+
+def _nothing_to_export(session: Session, selection: VoteSelection) -> str:
+    if selection.train_on == "parent" and selection.parent_id is not None:
+        parent = session.get(ModelVersion, selection.parent_id)
+        if parent is not None:
+            return no_parent_pairs_message(parent.name)
+    return "there are no usable preference pairs to export yet"
 
 
 def _trl_columns(prompt: str, chosen: str, rejected: str, fmt: str) -> dict[str, Any]:

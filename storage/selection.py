@@ -20,6 +20,10 @@ three modes give the same pairs.
 Votes by AI judges (annotators named `judge:<name>`) are read only when `include_judges` is
 set; then they count as votes like any other. `leave_out` names annotators whose votes are
 not read at all (e.g. those the agreement panel flags for position bias).
+
+Rounds (storage/rounds.py): `train_on` picks pairs by the model version whose answers they
+compare. `all` (default): every pair; `parent`: only the pairs on the answers of `parent_id`,
+the version a continued run starts from; `newest`: every pair, weighted toward the newest.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from storage.overlap import JUDGE_PREFIX
 
 VOTE_MODES = ("majority", "unanimous", "every")
 DEFAULT_VOTES = "majority"
+TRAIN_ON = ("parent", "all", "newest")  # what a continued run trains on (storage/rounds.py)
+DEFAULT_TRAIN_ON = "all"
 
 
 @dataclass(frozen=True)
@@ -42,10 +48,16 @@ class VoteSelection:
     votes: str = DEFAULT_VOTES  # one of VOTE_MODES
     leave_out: tuple[str, ...] = ()  # annotators whose votes are ignored
     include_judges: bool = False  # read `judge:` annotators' votes too
+    train_on: str = DEFAULT_TRAIN_ON  # one of TRAIN_ON: pairs by the version of their answers
+    parent_id: int | None = None  # the version `parent` and `newest` count from (its id)
 
     def __post_init__(self) -> None:
         if self.votes not in VOTE_MODES:
             raise ValueError(f"votes must be one of {', '.join(VOTE_MODES)}, got {self.votes!r}")
+        if self.train_on not in TRAIN_ON:
+            raise ValueError(
+                f"train on must be one of {', '.join(TRAIN_ON)}, got {self.train_on!r}"
+            )
         names = (self.leave_out,) if isinstance(self.leave_out, str) else self.leave_out
         cleaned = sorted({str(n).strip() for n in names} - {""})
         object.__setattr__(self, "leave_out", tuple(cleaned))
@@ -57,12 +69,16 @@ class VoteSelection:
         return self.include_judges or not annotator.startswith(JUDGE_PREFIX)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, as a run's config records it (`from_dict` inverts it)."""
-        return {
+        """JSON-ready, as a run's config records it (`from_dict` inverts it). The round keys
+        only when the run chose other than all pairs: a default run's record reads as before."""
+        out: dict[str, Any] = {
             "votes": self.votes,
             "leave_out": list(self.leave_out),
             "include_judges": self.include_judges,
         }
+        if self.train_on != DEFAULT_TRAIN_ON or self.parent_id is not None:
+            out.update(train_on=self.train_on, parent_id=self.parent_id)
+        return out
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> VoteSelection:
@@ -72,6 +88,8 @@ class VoteSelection:
             votes=values.get("votes", DEFAULT_VOTES),
             leave_out=tuple(values.get("leave_out", ())),
             include_judges=bool(values.get("include_judges", False)),
+            train_on=values.get("train_on", DEFAULT_TRAIN_ON),
+            parent_id=values.get("parent_id"),
         )
 
 

@@ -14,7 +14,7 @@ import os
 import subprocess
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import Field, asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -29,8 +29,9 @@ from dpo_core.heldout import MAX_HELDOUT_FRACTION
 from dpo_core.losses import LOSS_TYPES
 from dpo_core.modeling import is_adapter_dir, remove_partial_saves
 from storage import repo, runs
+from storage.rounds import Lineage, counts_text, no_parent_pairs_message
 from storage.runs import RunStateError
-from storage.selection import DEFAULT_VOTES, VOTE_MODES, VoteSelection
+from storage.selection import DEFAULT_TRAIN_ON, DEFAULT_VOTES, TRAIN_ON, VOTE_MODES, VoteSelection
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,17 @@ class TrainRequest:
             "help": "off: a fresh adapter on the base model (the reference is the base either way)",
         },
     )
+    train_on: str = field(
+        default=DEFAULT_TRAIN_ON,
+        metadata={
+            "label": "Train on",
+            "row": 3,
+            "help": "all: every pair; parent: only pairs labeled on the answers of the version "
+            "the run continues from (a round on its own answers); newest: all, weighted toward "
+            "the newest versions' answers (x0.5 per version back)",
+            "choices": TRAIN_ON,
+        },
+    )
     devices: int = field(
         default=visible_devices(),
         metadata={
@@ -139,9 +151,16 @@ class TrainRequest:
         converted to its setting's type; ValueError names the setting that is not."""
         return cls(**{s.name: s.parse(values[s.name]) for s in SETTINGS if s.name in values})
 
-    def selection(self) -> VoteSelection:
-        """Which votes train (ValueError for an unknown votes mode)."""
-        return VoteSelection(self.votes, self.leave_out, include_judges=self.include_judge_votes)
+    def selection(self, parent_id: int | None = None) -> VoteSelection:
+        """Which votes train, and which rounds of them (`parent_id`: the version the run
+        continues from). ValueError for an unknown votes mode or train-on choice."""
+        return VoteSelection(
+            self.votes,
+            self.leave_out,
+            include_judges=self.include_judge_votes,
+            train_on=self.train_on,
+            parent_id=parent_id,
+        )
 
     def validate(self) -> None:
         """Raise ValueError naming the setting for a value no run could use (TrainConfig checks
@@ -379,20 +398,16 @@ class TrainingService:
                     False, f"Run #{stopping[0]}'s worker is still stopping; try again in a moment."
                 )
             with self.sm.begin() as s:
-                counts = pair_counts(
-                    s, request.heldout_fraction, request.selection(), request.loss_type
-                )
-                unknown = repo.unknown_annotators(s, request.selection())
+                parent = self._parent(s, request.continue_from_active)
+                selection = round_selection(request, parent.id)
+                counts = pair_counts(s, request.heldout_fraction, selection, request.loss_type)
+                unknown = repo.unknown_annotators(s, selection)
                 if counts["usable"] == 0:
-                    kto = request.loss_type == KTO
-                    none = no_kto_message(counts["ties"]) if kto else no_pairs_message(counts)
-                    return StartResult(False, none)
-                parent = (
-                    self._active(s)
-                    if request.continue_from_active
-                    else runs.ensure_base_version(s, self.base_model)
-                )
-                config = self._run_config(request, counts, parent)
+                    if request.loss_type == KTO:
+                        return StartResult(False, no_kto_message(counts["ties"]))
+                    parent_name = parent.name if request.train_on == "parent" else None
+                    return StartResult(False, no_pairs_message(counts, parent_name))
+                config = self._run_config(request, counts, parent, selection)
                 try:
                     run = runs.create_run(
                         s,
@@ -408,10 +423,18 @@ class TrainingService:
         what = "KTO rows" if request.loss_type == KTO else "pairs"
         return StartResult(
             True,
-            f"Run #{run_id} started on {counts['train']} {what} ({counts['heldout']} held out)."
+            f"Run #{run_id} started on {counts['train']} {what} ({counts['heldout']} held out"
+            + (f"; {counts_text(counts['by_version'])}" if counts["by_version"] else "")
+            + ")."
             + unknown_note(unknown),
             run_id,
         )
+
+    def _parent(self, s: Session, continue_from_active: bool) -> Any:
+        """The version a run starts from: the active one, or the base for a fresh adapter."""
+        if continue_from_active:
+            return self._active(s)
+        return runs.ensure_base_version(s, self.base_model)
 
     def _wait_for_workers(self, timeout_s: float) -> list[int]:
         """Give workers that are finishing (after success or a cancel) a moment to exit, so two
@@ -425,19 +448,21 @@ class TrainingService:
         return alive
 
     def _run_config(
-        self, request: TrainRequest, counts: dict[str, int], parent: Any
+        self, request: TrainRequest, counts: dict[str, Any], parent: Any, selection: VoteSelection
     ) -> dict[str, Any]:
         """Everything the worker needs, saved with the run: the resolved TrainConfig (model,
-        hyperparameters, the adapter to continue from), the held-out split, provenance."""
+        hyperparameters, the adapter to continue from), the held-out split, which votes and
+        rounds train, provenance (the pairs per version whose answers they compare)."""
         return {
             "base_model": self.base_model,
             "train": build_train_config(request, self.model_settings, parent.adapter_path),
             "heldout_fraction": request.heldout_fraction,
             "continue_from_active": request.continue_from_active,
-            "votes": request.selection().to_dict(),
+            "votes": selection.to_dict(),
             "parent_version": parent.name,
             "num_train_pairs": counts["train"],
             "num_heldout_pairs": counts["heldout"],
+            "pairs_by_version": counts["by_version"],
         }
 
     def _launch(self, run_id: int, devices: int = 1) -> None:
@@ -602,12 +627,24 @@ class TrainingService:
                 return RunStatus()
             return run_status(run, steps_table(runs.run_metrics(s, run.id)), *_output(s, run))
 
-    def summary(self, selection: VoteSelection | None = None) -> dict[str, Any]:
+    def summary(
+        self, selection: VoteSelection | None = None, fresh: bool = False
+    ) -> dict[str, Any]:
         """Counts and versions for the Train tab's summary line; the pairs are those that
-        `selection` (the form's choice of votes; default: the default choice) picks."""
+        `selection` (the form's choice of votes and rounds; default: the default choice)
+        picks, a round counted from the active version (`fresh`: from the base, as a fresh
+        adapter's run). Also the rounds: the pairs labeled on the active version's answers,
+        and the size of the round that made it."""
+        selection = selection or VoteSelection()
+        fraction = TrainRequest().heldout_fraction
         with self.sm.begin() as s:
-            counts = pair_counts(s, TrainRequest().heldout_fraction, selection)
+            active = self._active(s)
+            parent = self._parent(s, continue_from_active=not fresh)
+            if selection.train_on != DEFAULT_TRAIN_ON and selection.parent_id is None:
+                selection = replace(selection, parent_id=parent.id)
+            counts = pair_counts(s, fraction, selection)
             kto = kto_summary(s, selection)
+            own = replace(selection, train_on="parent", parent_id=active.id)
             return {
                 "kto_rows": len(kto.rows),  # what the loss type `kto` trains on
                 "kto_desirable": kto.desirable,
@@ -617,16 +654,24 @@ class TrainingService:
                 "undecided": counts["undecided"],
                 "left_out": counts["left_out"],
                 "base_model": self.base_model,
-                "active_version": self._active(s).name,
+                "active_version": active.name,
                 "version_error": self.version_error,
+                "train_on": selection.train_on,
+                "round_parent": parent.name,
+                "on_active": pair_counts(s, fraction, own)["usable"],
+                "made_by_run": active.training_run_id,
+                "round_size": made_round_size(s, active),
             }
 
     def history(self) -> list[dict[str, Any]]:
+        """Every run, newest first, with its lineage and the pairs it used by version."""
         with self.sm.begin() as s:
-            return [
-                history_row(run, steps_table(runs.run_metrics(s, run.id)), *_output(s, run))
-                for run in runs.list_runs(s)
-            ]
+            lineage = Lineage.load(s)
+            rows = []
+            for run in runs.list_runs(s):
+                row = history_row(run, steps_table(runs.run_metrics(s, run.id)), *_output(s, run))
+                rows.append({**row, **round_columns(s, run, lineage)})
+            return rows
 
     def annotators(self) -> list[str]:
         """Everyone who has voted: the names "Leave out annotators" offers."""
@@ -660,10 +705,11 @@ def pair_counts(
     heldout_fraction: float,
     selection: VoteSelection | None = None,
     loss_type: str = "",
-) -> dict[str, int]:
-    """Usable pairs (from the votes `selection` picks; KTO rows for the loss type `kto`), how a
-    run would split them, and what does not train: ties / both-bad, pairs of answers without
-    agreement, votes left out."""
+) -> dict[str, Any]:
+    """Usable pairs (from the votes and rounds `selection` picks; KTO rows for the loss type
+    `kto`), how a run would split them, and what does not train: ties / both-bad, pairs of
+    answers without agreement, votes left out; `by_version`: the usable pairs per version whose
+    answers they compare (none for KTO rows)."""
     min_heldout = config_default("min_heldout_pairs")
     pairs = training_rows(s, loss_type, heldout_fraction, min_heldout, selection)
     return {
@@ -675,6 +721,56 @@ def pair_counts(
         "empty": pairs.empty,
         "undecided": pairs.undecided,
         "left_out": pairs.left_out,
+        "by_version": pairs.by_version,
+    }
+
+
+def round_selection(request: TrainRequest, parent_id: int) -> VoteSelection:
+    """The request's choice of votes and rounds for a run continuing from `parent_id` (a run
+    on all pairs records no parent: its record reads as before rounds had a name)."""
+    return request.selection(None if request.train_on == DEFAULT_TRAIN_ON else parent_id)
+
+
+def round_size(config: dict[str, Any], num_pairs: int) -> int:
+    """How many pairs a run used on its parent's answers (its round), else all it used."""
+    by_version = config.get("pairs_by_version") or {}
+    return int(by_version.get(config.get("parent_version"), 0)) or num_pairs
+
+
+def made_round_size(s: Session, version: Any) -> int | None:
+    """The round size of the run that made `version` (None: not made by a run here)."""
+    if version.training_run_id is None:
+        return None
+    run = runs.get_run(s, version.training_run_id)
+    return round_size(run.config or {}, run.num_pairs)
+
+
+def next_round_text(version: str, size: int, labeled: int | None = None) -> str:
+    """The invitation to the next round, after a run made `version`."""
+    so_far = "" if labeled is None else f" ({labeled} so far)"
+    return (
+        f"{version} is now serving in Label: label ~{size} pairs of its answers{so_far}, then "
+        "train again continuing from it (Advanced: train on parent)."
+    )
+
+
+def round_columns(s: Session, run: Any, lineage: Lineage) -> dict[str, Any]:
+    """A run's lineage (`v3 ← v2 ← v1 ← base`; a run that made no version: `from v2 ← ...`),
+    what it trained on, and the pairs it used per version whose answers they compare."""
+    config = run.config or {}
+    made = runs.output_version(s, run.id) if run.status == "succeeded" else None
+    if made is not None:
+        text = lineage.text(made.id)
+    elif run.parent_version_id is not None:
+        text = "from " + lineage.text(run.parent_version_id)
+    else:
+        text = ""
+    by_version = config.get("pairs_by_version") or {}
+    return {
+        "lineage": text,
+        "train on": (config.get("votes") or {}).get("train_on", DEFAULT_TRAIN_ON),
+        "pairs by version": by_version,
+        "pairs used": counts_text(by_version),
     }
 
 
@@ -708,9 +804,17 @@ def run_status(
         kl_prompts=config.get("train", {}).get("kl_prompts"),
         version=version,
         error=run.error,
-        message=status_message(run.status, run.id, version, run.error, step, note),
+        message=status_message(run.status, run.id, version, run.error, step, note)
+        + invitation(run, version),
         metrics=metrics,
     )
+
+
+def invitation(run: Any, version: str | None) -> str:
+    """After a run made `version`: the invitation to the next round (storage/rounds.py)."""
+    if run.status != "succeeded" or not version:
+        return ""
+    return " " + next_round_text(version, round_size(run.config or {}, run.num_pairs))
 
 
 def eta_s(metrics: list[dict[str, Any]], total: int | None) -> float | None:
@@ -820,7 +924,11 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def no_pairs_message(counts: dict[str, int]) -> str:
+def no_pairs_message(counts: dict[str, Any], parent: str | None = None) -> str:
+    """Why Train found nothing to train on; `parent`: the run trains on that version's answers
+    only (train on parent)."""
+    if parent is not None:
+        return no_parent_pairs_message(parent)
     ties, bad, empty = (counts.get(k, 0) for k in ("ties", "both_bad", "empty"))
     extra = f" ({ties} ties and {bad} both-bad votes are not usable for DPO)" if ties or bad else ""
     if empty:

@@ -28,9 +28,10 @@ from app.train.service import (
     TrainingService,
     TrainRequest,
     format_duration,
+    next_round_text,
 )
 from dpo_core.guard import few_pairs_warning
-from storage.selection import VoteSelection
+from storage.selection import DEFAULT_TRAIN_ON, VoteSelection
 
 POLL_S = 1.0
 BAR_STYLE = "width: 100%; height: 1.25rem"
@@ -50,14 +51,15 @@ HISTORY_COLUMNS = {  # column -> width
     "run": "4%",
     "status": "8%",
     "version": "7%",
-    "pairs": "5%",
-    "settings": "16%",
-    "final loss": "7%",
-    "reward acc": "8%",
-    "eval acc": "7%",
+    "lineage": "9%",  # v3 ← v2 ← v1 ← base
+    "pairs": "11%",  # how many, and on which versions' answers
+    "settings": "13%",
+    "final loss": "6%",
+    "reward acc": "7%",
+    "eval acc": "6%",
     "duration": "7%",
-    "started": "9%",
-    "note": "22%",
+    "started": "8%",
+    "note": "14%",
 }
 
 
@@ -149,8 +151,20 @@ def metric_frames(metrics: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
 
 def history_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The Run history table from `TrainingService.history()` rows."""
-    shown = [{**row, "settings": settings_text(row)} for row in rows]
+    shown = [{**row, "settings": settings_text(row), "pairs": pairs_text(row)} for row in rows]
     return pd.DataFrame(shown, columns=list(HISTORY_COLUMNS))
+
+
+def pairs_text(row: dict[str, Any]) -> str:
+    """`40 (train on parent: 40 on v2's answers)`: how many pairs a run used, what it chose to
+    train on (when not all) and the versions whose answers they compare (when recorded)."""
+    count = row.get("pairs")
+    text = "" if count is None else str(count)
+    detail = row.get("pairs used") or ""
+    train_on = row.get("train on") or DEFAULT_TRAIN_ON
+    if train_on != DEFAULT_TRAIN_ON:
+        detail = f"train on {train_on}" + (f": {detail}" if detail else "")
+    return f"{text} ({detail})" if detail else text
 
 
 def settings_text(row: dict[str, Any]) -> str:
@@ -165,11 +179,13 @@ def settings_text(row: dict[str, Any]) -> str:
 
 def summary_markdown(info: dict[str, Any]) -> str:
     lines = [
-        f"**{info['usable_pairs']}** usable preference pairs{not_used_text(info)}.",
+        f"**{info['usable_pairs']}** usable preference pairs{train_on_text(info)}"
+        f"{not_used_text(info)}.",
         f"Base model: **{info['base_model']}** · active version: **{info['active_version']}**",
     ]
     if info.get("kto_rows") is not None:
         lines.insert(1, kto_line(info["kto_rows"], info.get("kto_desirable", 0)))
+    lines += rounds_lines(info)
     if info.get("version_error"):
         lines.append(f"⚠️ {html.escape(info['version_error'])}")
     warning = few_pairs_warning(info["usable_pairs"]) if info["usable_pairs"] > 0 else None
@@ -184,6 +200,37 @@ def kto_line(rows: int, desirable: int) -> str:
         f"**{rows}** KTO rows ({desirable} 👍, {rows - desirable} 👎: single-answer verdicts, "
         "A/B and both-bad votes), what loss type `kto` trains on."
     )
+
+
+def train_on_text(info: dict[str, Any]) -> str:
+    """` on v2's answers` / ` (all, weighted toward the newest)`: the train-on choice, when
+    not all pairs (a continued run counts from the active version)."""
+    train_on = info.get("train_on", DEFAULT_TRAIN_ON)
+    if train_on == "parent":
+        return f" on {info.get('round_parent', info['active_version'])}'s answers"
+    if train_on == "newest":
+        return " (all, weighted toward the newest versions' answers)"
+    return ""
+
+
+def rounds_lines(info: dict[str, Any]) -> list[str]:
+    """The loop label → train → label the new version: the pairs labeled on the active
+    version's answers since it was made, and, for a version a run made, the next round."""
+    if info.get("on_active") is None:
+        return []
+    active, labeled = info["active_version"], info["on_active"]
+    since = f" since {active} was made" if info.get("made_by_run") else ""
+    pairs = "pair" if labeled == 1 else "pairs"
+    lines = [f"**{labeled}** {pairs} labeled on {active}'s answers{since}."]
+    size = info.get("round_size")
+    if size and labeled < size:
+        lines.append("Next round: " + next_round_text(active, size, labeled))
+    elif size:
+        lines.append(
+            f"Next round: {labeled} pairs on {active}'s answers, as many as its round used: "
+            "train again continuing from it (Advanced: train on parent)."
+        )
+    return lines
 
 
 def not_used_text(info: dict[str, Any]) -> str:
@@ -218,8 +265,15 @@ def kl_note(status: RunStatus) -> str | None:
 
 # --- the settings form -----------------------------------------------------------------------
 
-# The settings that choose which votes train: the pair count above Train follows them.
-SELECTION_SETTINGS = ("votes", "leave_out", "include_judge_votes")
+# The settings that choose which votes train and from which version a round counts: the pair
+# count above Train follows them.
+SELECTION_SETTINGS = (
+    "votes",
+    "leave_out",
+    "include_judge_votes",
+    "train_on",
+    "continue_from_active",
+)
 
 
 def default_values() -> dict[str, Any]:
@@ -228,10 +282,11 @@ def default_values() -> dict[str, Any]:
 
 
 def selection_from_values(values: list[Any]) -> VoteSelection | None:
-    """The vote selection of the form's SELECTION_SETTINGS values (None: not a valid one)."""
+    """The vote selection of the form's SELECTION_SETTINGS values, in order; the ones left
+    off keep their defaults (None: not a valid one). A round counts from the active version."""
     try:
         return TrainRequest.from_values(
-            dict(zip(SELECTION_SETTINGS, values, strict=True))
+            dict(zip(SELECTION_SETTINGS, values, strict=False))
         ).selection()
     except (ValueError, TypeError):
         return None
@@ -292,8 +347,11 @@ class TrainHandlers:
         return out
 
     def recount(self, *selection: Any) -> dict[Any, Any]:
-        """The summary's pair count for the votes the form selects."""
-        summary = self.service.summary(selection_from_values(list(selection)))
+        """The summary's pair count for the votes and round the form selects (a round counts
+        from the active version, or from the base for a fresh adapter)."""
+        chosen = dict(zip(SELECTION_SETTINGS, selection, strict=False))
+        fresh = chosen.get("continue_from_active") is False
+        summary = self.service.summary(selection_from_values(list(selection)), fresh=fresh)
         return {self.tab.summary: summary_markdown(summary)}
 
     def curves(self, status: RunStatus) -> dict[Any, Any]:

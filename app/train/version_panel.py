@@ -16,8 +16,17 @@ import pandas as pd
 from app.auth.users import ADMIN, request_role, require_role
 from app.train.service import TrainingService
 from storage import runs
+from storage.rounds import Lineage, pairs_per_version
 
-VERSION_COLUMNS = ["version", "active", "parent", "made by run", "created", "adapter"]
+VERSION_COLUMNS = [
+    "version",
+    "active",
+    "lineage",
+    "pairs on its answers",
+    "made by run",
+    "created",
+    "adapter",
+]
 
 
 @dataclass
@@ -29,15 +38,21 @@ class VersionPanel:
 
 
 def version_rows(service: TrainingService) -> list[dict[str, Any]]:
-    """One row per registered version of the served base model, oldest first."""
+    """One row per registered version of the served base model, oldest first: where it comes
+    from (`v3 ← v2 ← v1 ← base`) and how many pairs were labeled on its answers (the votes
+    a default run reads; storage/rounds.py)."""
     with service.sm.begin() as s:
         versions = runs.list_versions(s, service.base_model)
         names = {v.id: v.name for v in versions}
+        lineage = Lineage.load(s)
+        labeled = pairs_per_version(s)
         return [
             {
                 "version": v.name,
                 "active": v.is_active,
                 "parent": names.get(v.parent_id, ""),
+                "lineage": lineage.text(v.id),
+                "pairs on its answers": labeled.get(v.id, 0),
                 "made by run": v.training_run_id or "",
                 "created": v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "",
                 "adapter": v.adapter_path or "",

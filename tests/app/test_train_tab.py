@@ -121,7 +121,7 @@ class StubService:
     def annotators(self) -> list[str]:
         return ["ann", "judge:qwen"]
 
-    def summary(self, selection: VoteSelection | None = None) -> dict:
+    def summary(self, selection: VoteSelection | None = None, fresh: bool = False) -> dict:
         self.selection = selection
         counts = {"usable_pairs": 0, "ties": 0, "both_bad": 0}
         return {**counts, "base_model": "tiny", "active_version": "base"}
