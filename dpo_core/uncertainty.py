@@ -69,6 +69,9 @@ def pair_margins(
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    loaded = getattr(lm.model, "peft_config", None) or {}
+    if adapter is not None and adapter not in loaded:
+        raise ValueError(f"version {adapter!r} is not loaded (loaded: {sorted(loaded) or 'none'})")
     tokenized = [_tokenize(lm, p, max_length) for p in pairs]
     differ = [i for i, t in enumerate(tokenized) if t.chosen_ids != t.rejected_ids]
     values = torch.zeros(len(pairs))  # identical answers: exactly 0, no forward pass
@@ -111,9 +114,6 @@ def _log_ratio_margins(
 ) -> torch.Tensor:
     """(log pi(a) - log ref(a)) - (log pi(b) - log ref(b)), (n,), signed."""
     model = lm.model
-    loaded = getattr(model, "peft_config", None) or {}
-    if adapter not in loaded:
-        raise ValueError(f"version {adapter!r} is not loaded (loaded: {sorted(loaded) or 'none'})")
     active = model.active_adapter
     with _eval_mode(model):
         with model.disable_adapter():

@@ -45,9 +45,7 @@ def change_order(
 
 def layout() -> QueuePanel:
     with gr.Accordion("Label queue order", open=False, elem_id="data-queue-order"):
-        order = gr.Radio(
-            CHOICES, value=LEAST_LABELED, label="Offer first", elem_id="queue-order"
-        )
+        order = gr.Radio(CHOICES, value=LEAST_LABELED, label="Offer first", elem_id="queue-order")
         set_btn = gr.Button("Set order (admins)", scale=0, elem_id="queue-order-set")
         message = gr.Markdown(elem_id="queue-order-message")
     return QueuePanel(order, set_btn, message)

@@ -139,7 +139,10 @@ class UncertaintyScorer:
         with self.sm.begin() as s:
             if queue_order(s) != UNCERTAIN_FIRST:
                 return "The queue offers the prompts each annotator labeled least first."
-            scored = len(version_scores(s, self.version_id(s, version)))
+            try:
+                scored = len(version_scores(s, self.version_id(s, version)))
+            except ValueError as err:  # served but not registered: see queue_version
+                return f"Least sure first, but nothing is scored: {err}."
         return (
             f"Least sure first: {scored} prompt(s) scored for version {version} so far (in the "
             "background); among prompts labeled equally often, the least sure come first, "

@@ -71,7 +71,9 @@ def test_larger_after_training_toward_one_answer(tiny_lm, tiny_model_dir, tmp_pa
     before = pair_margins(fresh, PAIRS, "default").values
     assert before == pytest.approx([0.0] * len(PAIRS), abs=1e-5)
     settings = {"epochs": 3, "batch_size": 2, "learning_rate": 5e-3, "max_length": 64}
-    config = TrainConfig(model="tiny", dtype="fp32", device="cpu", lora_r=4, lora_alpha=8, **settings)
+    config = TrainConfig(
+        model="tiny", dtype="fp32", device="cpu", lora_r=4, lora_alpha=8, **settings
+    )
     chosen_first = [{"prompt": p.prompt, "chosen": p.a, "rejected": p.b} for p in PAIRS]
     result = train(tiny_lm, chosen_first, config, tmp_path / "v1", heldout=chosen_first[:2])
     tiny_lm.model = PeftModel.from_pretrained(
