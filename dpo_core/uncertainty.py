@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from dpo_core import data
+from dpo_core.kl import sample_completions
 from dpo_core.modeling import LoadedModel
 from dpo_core.reward_eval import log_ratio_margins, pair_logps
 
@@ -69,9 +70,7 @@ def pair_margins(
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    loaded = getattr(lm.model, "peft_config", None) or {}
-    if adapter is not None and adapter not in loaded:
-        raise ValueError(f"version {adapter!r} is not loaded (loaded: {sorted(loaded) or 'none'})")
+    _check_loaded(lm, adapter)
     tokenized = [_tokenize(lm, p, max_length) for p in pairs]
     differ = [i for i, t in enumerate(tokenized) if t.chosen_ids != t.rejected_ids]
     values = torch.zeros(len(pairs))  # identical answers: exactly 0, no forward pass
@@ -83,6 +82,73 @@ def pair_margins(
         else:
             values[differ] = beta * _log_ratio_margins(lm, scored, adapter, batch_size).abs()
     return Margins(measure, tuple(values.tolist()))
+
+
+def same_answer(pair: AnswerPair) -> bool:
+    """The two answers are one text: the version wrote its answer twice, so it is sure of it
+    (its margin, 0, would say the opposite), and a person shown the pair could not choose."""
+    return pair.a.strip() == pair.b.strip()
+
+
+def least_sure_first(
+    lm: LoadedModel,
+    prompts: list[str],
+    adapter: str | None,
+    *,
+    temperatures: tuple[float, float] = (0.7, 1.0),
+    max_new_tokens: int = 128,
+    seed: int = 0,
+) -> list[int]:
+    """Indices of `prompts`, the least sure first: two answers sampled from the version per
+    prompt (one per temperature, `top_p` 1), ranked by `pair_margins`; prompts answered the
+    same twice come last. The app's scorer does the same through the decode loop; this is
+    the offline form, for benchmarks."""
+    _check_loaded(lm, adapter)
+    pairs = sample_pairs(lm, prompts, adapter, temperatures, max_new_tokens, seed)
+    margins = pair_margins(lm, pairs, adapter).values
+    return sorted(range(len(prompts)), key=lambda i: (same_answer(pairs[i]), margins[i], i))
+
+
+def sample_pairs(
+    lm: LoadedModel,
+    prompts: list[str],
+    adapter: str | None,
+    temperatures: tuple[float, float],
+    max_new_tokens: int,
+    seed: int,
+) -> list[AnswerPair]:
+    """Two answers per prompt from version `adapter` (None: the base), one per temperature."""
+    model = lm.model
+    with _version_on(model, adapter):
+        a, b = (
+            sample_completions(
+                lm, model, prompts, max_new_tokens=max_new_tokens, temperature=t, seed=seed + k
+            )
+            for k, t in enumerate(temperatures)
+        )
+    return [AnswerPair(p, x.text, y.text) for p, x, y in zip(prompts, a, b, strict=True)]
+
+
+def _check_loaded(lm: LoadedModel, adapter: str | None) -> None:
+    loaded = getattr(lm.model, "peft_config", None) or {}
+    if adapter is not None and adapter not in loaded:
+        raise ValueError(f"version {adapter!r} is not loaded (loaded: {sorted(loaded) or 'none'})")
+
+
+@contextmanager
+def _version_on(model: Any, adapter: str | None) -> Iterator[None]:
+    """`model` answers as version `adapter` (None: the base, adapters disabled) inside the
+    block; its active adapter is put back afterwards."""
+    if adapter is None:
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+            yield
+        return
+    active = model.active_adapter
+    model.set_adapter(adapter)
+    try:
+        yield
+    finally:
+        model.set_adapter(active)
 
 
 def _tokenize(lm: LoadedModel, pair: AnswerPair, max_length: int) -> data.TokenizedPair:
@@ -101,8 +167,7 @@ def _mean_logp_margins(
 ) -> torch.Tensor:
     """|mean token log p(a) - mean token log p(b)| (n,) under the base (adapters disabled)."""
     model = lm.model
-    disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    with _eval_mode(model), disabled:
+    with _eval_mode(model), _version_on(model, None):
         logps_a, logps_b = pair_logps(lm, model, pairs, batch_size)
     lengths_a = torch.tensor([max(1, len(p.chosen_ids)) for p in pairs])
     lengths_b = torch.tensor([max(1, len(p.rejected_ids)) for p in pairs])
@@ -114,15 +179,11 @@ def _log_ratio_margins(
 ) -> torch.Tensor:
     """(log pi(a) - log ref(a)) - (log pi(b) - log ref(b)), (n,), signed."""
     model = lm.model
-    active = model.active_adapter
     with _eval_mode(model):
-        with model.disable_adapter():
+        with _version_on(model, None):
             reference = pair_logps(lm, model, pairs, batch_size)
-        try:
-            model.set_adapter(adapter)
+        with _version_on(model, adapter):
             policy = pair_logps(lm, model, pairs, batch_size)
-        finally:
-            model.set_adapter(active)
     return log_ratio_margins(policy, reference)
 
 

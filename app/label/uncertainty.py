@@ -28,7 +28,7 @@ from app.serving.service import ModelService
 from app.serving.versions import BASE
 from dpo_core.engine import PREFETCH, Ticket
 from dpo_core.generation import AnswerSpec, SamplingParams
-from dpo_core.uncertainty import AnswerPair, pair_margins
+from dpo_core.uncertainty import AnswerPair, pair_margins, same_answer
 from storage.uncertainty import (
     UNCERTAIN_FIRST,
     Candidate,
@@ -45,8 +45,7 @@ logger = logging.getLogger(__name__)
 SCORING = PREFETCH + 1  # behind every waiting request, prefetches included
 SEED_RANGE = 2**31 - 1
 JOIN_S = 5.0  # how long closing waits for a pass to notice it must stop
-# Two samples that are the same text: the version is sure of its answer (it wrote it twice), and
-# a pair shown there would likely be two equal answers. Stored as sure, after every margin.
+# Two samples that are the same text (`same_answer`): stored as sure, after every margin.
 IDENTICAL, SURE_MARGIN = "identical", 1e9
 
 VersionId = Callable[[Session, str], int]  # a version's name -> its database id
@@ -208,8 +207,8 @@ class UncertaintyScorer:
         answered = self._sample(chunk, version)
         if not answered or self._stop.is_set():
             return []
-        same = [(c, pair) for c, pair in answered if pair.a.strip() == pair.b.strip()]
-        differ = [(c, pair) for c, pair in answered if pair.a.strip() != pair.b.strip()]
+        same = [(c, pair) for c, pair in answered if same_answer(pair)]
+        differ = [(c, pair) for c, pair in answered if not same_answer(pair)]
         scores = [PromptScore(c.prompt_id, SURE_MARGIN, IDENTICAL) for c, _ in same]
         if differ:
             versions = self.models.versions

@@ -10,7 +10,15 @@ from dpo_core.config import TrainConfig
 from dpo_core.modeling import attach_lora, load_model
 from dpo_core.reward_eval import implicit_reward_accuracy
 from dpo_core.trainer import train
-from dpo_core.uncertainty import IMPLICIT_REWARD, MEAN_LOGP, AnswerPair, pair_margins
+from dpo_core.uncertainty import (
+    IMPLICIT_REWARD,
+    MEAN_LOGP,
+    AnswerPair,
+    least_sure_first,
+    pair_margins,
+    same_answer,
+    sample_pairs,
+)
 from tests.tiny import save_random_adapter
 
 TOPICS = ("cats", "rain", "tea", "maps", "jazz", "salt")
@@ -88,3 +96,24 @@ def test_an_adapter_that_is_not_loaded_or_a_bad_beta_is_a_clear_error(random_ver
         pair_margins(random_version, PAIRS, "v9")
     with pytest.raises(ValueError, match="beta must be > 0"):
         pair_margins(random_version, PAIRS, "v1", beta=0)
+
+
+def test_least_sure_first_ranks_sampled_pairs_by_margin(random_version, tiny_model_dir, tmp_path):
+    model = random_version.model
+    model.load_adapter(str(save_random_adapter(tiny_model_dir, tmp_path / "v2", seed=1)), "v2")
+    model.set_adapter("v2")
+    prompts = [p.prompt for p in PAIRS]
+    order = least_sure_first(random_version, prompts, "v1", max_new_tokens=12, seed=3)
+    assert sorted(order) == list(range(len(prompts)))
+    assert model.active_adapter == "v2"  # sampled and scored as v1, the served one kept
+    pairs = sample_pairs(random_version, prompts, "v1", (0.7, 1.0), 12, 3)  # the same samples
+    margins = pair_margins(random_version, pairs, "v1").values
+    assert [margins[i] for i in order] == sorted(margins)
+    assert order != list(range(len(prompts)))
+    with pytest.raises(ValueError, match="version 'v9' is not loaded"):
+        least_sure_first(random_version, prompts, "v9")
+
+
+def test_the_same_answer_twice_is_one_text():
+    assert same_answer(AnswerPair("p", " Paris.", "Paris.\n"))
+    assert not same_answer(AnswerPair("p", "Paris.", "Rome."))
