@@ -18,9 +18,11 @@ from app.__main__ import build_parser, config_from_args
 from app.auth.users import ROLE_STATE_KEY
 from app.label.queue_panel import build_queue_panel, change_order, current
 from app.label.service import LabelService, open_label_service
-from app.label.uncertainty import IDENTICAL, SURE_MARGIN, ScorerSettings
+from app.label.uncertainty import IDENTICAL, SCORING, SURE_MARGIN, ScorerSettings
 from app.serving.service import ModelService
 from app.serving.versions import VersionedModel
+from dpo_core.engine import PREFETCH
+from dpo_core.generation import AnswerSpec, SamplingParams
 from dpo_core.uncertainty import IMPLICIT_REWARD, MEAN_LOGP
 from storage import repo, runs
 from storage.db import open_db
@@ -198,3 +200,14 @@ def test_a_served_version_missing_from_the_database_keeps_the_default_order(
     with label.sm.begin() as s:
         first = repo.list_prompts(s)[0].id
     assert label.pick_prompt("ann", None)[0] == first
+
+
+def test_scoring_waits_behind_labelers_and_their_prefetches(label):
+    engine = label.models.versions.engine
+    specs = [AnswerSpec(SamplingParams(1.0, 1.0, 4), seed=1)]
+    with engine.lock:  # the loop cannot admit anything: the line is as submitted
+        scoring = engine.submit("Scored", specs, priority=SCORING)
+        prefetch = engine.submit("Next pair", specs, priority=PREFETCH)
+        labeler = engine.submit("Asked now", specs)
+        assert [r.ticket for r in engine._pending] == [labeler, prefetch, scoring]
+    assert all(t.result().done for t in (labeler, prefetch, scoring))
