@@ -85,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         engine_limits=engine_limits(args),
         judge=JudgeSettings(args.judge, args.judge_url, args.judge_model, args.judge_key_env),
         prefetch=not args.no_prefetch,
+        queue_order=args.queue_order,
     )
 
 
@@ -181,6 +182,7 @@ def serve(state: AppState, sign_in: dict[str, Any]) -> None:
         config.data_dir,
         prefetch=config.prefetch,
         judge=state.judge,
+        queue_order=config.queue_order,
     )
     demo = build_ui(state, label)
     # Everything loaded so far (model, tokenizer, Gradio) lives as long as the app: keep it out

@@ -34,6 +34,7 @@ class AppConfig:
     auth_file: Path | None = None  # users.toml: sign-in and roles on (None: off)
     engine_limits: EngineLimits | None = None  # the decode loop's (None: dpo_core's defaults)
     prefetch: bool = True  # start each annotator's next pair before their vote
+    queue_order: str | None = None  # store this Label queue order at start (None: keep it)
     judge: JudgeSettings | None = None  # an AI judge's suggestions beside each pair
 
     def resolved_db_url(self) -> str:

@@ -19,6 +19,7 @@ from app.data.agreement import register_api as register_agreement_api
 from app.data.service import DataService
 from app.data.tab import build_data_tab
 from app.data.tab import register_api as register_data_api
+from app.label.queue_panel import build_queue_panel
 from app.label.service import LabelService, open_label_service
 from app.label.tab import build_label_tab
 from app.label.tab import register_api as register_label_api
@@ -64,6 +65,7 @@ def build_ui(state: Any, label: LabelService | None = None) -> gr.Blocks:
         with gr.Tab("Data") as data_tab:
             build_data_tab(service=data, demo=demo, tab_block=data_tab)
             build_agreement_panel(service=agreement, demo=demo, tab_block=data_tab)
+            build_queue_panel(label.scorer, demo, data_tab)
         register_label_api(label)
         register_train_api(training)
         register_compare_api(state.services.compare)

@@ -392,3 +392,23 @@ class AnswerVerdict(Base):
     created_at: Mapped[datetime] = mapped_column(default=now_utc)
 
     response: Mapped[Response] = relationship()
+
+
+class UncertaintyScore(Base):
+    """How sure one model version is between two of its own answers to a prompt
+    (`dpo_core.uncertainty`): `margin` >= 0, small = unsure. The label queue's "uncertain first"
+    order offers the least sure prompts first. Keyed by version: scores of a version that is no
+    longer served are left behind, unused."""
+
+    __tablename__ = "uncertainty_scores"
+    __table_args__ = (
+        UniqueConstraint("model_version_id", "prompt_id"),
+        CheckConstraint("margin >= 0", name="margin_non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    margin: Mapped[float] = mapped_column(Float)
+    measure: Mapped[str] = mapped_column(String(20))  # dpo_core.uncertainty's measure name
+    scored_at: Mapped[datetime] = mapped_column(default=now_utc)

@@ -25,6 +25,7 @@ from storage.models import (
     Preference,
     Prompt,
     Response,
+    UncertaintyScore,
     now_utc,
     text_hash,
 )
@@ -177,11 +178,18 @@ def list_prompts(
 
 
 def next_prompt(
-    session: Session, annotator: str, *, split: str = "train", exclude: Collection[int] = ()
+    session: Session,
+    annotator: str,
+    *,
+    split: str = "train",
+    exclude: Collection[int] = (),
+    uncertain_for: int | None = None,
 ) -> Prompt | None:
     """The prompt to label next: fewest votes by `annotator` first, then fewest votes overall.
 
     `exclude` holds prompt ids to pass over (the ones this annotator skipped in this session).
+    `uncertain_for` (a model version id; `storage.uncertainty`): among prompts labeled equally
+    often, those this version is least sure about come first, then the unscored ones.
     """
     mine = func.sum(case((Preference.annotator == annotator, 1), else_=0))
     counts = (
@@ -193,9 +201,14 @@ def next_prompt(
         select(Prompt)
         .outerjoin(counts, counts.c.prompt_id == Prompt.id)
         .where(Prompt.split == split)
-        .order_by(func.coalesce(counts.c.mine, 0), func.coalesce(counts.c.total, 0), Prompt.id)
+        .order_by(func.coalesce(counts.c.mine, 0), func.coalesce(counts.c.total, 0))
         .limit(1)
     )
+    if uncertain_for is not None:
+        score = UncertaintyScore
+        on = (score.prompt_id == Prompt.id) & (score.model_version_id == uncertain_for)
+        query = query.outerjoin(score, on).order_by(score.margin.is_(None), score.margin)
+    query = query.order_by(Prompt.id)
     if exclude:
         query = query.where(Prompt.id.not_in(list(exclude)))
     return session.scalars(query).first()

@@ -28,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.label.team import SharedPair, SuggestionBook, next_shared
+from app.label.uncertainty import UncertaintyScorer
 from app.serving.service import ModelService, Waiting
 from dpo_core.engine import PREFETCH, Ticket
 from dpo_core.generation import AnswerSpec, GenerationUpdate, SamplingParams
@@ -37,6 +38,7 @@ from storage.agreement import record_label_event
 from storage.db import transaction
 from storage.models import Prompt
 from storage.overlap import JUDGE_PREFIX
+from storage.uncertainty import set_queue_order
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +162,7 @@ class LabelService:
         self.prefetch = prefetch
         self._prefetched: dict[str, _Prefetch] = {}  # annotator -> their next pair
         self._prefetch_lock = threading.Lock()
+        self.scorer = UncertaintyScorer(sm, self.models, self._version_id)  # uncertain-first
 
     # --- start-up and reading ---------------------------------------------------------------
 
@@ -196,7 +199,7 @@ class LabelService:
     ) -> tuple[int, str]:
         """(prompt id, text): prompt `prompt_id` (regenerate), else the typed prompt, else the
         next from the queue (prompts this annotator has labeled least first, skipped ones
-        passed over)."""
+        passed over; with the "uncertain-first" order, the least sure of those first)."""
         with transaction(self.sm, "The prompt") as s:
             if prompt_id is not None:
                 prompt = s.get(Prompt, int(prompt_id))
@@ -207,9 +210,12 @@ class LabelService:
                     raise ValueError("The prompt is empty: type a question or an instruction.")
                 prompt = repo.add_prompt(s, typed, source="typed")
             else:
-                prompt = repo.next_prompt(s, annotator.strip(), exclude=skipped)
+                uncertain_for = self.scorer.queue_version(s)
+                prompt = repo.next_prompt(
+                    s, annotator.strip(), exclude=skipped, uncertain_for=uncertain_for
+                )
                 if prompt is None and skipped:
-                    prompt = repo.next_prompt(s, annotator.strip())
+                    prompt = repo.next_prompt(s, annotator.strip(), uncertain_for=uncertain_for)
                 if prompt is None:
                     raise ValueError(
                         "The prompt queue is empty: type a prompt, or import some with "
@@ -532,10 +538,16 @@ def open_label_service(
     *,
     prefetch: bool = True,
     judge: Judge | None = None,
+    queue_order: str | None = None,
 ) -> LabelService:
     """The Label tab's service on the app's shared model
     (`app.serving.versions.VersionedModel`); fills an empty prompt queue with the
-    default prompts. prefetch: generate each annotator's next pair before their vote."""
+    default prompts. prefetch: generate each annotator's next pair before their vote.
+    queue_order: store this order for everyone (`storage.uncertainty`; None: keep the stored
+    one). ValueError for an unknown order."""
+    if queue_order is not None:
+        with sm.begin() as s:
+            set_queue_order(s, queue_order)
     service = LabelService(
         sm,
         ModelService(versions),

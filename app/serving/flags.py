@@ -1,10 +1,12 @@
-"""Command-line flags of the shared decode loop and of Label's prefetch (`python -m app`)."""
+"""Command-line flags of the shared decode loop and of the Label queue: prefetch, its order
+(`python -m app`)."""
 
 from __future__ import annotations
 
 import argparse
 
 from dpo_core.engine import EngineLimits
+from storage.uncertainty import LEAST_LABELED, QUEUE_ORDERS, UNCERTAIN_FIRST
 
 DEFAULTS = EngineLimits()
 
@@ -39,6 +41,14 @@ def add_serving_flags(parser: argparse.ArgumentParser) -> None:
         "--no-prefetch",
         action="store_true",
         help="do not generate an annotator's next pair before their vote",
+    )
+    g.add_argument(
+        "--queue-order",
+        choices=QUEUE_ORDERS,
+        default=None,
+        help="which prompts the Label queue offers first, stored for every replica: "
+        f"{LEAST_LABELED} (the default) or {UNCERTAIN_FIRST} (where the served version is least "
+        "sure, scored in the background; see the README). Default: keep the stored order",
     )
 
 
