@@ -104,10 +104,12 @@ def parse_pair(row: Any) -> Pair:
 def parse_weight(row: Mapping[str, Any]) -> float:
     """The row's `weight` (1.0 when absent); PairError unless a finite number >= 0."""
     weight = row.get("weight", 1.0)
-    ok = isinstance(weight, int | float) and not isinstance(weight, bool)
-    if not ok or not math.isfinite(weight) or weight < 0:
+    value = math.nan
+    if isinstance(weight, int | float) and not isinstance(weight, bool):
+        value = float(weight) if abs(weight) < 1e308 else math.inf  # a huge int: no float
+    if not (math.isfinite(value) and value >= 0):
         raise PairError(f"'weight' must be a finite number >= 0, got {weight!r:.40}")
-    return float(weight)
+    return value
 
 
 def parse_unpaired(row: Any) -> Unpaired:
@@ -161,6 +163,8 @@ def _check_text(text: str, what: str) -> None:
         raise PairError(f"{what} contains a NUL character (U+0000), which cannot be stored")
     if not text.strip():
         raise PairError(f"{what} is empty")
+
+
 def _pair_from_messages(prompt: Any, chosen: list[Any], rejected: list[Any]) -> Pair:
     chosen_turns, rejected_turns = _turns(chosen, "chosen"), _turns(rejected, "rejected")
     prompt_turns = _prompt_turns(prompt, chosen_turns, rejected_turns)

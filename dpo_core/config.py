@@ -52,9 +52,7 @@ class TrainConfig:
         "add this times the chosen answer's per-token NLL to the loss (RPO; 0: off)",
         "loss",
     )
-    kto_desirable_weight: float = _f(
-        1.0, "KTO: loss scale of desirable answers (lambda_D)", "loss"
-    )
+    kto_desirable_weight: float = _f(1.0, "KTO: loss scale of desirable answers (lambda_D)", "loss")
     kto_undesirable_weight: float = _f(
         1.0, "KTO: loss scale of undesirable answers (lambda_U)", "loss"
     )

@@ -64,17 +64,32 @@ def normalise_kto(rows: list[Any], source: str = "examples") -> list[Normalised]
     return [_kto_as_chat(e, examples[j]) for e, j in zip(examples, partners, strict=True)]
 
 
-def kl_partners(prompts: list[str]) -> list[int]:
-    """For each example, the example whose answer is its KL completion: the next one (in a
-    cycle) with a different prompt, so the answer was not written for this prompt (TRL pairs
-    each prompt with its neighbour's answer in the batch); the next one when all prompts are
-    the same, itself when there is one example."""
-    n = len(prompts)
-    following: list[int | None] = [None] * n  # the next index with another prompt
+def kl_partners(prompts: list[str], seed: int = 0) -> list[int]:
+    """For each example, the example whose answer is its KL completion.
+
+    The examples are put in one seeded random cycle and each takes the answer of the next one
+    in it with a different prompt: so the KL completions are (nearly) the whole set of answers
+    once each, in random order, whatever the order of the rows (TRL rotates the answers of each
+    batch by one, on rows it does not shuffle). With a single prompt an example takes the next
+    answer in the cycle; with a single example, its own."""
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    following = _next_other([prompts[i] for i in order])
+    partners = [0] * len(prompts)
+    for position, i in enumerate(order):
+        partners[i] = order[following[position]]
+    return partners
+
+
+def _next_other(values: list[str]) -> list[int]:
+    """Per position of a cycle, the next position holding another value (the next position
+    when every value is the same)."""
+    n = len(values)
+    found: list[int | None] = [None] * n
     for k in range(2 * n - 1, -1, -1):  # two laps backwards: the second sees the whole cycle
         i, j = k % n, (k + 1) % n
-        following[i] = j if prompts[j] != prompts[i] else following[j]
-    return [(i + 1) % n if f is None else f for i, f in enumerate(following)]
+        found[i] = j if values[j] != values[i] else found[j]
+    return [(i + 1) % n if f is None else f for i, f in enumerate(found)]
 
 
 def _kto_as_chat(example: Unpaired, partner: Unpaired) -> Normalised:

@@ -303,11 +303,13 @@ def kto_weight_advice(
 ) -> str | None:
     """TRL's advice when the classes are unbalanced (KTO paper, eq. 8): lambda_D n_D /
     (lambda_U n_U) should lie in [1, 4/3]; a sentence naming the ranges that would, or None."""
-    n_d, n_u = max(n_desirable, 1), max(n_undesirable, 1)
-    if n_d == n_u:
+    n_d, n_u = n_desirable, n_undesirable
+    if n_d == n_u or not n_d or not n_u:  # balanced, or one class only: nothing to balance
         return None
-    d_low, d_high = round(n_u * undesirable_weight / n_d, 2), round(n_u * undesirable_weight / n_d * 1.33, 2)
-    u_low, u_high = round(n_d * desirable_weight / n_u / 1.33, 2), round(n_d * desirable_weight / n_u, 2)
+    balancing_d = n_u * undesirable_weight / n_d  # the desirable weight that gives ratio 1
+    balancing_u = n_d * desirable_weight / n_u
+    d_low, d_high = round(balancing_d, 2), round(balancing_d * 1.33, 2)
+    u_low, u_high = round(balancing_u / 1.33, 2), round(balancing_u, 2)
     if d_low <= desirable_weight <= d_high or u_low <= undesirable_weight <= u_high:
         return None
     return (

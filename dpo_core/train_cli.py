@@ -40,8 +40,13 @@ def add_train_parser(sub: Any) -> None:
     `TrainConfig` field. A flag not given stays out of the namespace (`argparse.SUPPRESS`), so
     `build_config` can tell it from a saved config's value."""
     p = sub.add_parser("train", help="train a DPO LoRA adapter on a JSONL file of pairs")
-    p.add_argument("--pairs", required=True, type=Path, help="JSONL: prompt, chosen, rejected (optional weight); for --loss-type kto also "
-        "single answers: prompt, completion, label (true/false)",)
+    p.add_argument(
+        "--pairs",
+        required=True,
+        type=Path,
+        help="JSONL: prompt, chosen, rejected (optional weight); for --loss-type kto also "
+        "single answers: prompt, completion, label (true/false)",
+    )
     p.add_argument("--out", required=True, type=Path, help="new adapter directory to write")
     p.add_argument("--heldout", type=Path, help="JSONL of held-out pairs to evaluate")
     p.add_argument(

@@ -148,7 +148,7 @@ def test_config_validates_the_kto_fields():
     assert (config.kto_desirable_weight, config.kto_undesirable_weight) == (1.33, 1.0)
     with pytest.raises(ValueError, match="kto_undesirable_weight must be a positive number"):
         TrainConfig(loss_type="kto", kto_undesirable_weight=-1.0)
-    with pytest.raises(ValueError, match="rpo_alpha .* does not apply to kto"):
+    with pytest.raises(ValueError, match=r"rpo_alpha .* does not apply to kto"):
         TrainConfig(loss_type="kto", rpo_alpha=1.0)
     with pytest.raises(ValueError, match="not used by loss_type 'kto'"):
         TrainConfig(loss_type="kto", label_smoothing=0.1)
@@ -185,19 +185,30 @@ def test_pairs_and_unpaired_rows_become_labelled_answers():
 
 
 def test_each_answer_gets_another_prompts_answer_as_its_kl_completion():
-    normalised = data.normalise_kto(votes(TOPICS[:3]))
-    prompts = ["a", "a", "b", "b", "b", "c"]
-    assert data.kl_partners(prompts) == [2, 2, 5, 5, 5, 0]
-    assert data.kl_partners(["a", "a", "a"]) == [1, 2, 0]  # no other prompt: the next one
+    rows = votes()
+    normalised = data.normalise_kto(rows)
+    assert [e["desirable"] for e in normalised] == [True, False] * len(TOPICS)
+    partners = data.kl_partners([r["prompt"] for r in rows])
+    assert all(rows[j]["prompt"] != rows[i]["prompt"] for i, j in enumerate(partners))
+    for example, j in zip(normalised, partners, strict=True):
+        assert example["rejected"][0]["content"] == rows[j]["completion"]
+    # a random cycle, not the row order: the KL completions mix both kinds of answer, for
+    # the desirable examples as for the undesirable ones
+    for label in (True, False):
+        kl_labels = {rows[j]["label"] for i, j in enumerate(partners) if rows[i]["label"] is label}
+        assert kl_labels == {True, False}
+    # distinct prompts: a permutation (every answer is a KL completion once)
+    assert sorted(data.kl_partners([f"p{i}" for i in range(50)])) == list(range(50))
+    same = data.kl_partners(["a", "a", "a"])  # no other prompt: another answer all the same
+    assert sorted(same) == [0, 1, 2] and all(j != i for i, j in enumerate(same))
     assert data.kl_partners(["a"]) == [0]
-    # the KL completion of "Tell me about cats." (rows 0-1) is the first answer to "rain"
-    assert normalised[0]["rejected"][0]["content"] == "Gladly! rain are lovely."
-    assert normalised[1]["rejected"][0]["content"] == "Gladly! rain are lovely."
-    assert [e["desirable"] for e in normalised] == [True, False] * 3
+    assert data.kl_partners([r["prompt"] for r in rows]) == partners  # seeded: the same again
 
 
 def test_kto_keeps_an_answer_identical_to_its_kl_completion(tiny_tokenizer):
-    rows = [{"prompt": f"Q{i}?", "completion": "Same answer.", "label": i % 2 == 0} for i in range(3)]
+    rows = [
+        {"prompt": f"Q{i}?", "completion": "Same answer.", "label": i % 2 == 0} for i in range(3)
+    ]
     out = data.tokenize_pairs(tiny_tokenizer, data.normalise_kto(rows), 96, 48)
     assert len(out.pairs) == 3 and not out.dropped
     assert [p.desirable for p in out.pairs] == [True, False, True]
@@ -240,22 +251,25 @@ def kto_config(**overrides) -> TrainConfig:
 
 def test_kto_training_raises_desirable_answers_over_undesirable_ones(tiny_lm, tmp_path):
     steps: list[dict] = []
+    config = kto_config(eval_every=4, early_stopping=False, kl_prompts=1, kl_max_new_tokens=8)
     result = trainer.train(
-        tiny_lm, votes(), kto_config(eval_every=2, early_stopping=False, kl_prompts=2), tmp_path / "v1",
-        heldout=votes(TOPICS[:4]), on_step=steps.append,
-    )  # fmt: skip
+        tiny_lm, votes(), config, tmp_path / "v1", heldout=votes(TOPICS[:4]), on_step=steps.append
+    )
     assert result.adapter_dir is not None and len(steps) == 16  # 16 answers, 4 per step
-    first, last = steps[0], steps[-1]
+    first, evals = steps[0], [s for s in steps if "eval/loss" in s]
     assert first["loss"] == pytest.approx(0.5, abs=1e-5)  # policy == reference, z0 = 0
-    assert first["kl"] == pytest.approx(0.0, abs=1e-5) and first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-    assert last["loss"] < 0.4 and result.metrics["loss"] < first["loss"] - 0.1
-    # the desirable answers' log-probs rose relative to the undesirable ones'
-    gap = lambda s: s["logps/chosen"] - s["logps/rejected"]  # noqa: E731
-    assert gap(last) > gap(first) + 1.0 and last["rewards/margins"] > 0.5
-    assert last["rewards/chosen"] > 0 > last["rewards/rejected"]
-    # held-out examples are evaluated with the same metrics; eval/kl stays the KL readout
-    assert {"eval/loss", "eval/rewards/accuracies", "eval/kto_kl", "eval/kl"} <= set(steps[1])
-    assert result.metrics["eval/rewards/accuracies"] >= 0.75
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert result.metrics["loss"] < first["loss"] - 0.15  # the last epoch's mean
+    # the desirable answers' log-probs rose relative to the reference, the undesirable ones'
+    # fell, and the gap widened from one evaluation to the next (the held-out examples, 4 of
+    # each kind, are scored together: eval/rewards/chosen is the desirable ones' mean)
+    margins = [e["eval/rewards/margins"] for e in evals]
+    assert len(evals) == 4 and margins == sorted(margins) and margins[0] > 0.5
+    final = result.metrics
+    assert final["eval/rewards/chosen"] > 0 > final["eval/rewards/rejected"]
+    assert final["eval/rewards/accuracies"] == 1.0
+    # eval/kl stays the KL readout; KTO's reference point is eval/kto_kl
+    assert {"eval/kl", "eval/kto_kl"} <= set(final) and final["eval/kto_kl"] > 0
 
 
 def test_kto_trains_on_pairs_too(tiny_lm, tmp_path):
@@ -272,9 +286,7 @@ def test_kto_trains_on_pairs_too(tiny_lm, tmp_path):
     assert math.isfinite(result.metrics["loss"]) and "eval/rewards/accuracies" in result.metrics
 
 
-def test_cli_trains_kto_and_explains_rows_in_the_wrong_format(
-    tiny_model_dir, tmp_path, capsys
-):
+def test_cli_trains_kto_and_explains_rows_in_the_wrong_format(tiny_model_dir, tmp_path, capsys):
     rows = tmp_path / "votes.jsonl"
     rows.write_text("\n".join(json.dumps(r) for r in votes()) + "\n")
     pairs = tmp_path / "pairs.jsonl"

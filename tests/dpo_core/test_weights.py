@@ -24,7 +24,9 @@ CONFIG = TrainConfig(
 )  # fmt: skip
 
 
-def step_gradients(model_dir, pairs: list[dict], config: TrainConfig = CONFIG) -> list[torch.Tensor]:
+def step_gradients(
+    model_dir, pairs: list[dict], config: TrainConfig = CONFIG
+) -> list[torch.Tensor]:
     """The LoRA gradients of one optimiser step over all `pairs` (LoRA B set non-zero, so the
     policy differs from the reference), from a fresh copy of the tiny model."""
     lm = load_model(str(model_dir), dtype="fp32", device="cpu")
@@ -43,7 +45,9 @@ def step_gradients(model_dir, pairs: list[dict], config: TrainConfig = CONFIG) -
     return grads
 
 
-def assert_scaled_equal(a: list[torch.Tensor], scale_a: float, b: list[torch.Tensor], scale_b: float):
+def assert_scaled_equal(
+    a: list[torch.Tensor], scale_a: float, b: list[torch.Tensor], scale_b: float
+):
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x * scale_a, y * scale_b, rtol=1e-4, atol=1e-6)
 
@@ -52,7 +56,7 @@ def assert_scaled_equal(a: list[torch.Tensor], scale_a: float, b: list[torch.Ten
 def test_a_weight_of_zero_removes_the_pair_from_the_summed_loss(tiny_model_dir):
     """sum(w_i loss_i) / n: with the 4th pair at weight 0, the step gradient times 4 is the
     gradient of the 3 others times 3 (the pair still counts in n, nothing else)."""
-    zero = PAIRS[:3] + [PAIRS[3] | {"weight": 0}]
+    zero = [*PAIRS[:3], PAIRS[3] | {"weight": 0}]
     assert_scaled_equal(
         step_gradients(tiny_model_dir, zero), 4, step_gradients(tiny_model_dir, PAIRS[:3]), 3
     )
@@ -60,8 +64,8 @@ def test_a_weight_of_zero_removes_the_pair_from_the_summed_loss(tiny_model_dir):
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_a_weight_of_two_counts_the_pair_twice(tiny_model_dir):
-    doubled = PAIRS[:3] + [PAIRS[3] | {"weight": 2.0}]
-    twice = PAIRS + [PAIRS[3]]
+    doubled = [*PAIRS[:3], PAIRS[3] | {"weight": 2.0}]
+    twice = [*PAIRS, PAIRS[3]]
     assert_scaled_equal(
         step_gradients(tiny_model_dir, doubled), 4, step_gradients(tiny_model_dir, twice), 5
     )
