@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from dpo_core.losses import LOSS_TYPES, check_loss_args
+from dpo_core.losses import LOSS_TYPES, UNPAIRED_LOSS_TYPES, check_kto_weights, check_loss_args
 from dpo_core.modeling import DTYPES, LORA_TARGETS, LoraSettings
 from dpo_core.optim import SCHEDULERS
 
@@ -51,6 +51,10 @@ class TrainConfig:
         0.0,
         "add this times the chosen answer's per-token NLL to the loss (RPO; 0: off)",
         "loss",
+    )
+    kto_desirable_weight: float = _f(1.0, "KTO: loss scale of desirable answers (lambda_D)", "loss")
+    kto_undesirable_weight: float = _f(
+        1.0, "KTO: loss scale of undesirable answers (lambda_U)", "loss"
     )
     # optimisation
     epochs: int = _f(3, "passes over the training pairs", "optim")
@@ -104,6 +108,11 @@ class TrainConfig:
         _require(
             math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0,
             f"rpo_alpha must be a non-negative number, got {self.rpo_alpha}",
+        )
+        check_kto_weights(self.kto_desirable_weight, self.kto_undesirable_weight)
+        _require(
+            not (self.rpo_alpha and self.loss_type in UNPAIRED_LOSS_TYPES),
+            "rpo_alpha adds the chosen answer's NLL of a pair; it does not apply to kto",
         )
         self._check_model()
         self._check_data()

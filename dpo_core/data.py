@@ -4,6 +4,10 @@ Pipeline: `normalise_pairs` (checked once, at the edge) -> `tokenize_pairs` (cha
 truncation, drops with a count in the log) -> `step_batches` (length-grouped) -> `collate`
 (one right-padded `[chosen; rejected]` batch) or `collate_shared_prompt` (the same sequences,
 the prompt computed once per pair).
+
+KTO examples (one answer with a verdict) take the same path: `normalise_kto` turns each into a
+pair whose "chosen" is its answer and whose "rejected" is its KL completion, so collation, the
+reference pass and micro-batching serve both. Every pair or example carries its `weight`.
 """
 
 from __future__ import annotations
@@ -11,21 +15,24 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from common.pair_format import Pair, PairError, parse_pairs
+from common.pair_format import Pair, PairError, Unpaired, parse_kto_rows, parse_pairs
 
 logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
+# {"prompt", "chosen", "rejected": Messages, "weight": float[, "desirable": bool (KTO)]}
+Normalised = dict[str, Any]
 
 
-def normalise_pairs(pairs: list[Any], source: str = "pairs") -> list[dict[str, Messages]]:
-    """Check raw pairs and return them as `{prompt, chosen, rejected}` chat messages.
+def normalise_pairs(pairs: list[Any], source: str = "pairs") -> list[Normalised]:
+    """Check raw pairs and return them as `{prompt, chosen, rejected}` chat messages, plus
+    each pair's `weight` (1.0 unless the row says otherwise).
 
     Each pair is a row of TRL's standard or conversational format, checked by
     `common.pair_format` (the rule `python -m storage import-pairs` applies too: single-turn,
@@ -37,21 +44,76 @@ def normalise_pairs(pairs: list[Any], source: str = "pairs") -> list[dict[str, M
     return [_as_chat(pair) for pair in parse_pairs(pairs, source)]
 
 
-def _as_chat(pair: Pair) -> dict[str, Messages]:
+def _as_chat(pair: Pair) -> Normalised:
     return {
         "prompt": [{"role": "user", "content": pair.prompt}],
         "chosen": [{"role": "assistant", "content": pair.chosen}],
         "rejected": [{"role": "assistant", "content": pair.rejected}],
+        "weight": pair.weight,
+    }
+
+
+def normalise_kto(rows: list[Any], source: str = "examples") -> list[Normalised]:
+    """KTO examples (unpaired `{prompt, completion, label}` rows, or pairs, which give two:
+    `common.pair_format.parse_kto_rows`) as pairs: `chosen` is the example's answer,
+    `rejected` its KL completion (`kl_partners`), `desirable` its label, plus its `weight`."""
+    if not rows:
+        raise PairError("no examples: label at least one answer or pair")
+    examples = parse_kto_rows(rows, source)
+    partners = kl_partners([e.prompt for e in examples])
+    return [_kto_as_chat(e, examples[j]) for e, j in zip(examples, partners, strict=True)]
+
+
+def kl_partners(prompts: list[str], seed: int = 0) -> list[int]:
+    """For each example, the example whose answer is its KL completion.
+
+    The examples are put in one seeded random cycle and each takes the answer of the next one
+    in it with a different prompt: so the KL completions are (nearly) the whole set of answers
+    once each, in random order, whatever the order of the rows (TRL rotates the answers of each
+    batch by one, on rows it does not shuffle). With a single prompt an example takes the next
+    answer in the cycle; with a single example, its own."""
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    following = _next_other([prompts[i] for i in order])
+    partners = [0] * len(prompts)
+    for position, i in enumerate(order):
+        partners[i] = order[following[position]]
+    return partners
+
+
+def _next_other(values: list[str]) -> list[int]:
+    """Per position of a cycle, the next position holding another value (the next position
+    when every value is the same)."""
+    n = len(values)
+    found: list[int | None] = [None] * n
+    for k in range(2 * n - 1, -1, -1):  # two laps backwards: the second sees the whole cycle
+        i, j = k % n, (k + 1) % n
+        found[i] = j if values[j] != values[i] else found[j]
+    return [(i + 1) % n if f is None else f for i, f in enumerate(found)]
+
+
+def _kto_as_chat(example: Unpaired, partner: Unpaired) -> Normalised:
+    return {
+        "prompt": [{"role": "user", "content": example.prompt}],
+        "chosen": [{"role": "assistant", "content": example.completion}],
+        "rejected": [{"role": "assistant", "content": partner.completion}],
+        "weight": example.weight,
+        "desirable": example.desirable,
     }
 
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """Token ids of one pair; the completions start right after `prompt_ids`."""
+    """Token ids of one pair; the completions start right after `prompt_ids`.
+
+    For a KTO example `desirable` is its label, `chosen_ids` its answer and `rejected_ids` its
+    KL completion; for a pair it is None. `weight` scales its loss."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    weight: float = 1.0
+    desirable: bool | None = None
 
     def cost(self, share_prompt: bool) -> int:
         """Tokens per row: prompt + chosen + rejected in the shared-prompt layout, else the
@@ -67,7 +129,7 @@ class TokenizedPairs:
     truncated: int = 0
 
 
-def tokenize_pair(tokenizer: Any, pair: dict[str, Messages]) -> TokenizedPair:
+def tokenize_pair(tokenizer: Any, pair: Normalised) -> TokenizedPair:
     """Render a normalised pair with the chat template and split off the completions.
 
     The prompt is rendered with the generation prompt; each completion is what the full
@@ -78,7 +140,8 @@ def tokenize_pair(tokenizer: Any, pair: dict[str, Messages]) -> TokenizedPair:
     chosen = _render(tokenizer, pair["prompt"] + pair["chosen"])
     rejected = _render(tokenizer, pair["prompt"] + pair["rejected"])
     n = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
-    return TokenizedPair(prompt[:n], chosen[n:], rejected[n:])
+    weight, desirable = pair.get("weight", 1.0), pair.get("desirable")
+    return TokenizedPair(prompt[:n], chosen[n:], rejected[n:], weight, desirable)
 
 
 def _render(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
@@ -102,11 +165,16 @@ def truncate_pair(pair: TokenizedPair, max_length: int, max_prompt_length: int) 
     each completion so that prompt + completion fits in `max_length`."""
     prompt = pair.prompt_ids[-max_prompt_length:]
     budget = max_length - len(prompt)
-    return TokenizedPair(prompt, pair.chosen_ids[:budget], pair.rejected_ids[:budget])
+    return replace(
+        pair,
+        prompt_ids=prompt,
+        chosen_ids=pair.chosen_ids[:budget],
+        rejected_ids=pair.rejected_ids[:budget],
+    )
 
 
 def tokenize_pairs(
-    tokenizer: Any, pairs: list[dict[str, Messages]], max_length: int, max_prompt_length: int
+    tokenizer: Any, pairs: list[Normalised], max_length: int, max_prompt_length: int
 ) -> TokenizedPairs:
     """Tokenize and truncate normalised pairs; drop those left without a preference signal."""
     out = TokenizedPairs(pairs=[])
@@ -139,7 +207,8 @@ def tokenize_pairs(
 def _drop_reason(pair: TokenizedPair) -> str | None:
     if not pair.chosen_ids or not pair.rejected_ids:
         return "with an empty completion"
-    if pair.chosen_ids == pair.rejected_ids:
+    # (a KTO example's KL completion may equal its answer: that is no loss of signal)
+    if pair.desirable is None and pair.chosen_ids == pair.rejected_ids:
         return "with chosen identical to rejected (after truncation)"
     return None
 

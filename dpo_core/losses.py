@@ -4,6 +4,9 @@ Every input is a 1-D tensor with one entry per pair, holding the *summed* log-pr
 completion tokens. Variants that average over tokens (IPO, SimPO, ORPO) also take the completion
 lengths. Notation, shared with the papers: h = beta * [(pi_c - ref_c) - (pi_r - ref_r)], where
 pi/ref are policy/reference log-probs of the chosen (c) and rejected (r) completions.
+
+KTO (`kto_loss`) is the unpaired member: one answer per example with a verdict, desirable or
+not, plus a mismatched "KL completion" that sets its reference point.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = (
+PAIR_LOSS_TYPES = (
     "sigmoid",
     "ipo",
     "hinge",
@@ -27,6 +30,8 @@ LOSS_TYPES = (
     "simpo",
     "orpo",
 )
+UNPAIRED_LOSS_TYPES = ("kto",)  # one answer and a verdict per example: `kto_loss`
+LOSS_TYPES = (*PAIR_LOSS_TYPES, *UNPAIRED_LOSS_TYPES)
 REFERENCE_FREE = ("simpo", "orpo")
 LENGTH_NORMALISED = ("ipo", "simpo", "orpo")
 USES_LABEL_SMOOTHING = ("sigmoid", "robust", "simpo")
@@ -65,6 +70,8 @@ def preference_loss(
         reference-free variants.
     """
     check_loss_args(loss_type, beta, label_smoothing, simpo_gamma)
+    if loss_type in UNPAIRED_LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r} scores single answers: use kto_loss")
     _check_inputs(
         loss_type,
         policy_chosen_logps,
@@ -225,6 +232,91 @@ def orpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, beta: float)
         _log1mexp(chosen_avg_logps) - _log1mexp(rejected_avg_logps)
     )
     return -chosen_avg_logps - beta * F.logsigmoid(log_odds)
+
+
+@dataclass(frozen=True)
+class KTOLosses:
+    """What `kto_loss` returns for a batch of B examples."""
+
+    losses: Tensor  # (B,) float32, each scaled by its class weight (desirable/undesirable)
+    rewards: Tensor  # (B,) beta * (policy - reference) log-prob of the answer, detached
+    kl: Tensor  # () the reference point z0 >= 0, detached
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    policy_kl_logps: Tensor,
+    reference_kl_logps: Tensor,
+    desirable: Tensor,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOLosses:
+    """KTO, Ethayarajh et al. 2024, eq. 7-8, as TRL's `KTOTrainer` (loss_type "kto").
+
+    Args:
+        policy_logps, reference_logps: (B,) summed log-probs of each example's answer.
+        policy_kl_logps, reference_kl_logps: (B,) the same for its KL completion: another
+            example's answer after this example's prompt (a mismatched pair).
+        desirable: (B,) bool, the verdict on each answer.
+        beta: the inverse temperature.
+        desirable_weight, undesirable_weight: lambda_D and lambda_U, the loss scale of each
+            class (the paper advises lambda_D n_D / (lambda_U n_U) in [1, 4/3]).
+
+    The reference point z0 = max(0, mean over the batch of (policy_kl - reference_kl)) is
+    detached, as in TRL, so the KL completions get no gradient. With r = policy - reference
+    log-prob of the answer, a desirable answer's loss is lambda_D (1 - sigma(beta (r - z0))),
+    an undesirable one's lambda_U (1 - sigma(beta (z0 - r))).
+    """
+    check_kto_weights(desirable_weight, undesirable_weight)
+    tensors = (policy_logps, reference_logps, policy_kl_logps, reference_kl_logps, desirable)
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"kto_loss inputs must all have the same 1-D shape (B,), got {shapes}")
+    if desirable.dtype != torch.bool:
+        raise ValueError(f"desirable must be a bool tensor, got {desirable.dtype}")
+    z0 = (policy_kl_logps.float() - reference_kl_logps.float()).mean().detach().clamp(min=0)
+    logratios = policy_logps.float() - reference_logps.float()
+    desirable = desirable.to(logratios.device)
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))),
+    )
+    return KTOLosses(losses, beta * logratios.detach(), z0)
+
+
+def check_kto_weights(desirable_weight: float, undesirable_weight: float) -> None:
+    """Raise ValueError unless both KTO class weights are positive numbers."""
+    for name, value in (
+        ("kto_desirable_weight", desirable_weight),
+        ("kto_undesirable_weight", undesirable_weight),
+    ):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def kto_weight_advice(
+    n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float
+) -> str | None:
+    """TRL's advice when the classes are unbalanced (KTO paper, eq. 8): lambda_D n_D /
+    (lambda_U n_U) should lie in [1, 4/3]; a sentence naming the ranges that would, or None."""
+    n_d, n_u = n_desirable, n_undesirable
+    if n_d == n_u or not n_d or not n_u:  # balanced, or one class only: nothing to balance
+        return None
+    balancing_d = n_u * undesirable_weight / n_d  # the desirable weight that gives ratio 1
+    balancing_u = n_d * desirable_weight / n_u
+    d_low, d_high = round(balancing_d, 2), round(balancing_d * 1.33, 2)
+    u_low, u_high = round(balancing_u / 1.33, 2), round(balancing_u, 2)
+    if d_low <= desirable_weight <= d_high or u_low <= undesirable_weight <= u_high:
+        return None
+    return (
+        f"{n_desirable} desirable and {n_undesirable} undesirable answers: set EITHER "
+        f"kto_desirable_weight in [{d_low}, {d_high}] or kto_undesirable_weight in "
+        f"[{u_low}, {u_high}] (not both) to balance them (KTO paper, eq. 8)"
+    )
 
 
 def _log1mexp(x: Tensor) -> Tensor:

@@ -40,7 +40,13 @@ def add_train_parser(sub: Any) -> None:
     `TrainConfig` field. A flag not given stays out of the namespace (`argparse.SUPPRESS`), so
     `build_config` can tell it from a saved config's value."""
     p = sub.add_parser("train", help="train a DPO LoRA adapter on a JSONL file of pairs")
-    p.add_argument("--pairs", required=True, type=Path, help="JSONL: prompt, chosen, rejected")
+    p.add_argument(
+        "--pairs",
+        required=True,
+        type=Path,
+        help="JSONL: prompt, chosen, rejected (optional weight); for --loss-type kto also "
+        "single answers: prompt, completion, label (true/false)",
+    )
     p.add_argument("--out", required=True, type=Path, help="new adapter directory to write")
     p.add_argument("--heldout", type=Path, help="JSONL of held-out pairs to evaluate")
     p.add_argument(
@@ -146,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = build_config(args)
     if args.out.exists():
         raise FileExistsError(f"{args.out} already exists; choose a new adapter directory")
-    inputs = read_inputs(args)
+    inputs = read_inputs(args, config.loss_type)
     comm, device = distributed.init_from_env(config.device)
     try:
         t0 = time.perf_counter()
@@ -160,17 +166,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return report(result) if comm.is_main else (130 if result.cancelled else 0)
 
 
-def read_inputs(args: argparse.Namespace) -> TrainInputs:
-    """Pairs, held-out pairs and KL prompts; a bad file fails here, naming its row."""
-    from dpo_core.data import normalise_pairs
+def read_inputs(args: argparse.Namespace, loss_type: str = "sigmoid") -> TrainInputs:
+    """Pairs (KTO: unpaired examples or pairs), held-out ones and KL prompts; a bad file
+    fails here, naming its row."""
+    from dpo_core.data import normalise_kto, normalise_pairs
+    from dpo_core.losses import UNPAIRED_LOSS_TYPES
     from dpo_core.trainer import load_pairs_jsonl, load_prompts_jsonl
 
+    check = normalise_kto if loss_type in UNPAIRED_LOSS_TYPES else normalise_pairs
     pairs = load_pairs_jsonl(args.pairs)
-    normalise_pairs(pairs, source=str(args.pairs))
+    check(pairs, source=str(args.pairs))
     heldout = None
     if args.heldout:
         heldout = load_pairs_jsonl(args.heldout)
-        normalise_pairs(heldout, source=str(args.heldout))
+        check(heldout, source=str(args.heldout))
     kl_prompts = load_prompts_jsonl(args.kl_prompts_from) if args.kl_prompts_from else None
     return TrainInputs(pairs, heldout, kl_prompts)
 

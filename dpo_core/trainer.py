@@ -34,7 +34,7 @@ from dpo_core.guard import summary as guard_summary
 from dpo_core.heldout import split_pairs
 from dpo_core.kl import kl_from_completions, prompt_ids, sample_from_ids
 from dpo_core.logprobs import completion_logps
-from dpo_core.losses import preference_loss
+from dpo_core.losses import UNPAIRED_LOSS_TYPES, kto_loss, kto_weight_advice, preference_loss
 from dpo_core.modeling import DTYPES, LoadedModel, attach_lora, load_adapter, save_adapter
 from dpo_core.optim import MasterWeights, make_optimizer
 
@@ -74,7 +74,11 @@ class TrainResult:
 
 @dataclass
 class Dataset:
-    """Tokenized pairs plus their reference log-probs (filled once, before training)."""
+    """Tokenized pairs plus their reference log-probs (filled once, before training).
+
+    Under KTO each entry is an example: `pairs[i].desirable` its label, its "chosen" the
+    answer and its "rejected" the KL completion (`data.normalise_kto`), whose reference
+    log-probs fill `reference_rejected_logps`."""
 
     pairs: list[data.TokenizedPair]
     costs: list[int]  # tokens per pair in the batch layout, for length grouping
@@ -396,16 +400,31 @@ def resolved_config(config: TrainConfig, lm: LoadedModel) -> TrainConfig:
 def prepare_dataset(
     tokenizer: Any, pairs: list[dict[str, Any]], config: TrainConfig, name: str
 ) -> Dataset:
-    """Normalise and tokenize pairs; raise ValueError when none is usable."""
-    normalised = data.normalise_pairs(pairs, source=f"{name} pairs")
+    """Normalise and tokenize pairs (KTO: examples, `data.normalise_kto`); raise ValueError
+    when none is usable."""
+    unpaired = config.loss_type in UNPAIRED_LOSS_TYPES
+    normalise = data.normalise_kto if unpaired else data.normalise_pairs
+    normalised = normalise(pairs, source=f"{name} {'examples' if unpaired else 'pairs'}")
     tokenized = data.tokenize_pairs(
         tokenizer, normalised, config.max_length, config.max_prompt_length
     )
     if not tokenized.pairs:
         reasons = ", ".join(f"{n} {why}" for why, n in tokenized.dropped.items())
         raise ValueError(f"no usable {name} pairs: all {len(pairs)} were dropped ({reasons})")
+    if unpaired and name == "training":
+        warn_kto_balance(tokenized.pairs, config)
     costs = [p.cost(config.share_prompt) for p in tokenized.pairs]
     return Dataset(tokenized.pairs, costs)
+
+
+def warn_kto_balance(examples: list[data.TokenizedPair], config: TrainConfig) -> None:
+    """Log TRL's advice on the KTO class weights when the two classes are unbalanced."""
+    n_desirable = sum(bool(p.desirable) for p in examples)
+    n_undesirable = len(examples) - n_desirable
+    wd, wu = config.kto_desirable_weight, config.kto_undesirable_weight
+    advice = kto_weight_advice(n_desirable, n_undesirable, wd, wu)
+    if advice:
+        logger.warning(advice)
 
 
 def heldout_dataset(
@@ -512,18 +531,36 @@ def fill_reference_logps(
 def batch_losses(
     model: Any, batch: data.PairBatch, dataset: Dataset, config: TrainConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-pair losses (B,) and the per-pair tensors the metrics are built from."""
+    """Per-pair (or, for KTO, per-example) losses (B,), each times its `weight`, and the
+    per-pair tensors the metrics are built from. With every weight 1 (the default) the losses
+    are exactly the unweighted ones; a step's loss is sum(weight_i * loss_i) / n (n pairs)."""
     logps, lengths = completion_logps(model, batch)
-    chosen_logps, rejected_logps = logps.chunk(2)
-    chosen_lengths, rejected_lengths = lengths.chunk(2)
     assert dataset.reference_chosen_logps is not None
     assert dataset.reference_rejected_logps is not None
     idx = torch.tensor(batch.indices)
+    reference = (
+        dataset.reference_chosen_logps[idx].to(logps.device),
+        dataset.reference_rejected_logps[idx].to(logps.device),
+    )
+    if config.loss_type in UNPAIRED_LOSS_TYPES:
+        losses, parts = _kto_losses(logps, reference, dataset, batch.indices, config)
+    else:
+        losses, parts = _pair_losses(logps, lengths, reference, config)
+    weights = [dataset.pairs[i].weight for i in batch.indices]
+    losses = losses * torch.tensor(weights, dtype=losses.dtype, device=losses.device)
+    parts["loss"] = losses.detach()
+    return losses, parts
+
+
+def _pair_losses(
+    logps: Tensor, lengths: Tensor, reference: tuple[Tensor, Tensor], config: TrainConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    chosen_logps, rejected_logps = logps.chunk(2)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
     losses, chosen_rewards, rejected_rewards = preference_loss(
         chosen_logps,
         rejected_logps,
-        dataset.reference_chosen_logps[idx].to(logps.device),
-        dataset.reference_rejected_logps[idx].to(logps.device),
+        *reference,
         loss_type=config.loss_type,
         beta=config.beta,
         label_smoothing=config.label_smoothing,
@@ -535,7 +572,6 @@ def batch_losses(
         nll = -chosen_logps / chosen_lengths.clamp(min=1)
         losses = losses + config.rpo_alpha * nll
     parts = {
-        "loss": losses.detach(),
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
         "logps/chosen": chosen_logps.detach(),
@@ -544,23 +580,95 @@ def batch_losses(
     return losses, parts
 
 
-PART_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+def _kto_losses(
+    logps: Tensor,
+    reference: tuple[Tensor, Tensor],
+    dataset: Dataset,
+    indices: list[int],
+    config: TrainConfig,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """KTO on a batch of examples laid out as pairs (answer as "chosen", KL completion as
+    "rejected"). The reference point z0 is the mean over this forward pass's examples, as
+    TRL's is over a device's batch: a step split into several passes gets one z0 per pass."""
+    answer_logps, kl_logps = logps.chunk(2)
+    desirable = torch.tensor([bool(dataset.pairs[i].desirable) for i in indices])
+    out = kto_loss(
+        answer_logps,
+        reference[0],
+        kl_logps.detach(),
+        reference[1],
+        desirable.to(logps.device),
+        beta=config.beta,
+        desirable_weight=config.kto_desirable_weight,
+        undesirable_weight=config.kto_undesirable_weight,
+    )
+    parts = {
+        "rewards": out.rewards,
+        "logps": answer_logps.detach(),
+        "desirable": desirable,
+        "kl": out.kl.expand(len(indices)),
+    }
+    return out.losses, parts
+
+
+# Sums over examples that the metrics are means of (`reward_metrics`); "chosen" and "rejected"
+# are KTO's desirable and undesirable answers, "n/unpaired" counts KTO examples.
+SUM_KEYS = (
+    "loss", "n", "accurate", "rewards/chosen", "logps/chosen", "n/chosen",
+    "rewards/rejected", "logps/rejected", "n/rejected", "kl", "n/unpaired",
+)  # fmt: skip
+
+
+def _part_sums(p: dict[str, Tensor]) -> list[Tensor]:
+    """One batch's contribution to each of `SUM_KEYS`."""
+    if "desirable" in p:  # KTO: an answer is "accurate" when its reward has its label's sign
+        d, r, lp = p["desirable"].cpu(), p["rewards"].double().cpu(), p["logps"].double().cpu()
+        n = torch.tensor(float(len(d)))
+        accurate = torch.where(d, r > 0, r < 0).sum()
+        kl = p["kl"].double().sum().cpu()
+        return [p["loss"].double().sum().cpu(), n, accurate, r[d].sum(), lp[d].sum(), d.sum(),
+                r[~d].sum(), lp[~d].sum(), (~d).sum(), kl, n]  # fmt: skip
+    c, r = p["rewards/chosen"].double().cpu(), p["rewards/rejected"].double().cpu()
+    lc, lr = p["logps/chosen"].double().cpu(), p["logps/rejected"].double().cpu()
+    n, zero = torch.tensor(float(len(c))), torch.tensor(0.0)
+    return [p["loss"].double().sum().cpu(), n, (c - r > 0).sum(), c.sum(), lc.sum(), n,
+            r.sum(), lr.sum(), n, zero, zero]  # fmt: skip
 
 
 def reward_metrics(
     parts: list[dict[str, Tensor]], prefix: str = "", comm: Comm | None = None
 ) -> dict[str, float]:
-    """TRL's metrics, averaged over pairs (of every rank): loss, rewards/*, logps/*."""
-    sums = torch.zeros(len(PART_KEYS) + 3, dtype=torch.float64)  # + accuracies, margins, n
+    """TRL's metrics, averaged over pairs (of every rank): loss, rewards/*, logps/*.
+
+    For KTO, as TRL's KTOTrainer: rewards/chosen and logps/chosen average the desirable
+    answers, */rejected the undesirable ones (0 when a batch has none), margins is their
+    difference, and `kl` the mean reference point z0 (`eval/kto_kl` under evaluation, where
+    `eval/kl` is the KL readout); rewards/accuracies is the share of answers whose implicit
+    reward has the sign of their label.
+    """
+    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
     for p in parts:
-        margins = (p["rewards/chosen"] - p["rewards/rejected"]).double().cpu()
-        values = [p[k].double().sum().cpu() for k in PART_KEYS]
-        extra = [(margins > 0).sum(), margins.sum(), torch.tensor(len(margins))]
-        sums += torch.stack(values + [e.double() for e in extra])
+        sums += torch.stack([v.double() for v in _part_sums(p)])
     (comm or Comm()).sum_(sums)
-    means = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
-    out = dict(zip((*PART_KEYS, "rewards/accuracies", "rewards/margins"), means, strict=True))
-    return {prefix + k: out[k] for k in REWARD_METRICS}
+    s = dict(zip(SUM_KEYS, sums.tolist(), strict=True))
+
+    def mean(key: str, count: str) -> float:
+        return s[key] / s[count] if s[count] else 0.0
+
+    out = {
+        "loss": mean("loss", "n"),
+        "rewards/chosen": mean("rewards/chosen", "n/chosen"),
+        "rewards/rejected": mean("rewards/rejected", "n/rejected"),
+        "rewards/accuracies": mean("accurate", "n"),
+        "logps/chosen": mean("logps/chosen", "n/chosen"),
+        "logps/rejected": mean("logps/rejected", "n/rejected"),
+    }
+    both = s["n/chosen"] and s["n/rejected"]
+    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"] if both else 0.0
+    metrics = {prefix + k: out[k] for k in REWARD_METRICS}
+    if s["n/unpaired"]:
+        metrics[f"{prefix}kto_kl" if prefix else "kl"] = mean("kl", "n/unpaired")
+    return metrics
 
 
 def train_step(

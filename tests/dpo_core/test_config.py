@@ -23,7 +23,7 @@ def test_default_prompt_budget_is_half_the_length():
         ({"label_smoothing": 0.7}, "label_smoothing must be in"),
         ({"rpo_alpha": -1.0}, "rpo_alpha must be a non-negative number"),
         ({"rpo_alpha": float("nan")}, "rpo_alpha must be a non-negative number"),
-        ({"loss_type": "kto"}, "unknown loss_type 'kto'"),
+        ({"loss_type": "magic"}, "unknown loss_type 'magic'"),
         ({"epochs": 0}, "epochs must be a positive integer"),
         ({"batch_size": -4}, "batch_size must be a positive integer"),
         ({"grad_accum": 1.5}, "grad_accum must be a positive integer"),

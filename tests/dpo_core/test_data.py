@@ -17,6 +17,7 @@ def test_strings_become_chat_messages():
         "prompt": [{"role": "user", "content": "Hi?"}],
         "chosen": [{"role": "assistant", "content": "Hello!"}],
         "rejected": [{"role": "assistant", "content": "Go away"}],
+        "weight": 1.0,
     }
 
 
@@ -29,7 +30,8 @@ def test_messages_and_implicit_prompts_are_accepted():
             {"chosen": [user, good], "rejected": [user, bad]},
         ]
     )
-    assert explicit == implicit == {"prompt": [user], "chosen": [good], "rejected": [bad]}
+    expected = {"prompt": [user], "chosen": [good], "rejected": [bad], "weight": 1.0}
+    assert explicit == implicit == expected
 
 
 BAD_PAIRS = [

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dpo_core.losses import LOSS_TYPES, REFERENCE_FREE, preference_loss
+from dpo_core.losses import LOSS_TYPES, PAIR_LOSS_TYPES, REFERENCE_FREE, preference_loss
 
 
 def log1pexp(x: float) -> float:  # -log sigmoid(-x)
@@ -89,7 +89,8 @@ def test_hand_computed_values(loss_type, beta, kwargs, expected):
 
 
 def test_every_variant_is_covered_by_hand_values():
-    assert {row[0] for row in HAND} == set(LOSS_TYPES)
+    assert {row[0] for row in HAND} == set(PAIR_LOSS_TYPES)
+    assert set(LOSS_TYPES) == {*PAIR_LOSS_TYPES, "kto"}  # KTO: tests/dpo_core/test_kto.py
 
 
 def test_rewards_are_detached_beta_scaled_log_ratios():
@@ -110,7 +111,7 @@ def test_reference_free_rewards_are_beta_times_average_logps():
     assert cr.item() == pytest.approx(-10.0) and rr.item() == pytest.approx(-6.0)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", PAIR_LOSS_TYPES)
 def test_every_variant_raises_chosen_and_lowers_rejected_at_the_start(loss_type):
     pc = torch.tensor([-20.0], requires_grad=True)
     pr = torch.tensor([-20.0], requires_grad=True)
@@ -133,6 +134,7 @@ def test_every_variant_raises_chosen_and_lowers_rejected_at_the_start(loss_type)
         ({"loss_type": "ipo", "label_smoothing": 0.1}, "not used by loss_type 'ipo'"),
         ({"loss_type": "dpo"}, "unknown loss_type 'dpo'; choose one of sigmoid"),
         ({"loss_type": "simpo", "simpo_gamma": -1.0}, "simpo_gamma must be"),
+        ({"loss_type": "kto"}, "loss_type 'kto' scores single answers: use kto_loss"),
     ],
 )
 def test_invalid_arguments_raise_clear_errors(kwargs, message):
