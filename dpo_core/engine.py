@@ -5,12 +5,16 @@
     for event in ticket.updates():                     # Waiting(position) ..., then
         ...                                            # GenerationUpdate ... (last: done)
 
-Why: decoding is bound by reading the weights, so one step over 16 rows costs little more than
-one over 2. A background thread runs the steps; a request is admitted at the next step (its
-prompt is prefilled in chunks of `EngineLimits.prefill_chunk` tokens, interleaved with the
-others' decode steps), its rows then join the running batch, and each row leaves as soon as it
-finishes. Rows of different adapter versions share a batch (`FastLlama.batch_lora`). Every row
-samples with its own seeded generator, so an answer is the same alone or beside others.
+Why: decoding is bound by reading the weights, so one step over 16 rows costs far less than 8
+steps over 2 (on a GPU little more than one; on this project's 2-core CPU 16 rows decode ~3.8x
+the tokens/s of 2: bench/limits.py). A background thread runs the steps; a request is admitted
+at the next step. Its prompt is prefilled in chunks between the others' decode steps: while
+anyone decodes, prefill and decode steps take turns by time (`PrefillPacer`), so a long
+prompt slows the others to about half their pace instead of stopping them; alone, it takes
+`EngineLimits.prefill_chunk` tokens a turn. Its rows then join the running batch, and each row
+leaves as soon as it finishes. Rows of different adapter versions share a batch
+(`FastLlama.batch_lora`). Every row samples with its own seeded generator, so an answer is the
+same alone or beside others.
 
 Beyond `max_rows` rows or `max_cached_tokens` cached positions, requests wait first in, first
 out (prefetches behind every normal request) and see their position. An error while admitting
@@ -71,8 +75,9 @@ class EngineLimits:
     """How much the loop takes on at once.
 
     max_rows: answers decoded together; max_cached_tokens: KV-cache positions reserved by the
-    running requests (each row reserves prompt + max_new_tokens); prefill_chunk: prompt tokens
-    prefilled per loop turn; max_prompt_tokens: longer prompts are cut (None: the context);
+    running requests (each row reserves prompt + max_new_tokens); prefill_chunk: the most
+    prompt tokens prefilled per loop turn (fewer while others decode: `PrefillPacer`);
+    max_prompt_tokens: longer prompts are cut (None: the context);
     max_requests: requests running at once (1 = one at a time, today's serialized line).
     """
 
@@ -245,6 +250,7 @@ class GenerationEngine:
         self._stop = False
         self._busy = False  # the loop waits for someone else's hold on the model
         self.stats = EngineStats()
+        self.pacer = PrefillPacer(self.limits.prefill_chunk)
 
     # --- the callers' side ---------------------------------------------------------------------
 
@@ -258,8 +264,10 @@ class GenerationEngine:
             raise ValueError("ask for at least one answer")
         adapters = [self.generator.resolve_adapter(s.adapter) for s in specs]
         max_new = max(s.params.max_new_tokens for s in specs)
-        budget = self.generator.prompt_budget(max_new, self.limits.max_prompt_tokens)
-        prepared = prepare_prompt(self.generator.lm.tokenizer, prompt, budget)
+        limit = self.limits.max_prompt_tokens
+        budget = self.generator.prompt_budget(max_new, limit)
+        tokenizer = self.generator.lm.tokenizer
+        prepared = prepare_prompt(tokenizer, prompt, budget, server_limit=budget == limit)
         ticket = Ticket()
         rows = [self._row(spec, adapter) for spec, adapter in zip(specs, adapters, strict=True)]
         order, t0 = next(self._order), time.perf_counter()
@@ -428,17 +436,24 @@ class GenerationEngine:
         request.ticket.fail(err if isinstance(err, ValueError) else ValueError(str(err)))
 
     def _prefill(self) -> None:
-        """Prefill up to `prefill_chunk` prompt tokens, shortest remaining prompts first (a
-        long prompt takes several turns and never holds up a short one)."""
-        budget = self.limits.prefill_chunk
+        """Prefill this turn's share of prompt tokens (`PrefillPacer`), shortest remaining
+        prompts first (a long prompt takes several turns and never holds up a short one)."""
         todo = [r for r in self._running if not r.standard and not r.prefilled]
+        if not todo:
+            return
+        decoding = any(r.prefilled for r in self._running if not r.standard)
+        budget = self.pacer.budget(decoding)
+        if budget == 0:
+            return
+        t0, done = time.perf_counter(), 0
         for request in sorted(todo, key=_prompt_left):
-            if budget <= 0:
-                return
+            if done >= budget:
+                break
             try:
-                budget -= self._prefill_request(request, budget)
+                done += self._prefill_request(request, budget - done)
             except Exception as err:  # this request's fault only
                 self._fail(request, err)
+        self.pacer.prefilled(done, time.perf_counter() - t0, decoding)
 
     def _prefill_request(self, request: _Request, budget: int) -> int:
         """Prefill one chunk per adapter group; when the prompt is done, sample first tokens."""
@@ -484,7 +499,9 @@ class GenerationEngine:
             if not row.finished
         ]
         if rows and fast is not None:
+            t0 = time.perf_counter()
             self._fast_step(fast, rows)
+            self.pacer.stepped(time.perf_counter() - t0)
         for batch in list(self._standard):
             self._standard_step(batch)
 
@@ -582,6 +599,48 @@ class _StandardBatch:
 def _prompt_left(request: _Request) -> int:
     done = min(row.cache.pos if row.cache else 0 for row in request.leaders.values())
     return request.prompt.n_tokens - done
+
+
+class PrefillPacer:
+    """How many prompt tokens a loop turn prefills. Nobody decoding: all of `chunk`. Else
+    prefill and decoding take turns by time: a turn prefills only while the time spent
+    prefilling does not exceed the time spent on decode steps (`debt` <= 0), and then about one
+    decode step's worth of tokens (from running averages of the prefill rate and the step
+    time), at least `MIN_CHUNK`. A long prompt thus slows the others' tokens to about half
+    their pace, never to a stop (late in a long prompt a token costs more to prefill: the
+    debt, not the chunk size, keeps the share), and a short prompt still prefills in a turn or
+    two."""
+
+    MIN_CHUNK = 16
+    SMOOTHING = 0.3  # weight of the newest measurement in the running averages
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+        self.tokens_per_s: float | None = None
+        self.step_s: float | None = None
+        self.debt = 0.0  # seconds of prefill not yet matched by decode steps
+
+    def budget(self, decoding: bool) -> int:
+        if not decoding:
+            self.debt = 0.0
+            return self.chunk
+        if self.debt > 0:
+            return 0  # a decode-only turn
+        if self.tokens_per_s is None or self.step_s is None:
+            return self.chunk
+        return max(self.MIN_CHUNK, min(self.chunk, int(self.tokens_per_s * self.step_s)))
+
+    def prefilled(self, tokens: int, seconds: float, decoding: bool = True) -> None:
+        if tokens > 0 and seconds > 0:
+            self.tokens_per_s = self._mean(self.tokens_per_s, tokens / seconds)
+            self.debt += seconds if decoding else 0.0
+
+    def stepped(self, seconds: float) -> None:
+        self.step_s = self._mean(self.step_s, seconds)
+        self.debt = max(self.debt - seconds, -seconds)  # credit for one step at most
+
+    def _mean(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.SMOOTHING) * old + self.SMOOTHING * new
 
 
 class EngineStats:

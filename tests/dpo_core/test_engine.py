@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from dpo_core.engine import EngineLimits, GenerationEngine, ModelLock, Waiting
+from dpo_core.engine import EngineLimits, GenerationEngine, ModelLock, PrefillPacer, Waiting
 from dpo_core.generation import AnswerGenerator, AnswerSpec, GenerationUpdate, SamplingParams
 from dpo_core.modeling import LoraSettings, attach_lora
 
@@ -182,6 +182,7 @@ def test_a_prompt_beyond_the_admin_maximum_is_cut_with_a_notice(tiny_lm):
     got = engine.generate("A long prompt about the sea. " * 10, _specs(3))
     assert got.done and got.truncated and got.prompt_tokens <= 40
     assert "only its first" in (got.notice or "")
+    assert "this server's limit (40 prompt tokens, set with --max-prompt-tokens)" in got.notice
     engine.close()
 
 
@@ -267,3 +268,26 @@ print("exiting mid-decode")
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "exiting mid-decode" in result.stdout
+
+
+def test_the_prefill_pacer_shares_the_model_half_and_half_with_decoding():
+    pacer = PrefillPacer(chunk=512)
+    assert pacer.budget(decoding=True) == 512  # nothing measured yet
+    pacer.prefilled(512, 2.0, decoding=False)  # 256 prompt tokens/s, alone: no debt
+    assert pacer.budget(decoding=False) == 512  # nobody decodes: the whole chunk
+    pacer.stepped(0.25)
+    assert pacer.budget(decoding=True) == 64  # one 0.25 s step's worth
+    pacer.prefilled(64, 0.75)  # slower than expected (late in a long prompt): 0.5 s of debt
+    assert pacer.budget(decoding=True) == 0  # decode-only turns pay it back...
+    pacer.stepped(0.25)
+    assert pacer.budget(decoding=True) == 0
+    pacer.stepped(0.25)
+    assert pacer.budget(decoding=True) > 0  # ...then prefill again
+    for _ in range(30):
+        pacer.stepped(0.01)
+    assert pacer.budget(decoding=True) == PrefillPacer.MIN_CHUNK  # never less
+    for _ in range(30):
+        pacer.stepped(10.0)
+    assert pacer.budget(decoding=True) == 512  # never more than the chunk
+    pacer.prefilled(512, 100.0)
+    assert pacer.budget(decoding=False) == 512  # nobody decodes: the debt does not matter
