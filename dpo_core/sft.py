@@ -73,7 +73,7 @@ def check_examples(examples: list[Any], source: str = "SFT examples") -> list[di
     out = []
     for number, row in enumerate(examples, 1):
         if not isinstance(row, dict):
-            expected = "an object with \"prompt\" and \"completion\" strings"
+            expected = 'an object with "prompt" and "completion" strings'
             raise ValueError(f"{source}: row {number}: expected {expected}")
         for key in ("prompt", "completion"):
             value = row.get(key)
@@ -83,7 +83,9 @@ def check_examples(examples: list[Any], source: str = "SFT examples") -> list[di
     return out
 
 
-def tokenize_examples(tokenizer: Any, examples: list[dict[str, str]], config: TrainConfig) -> SFTSet:
+def tokenize_examples(
+    tokenizer: Any, examples: list[dict[str, str]], config: TrainConfig
+) -> SFTSet:
     """Render each example with the chat template (as `dpo_core.data` renders a pair's chosen
     answer) and truncate it as a pair would be; raise ValueError when none is left."""
     assert config.max_prompt_length is not None

@@ -33,7 +33,11 @@ logger = logging.getLogger(__name__)
 # Set by add_model_args' flags (--adapter is init_adapter), not by one flag per field.
 MODEL_FIELDS = ("model", "dtype", "load_in_4bit", "device", "init_adapter")
 FLAG_TYPES: dict[str, Any] = {
-    "int": int, "int | None": int, "float": float, "float | None": float, "str": str
+    "int": int,
+    "int | None": int,
+    "float": float,
+    "float | None": float,
+    "str": str,
 }
 
 

@@ -194,9 +194,7 @@ def train_and_register(
     return f"succeeded: {name} at {result.adapter_dir}"
 
 
-def read_job(
-    sm: sessionmaker[Session], run_id: int, config: dict[str, Any], data_dir: Path
-) -> Job:
+def read_job(sm: sessionmaker[Session], run_id: int, config: dict[str, Any], data_dir: Path) -> Job:
     """What the run trains on, read once: its pairs, the prompts its KL readout samples (with
     too few held-out pairs, queue prompts never labeled too), its SFT examples (when the run
     has an SFT stage); the planned number of steps is stored for the progress bar."""

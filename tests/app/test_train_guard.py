@@ -66,9 +66,7 @@ def run_in_process(service: TrainingService, sm, tmp_path: Path, **settings) -> 
     return {"status": status, "config": config, "stop_reason": saved["stop_reason"]}
 
 
-def test_a_run_on_a_few_pairs_reads_kl_on_the_queue_prompts_never_labeled(
-    service, sm, tmp_path
-):
+def test_a_run_on_a_few_pairs_reads_kl_on_the_queue_prompts_never_labeled(service, sm, tmp_path):
     for topic in ("cats", "rain", "tea", "maps", "jazz"):
         vote(sm, f"Tell me about {topic}.")
     add_prompts(sm, "Sing about the sea.", "Name a river.")  # in the queue, never labeled
@@ -98,8 +96,9 @@ def test_with_no_prompt_to_read_kl_on_the_stop_reason_says_what_to_do(service, s
         vote(sm, f"Tell me about {topic}.")
     ran = run_in_process(service, sm, tmp_path)
     assert not any("eval/kl" in m for m in ran["status"].metrics)
-    assert "no prompts to read KL on: import a few prompts that are not labeled" in (
-        ran["stop_reason"]
+    assert (
+        "no prompts to read KL on: import a few prompts that are not labeled"
+        in (ran["stop_reason"])
     )
 
 
