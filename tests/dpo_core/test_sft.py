@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,3 +143,31 @@ def test_the_cli_trains_an_sft_stage_first(tiny_model_dir, tmp_path, capsys):
         capsys.readouterr().err
     )
     assert not (tmp_path / "v2").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_one_process_sft_then_dpo_adapter(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.dpo_core.test_distributed import ATOL, ENV, torchrun, train_args
+    from tests.dpo_core.test_train_cli import write_pairs
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    examples = _write(tmp_path / "sft.jsonl", [
+        {"prompt": r["prompt"], "completion": r["chosen"]} for r in rows
+    ])  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ("--epochs", "1", "--sft", examples, "--sft-epochs", "2")
+    cmd = [sys.executable, *train_args(tiny_model_dir, pairs, one, *extra)]
+    single = subprocess.run(cmd, capture_output=True, text=True, env=ENV, check=False)
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = torchrun(2) + train_args(tiny_model_dir, pairs, two, *extra)
+    double = subprocess.run(cmd, capture_output=True, text=True, env=ENV, check=False)
+    assert double.returncode == 0, double.stderr[-3000:]
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (one, two))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=ATOL, rtol=0)
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
+    assert metrics[0]["sft_steps"] == metrics[1]["sft_steps"] == 4
+    assert metrics[1]["sft/loss"] == pytest.approx(metrics[0]["sft/loss"], abs=1e-5)
