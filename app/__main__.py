@@ -170,11 +170,13 @@ def serve(state: AppState, sign_in: dict[str, Any]) -> None:
 
     from app.label.route import VoteRoute
     from app.label.service import open_label_service
+    from app.serving.flags import for_device
     from app.ui import build_ui
 
     config, services = state.config, state.services
     if config.engine_limits is not None:
-        services.models.engine.limits = config.engine_limits
+        engine = services.models.engine
+        engine.limits = for_device(config.engine_limits, engine.generator.lm.device)
     label = open_label_service(
         services.sm,
         services.models,

@@ -101,6 +101,15 @@ class TrainConfig:
         8, "answers sampled for the KL readout, spread over the held-out prompts (0: none)", "eval"
     )
     kl_max_new_tokens: int = _f(96, "tokens per answer sampled for the KL readout", "eval")
+    # the SFT stage before DPO (dpo_core.sft)
+    sft_epochs: int = _f(
+        0,
+        "passes over the SFT examples (rewrites, chosen answers) before DPO; 0: no SFT stage",
+        "sft",
+    )
+    sft_learning_rate: float | None = _f(
+        None, "peak learning rate of the SFT stage (default: learning_rate)", "sft"
+    )
 
     def __post_init__(self) -> None:
         self.lora_target_modules = tuple(self.lora_target_modules)  # a list after JSON
@@ -121,6 +130,7 @@ class TrainConfig:
         if "lm_head" in self.lora_target_modules:
             raise ValueError("lora_target_modules: LoRA on lm_head is not supported")
         self._check_eval()
+        self._check_sft()
 
     def _check_model(self) -> None:
         _require(bool(self.model and self.model.strip()), "model must name a model")
@@ -181,6 +191,20 @@ class TrainConfig:
             f"kl_prompts must be a whole number >= 0, got {self.kl_prompts}",
         )
         _require(self.kl_ceiling > 0, f"kl_ceiling must be > 0 nats, got {self.kl_ceiling}")
+
+    def _check_sft(self) -> None:
+        _require(
+            isinstance(self.sft_epochs, int) and self.sft_epochs >= 0,
+            f"sft_epochs must be a whole number >= 0, got {self.sft_epochs}",
+        )
+        # The DPO rate by default: both stages move the same LoRA weights, and a rate that
+        # suits LoRA (1e-4 to 2e-4 is the usual SFT range) is what the DPO default already is.
+        if self.sft_learning_rate is None:
+            self.sft_learning_rate = self.learning_rate
+        _require(
+            math.isfinite(self.sft_learning_rate) and 0 < self.sft_learning_rate < 1,
+            f"sft_learning_rate must be in (0, 1), got {self.sft_learning_rate}",
+        )
 
     def lora_settings(self) -> LoraSettings:
         return LoraSettings(

@@ -8,7 +8,10 @@ held-out accuracy saturates early and the held-out loss rises while the answers 
 moving the way the labels ask (docs/defaults.md), so "the best loss" would keep an early
 checkpoint that behaves like the base. The run stops early when the KL passes the ceiling, or
 when the accuracy stays below the best for `patience` evaluations in a row (over-fitting).
-Pure bookkeeping: no model, no tensors.
+When there are too few held-out pairs to trust their accuracy, `KLGuard` runs instead: it reads
+only the KL, on prompts nobody trained on (held-out prompts, or queue prompts never labeled),
+keeps the latest checkpoint within the ceiling and stops when the KL stays above it for
+`patience` evaluations in a row. Pure bookkeeping: no model, no tensors.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ ACCURACY_TOLERANCE = 0.05
 @dataclass(frozen=True)
 class EvalPoint:
     step: int
-    accuracy: float  # held-out implicit-reward accuracy
-    loss: float  # held-out preference loss
+    accuracy: float | None  # held-out implicit-reward accuracy (None: no held-out pairs)
+    loss: float | None  # held-out preference loss (None: no held-out pairs)
     kl: float | None  # KL(policy || base) per answer, None when not measured
 
 
@@ -37,8 +40,13 @@ class Decision:
 
 @dataclass
 class Guard:
+    """The full guard: held-out reward accuracy and the KL ceiling. `reads` says in words
+    what it measured on (for the run's summary), e.g. "held-out reward accuracy on 12 pairs,
+    KL on their 12 prompts"."""
+
     kl_ceiling: float
     patience: int
+    reads: str = ""
     best: EvalPoint | None = None
     points: list[EvalPoint] = field(default_factory=list)
     _best_accuracy: float = -1.0
@@ -47,7 +55,8 @@ class Guard:
     def observe(self, point: EvalPoint) -> Decision:
         self.points.append(point)
         if point.kl is not None and point.kl > self.kl_ceiling:
-            return Decision(False, self._kl_reason(point))
+            return Decision(False, kl_reason(point, self.kl_ceiling))
+        assert point.accuracy is not None, "the accuracy guard needs held-out pairs"
         self._best_accuracy = max(self._best_accuracy, point.accuracy)
         if point.accuracy >= self._best_accuracy - ACCURACY_TOLERANCE:
             self.best, self._stale = point, 0
@@ -57,44 +66,93 @@ class Guard:
             return Decision(False, self._stale_reason(point))
         return Decision(False, None)
 
-    def _kl_reason(self, point: EvalPoint) -> str:
-        return (
-            f"the answers drifted too far from the base model at step {point.step} "
-            f"(KL {point.kl:.1f} nats per answer, ceiling {self.kl_ceiling:g}); "
-            "more training would risk off-topic or garbled answers"
-        )
-
     def _stale_reason(self, point: EvalPoint) -> str:
         return (
             f"held-out reward accuracy stayed below its best ({self._best_accuracy:.2f}) for "
             f"{self.patience} evaluations in a row up to step {point.step}: over-fitting"
         )
 
+    def kept_text(self, best: EvalPoint, last: bool) -> str:
+        kl = f", KL {best.kl:.1f} nats" if best.kl is not None else ""
+        if last:
+            return f"Kept the final weights (held-out reward accuracy {best.accuracy:.2f}{kl})."
+        return (
+            f"Kept the checkpoint from step {best.step}, the last as good as the best on "
+            f"held-out pairs (reward accuracy {best.accuracy:.2f}{kl})."
+        )
+
+
+@dataclass
+class KLGuard:
+    """The guard of a run with too few held-out pairs for their accuracy to mean anything: the
+    KL alone, read on prompts nobody trains on. Without an accuracy there is no "better", only
+    "still close enough to the base": more training moves the answers further the way the
+    labels ask (docs/defaults.md), so the best checkpoint is the latest one within the KL
+    ceiling. A point above the ceiling is never kept; the run stops when the KL stays above it
+    for `patience` evaluations in a row (one high reading on a few prompts may be noise; the
+    kept checkpoint is the last one within the ceiling either way). `reads` says in words
+    what the KL was read on."""
+
+    kl_ceiling: float
+    patience: int
+    reads: str = ""
+    best: EvalPoint | None = None
+    points: list[EvalPoint] = field(default_factory=list)
+    _over: int = 0  # evaluations in a row above the ceiling
+
+    def observe(self, point: EvalPoint) -> Decision:
+        self.points.append(point)
+        if point.kl is None or point.kl <= self.kl_ceiling:
+            self.best, self._over = point, 0
+            return Decision(True, None)
+        self._over += 1
+        if self._over >= self.patience:
+            reason = kl_reason(point, self.kl_ceiling)
+            if self.patience > 1:
+                reason += f" (above the ceiling {self.patience} evaluations in a row)"
+            return Decision(False, reason)
+        return Decision(False, None)
+
+    def kept_text(self, best: EvalPoint, last: bool) -> str:
+        kl = f"KL {best.kl:.1f} nats" if best.kl is not None else "KL not measured"
+        if last:
+            return f"Kept the final weights ({kl}, within the ceiling {self.kl_ceiling:g})."
+        return (
+            f"Kept the checkpoint from step {best.step}, the last within the KL ceiling "
+            f"{self.kl_ceiling:g} ({kl})."
+        )
+
+
+def kl_reason(point: EvalPoint, ceiling: float) -> str:
+    return (
+        f"the answers drifted too far from the base model at step {point.step} "
+        f"(KL {point.kl:.1f} nats per answer, ceiling {ceiling:g}); "
+        "more training would risk off-topic or garbled answers"
+    )
+
 
 def summary(
-    guard: Guard | None, stop: str | None, last_step: int, total_steps: int, why_off: str | None
+    guard: Guard | KLGuard | None,
+    stop: str | None,
+    last_step: int,
+    total_steps: int,
+    why_off: str | None,
 ) -> str:
-    """One plain-words sentence or two on how the run ended and which checkpoint was kept."""
+    """A few plain-words sentences: how the run ended, which checkpoint was kept, and which
+    guard ran on what (or why none did)."""
     if stop:
         text = f"Stopped early at step {last_step} of {total_steps}: {stop}."
     else:
         text = f"Trained all {total_steps} step{'s' if total_steps != 1 else ''}."
     if guard is None:
         return f"{text} No early stopping: {why_off}." if why_off else text
+    reads = f" {guard.reads}." if guard.reads else ""
     if guard.best is None:
         return (
             f"{text} Every evaluation was above the KL ceiling, so the last weights were kept; "
-            "lower the learning rate or raise beta."
+            f"lower the learning rate or raise beta.{reads}"
         )
-    best = guard.best
-    kl = f", KL {best.kl:.1f} nats" if best.kl is not None else ""
-    if best.step == last_step:
-        return f"{text} Kept the final weights (held-out reward accuracy {best.accuracy:.2f}{kl})."
-    return (
-        f"{text} Kept the checkpoint from step {best.step}, the last as good as the best on "
-        "held-out pairs "
-        f"(reward accuracy {best.accuracy:.2f}{kl})."
-    )
+    return f"{text} {guard.kept_text(guard.best, guard.best.step == last_step)}{reads}"
 
 
 def few_pairs_warning(num_pairs: int) -> str | None:

@@ -32,7 +32,13 @@ logger = logging.getLogger(__name__)
 
 # Set by add_model_args' flags (--adapter is init_adapter), not by one flag per field.
 MODEL_FIELDS = ("model", "dtype", "load_in_4bit", "device", "init_adapter")
-FLAG_TYPES: dict[str, Any] = {"int": int, "int | None": int, "float": float, "str": str}
+FLAG_TYPES: dict[str, Any] = {
+    "int": int,
+    "int | None": int,
+    "float": float,
+    "float | None": float,
+    "str": str,
+}
 
 
 def add_train_parser(sub: Any) -> None:
@@ -55,6 +61,13 @@ def add_train_parser(sub: Any) -> None:
         metavar="JSONL",
         help="sample the KL readout from these prompts (a `prompt` per line; default: the "
         "held-out pairs' prompts)",
+    )
+    p.add_argument(
+        "--sft",
+        type=Path,
+        metavar="JSONL",
+        help="SFT examples (`prompt`, `completion` per line) to train on before DPO, for "
+        "--sft-epochs passes (the DPO reference is then the SFT'd model)",
     )
     p.add_argument("--config", type=Path, help="a train_config.json to start from")
     add_model_args(p, keep_unset=True)
@@ -109,9 +122,12 @@ class ProgressBar:
 
         if self.bar is None:
             self.bar = tqdm(total=int(metrics["total_steps"]), desc="train", unit="step")
-        self.bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}"
-        )
+        if "sft/loss" in metrics:  # the SFT stage before DPO
+            self.bar.set_postfix(sft_loss=f"{metrics['sft/loss']:.4f}")
+        else:
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}"
+            )
         self.bar.update(1)
 
     def close(self) -> None:
@@ -146,6 +162,7 @@ class TrainInputs:
     pairs: list[dict[str, Any]]
     heldout: list[dict[str, Any]] | None
     kl_prompts: list[str] | None
+    sft_examples: list[dict[str, Any]] | None = None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -153,6 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out.exists():
         raise FileExistsError(f"{args.out} already exists; choose a new adapter directory")
     inputs = read_inputs(args, config.loss_type)
+    check_sft_flags(config, inputs)
     comm, device = distributed.init_from_env(config.device)
     try:
         t0 = time.perf_counter()
@@ -167,10 +185,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def read_inputs(args: argparse.Namespace, loss_type: str = "sigmoid") -> TrainInputs:
-    """Pairs (KTO: unpaired examples or pairs), held-out ones and KL prompts; a bad file
-    fails here, naming its row."""
+    """Pairs (KTO: unpaired examples or pairs), held-out ones, KL prompts and SFT examples; a
+    bad file fails here, naming its row."""
     from dpo_core.data import normalise_kto, normalise_pairs
     from dpo_core.losses import UNPAIRED_LOSS_TYPES
+    from dpo_core.sft import check_examples
     from dpo_core.trainer import load_pairs_jsonl, load_prompts_jsonl
 
     check = normalise_kto if loss_type in UNPAIRED_LOSS_TYPES else normalise_pairs
@@ -181,7 +200,21 @@ def read_inputs(args: argparse.Namespace, loss_type: str = "sigmoid") -> TrainIn
         heldout = load_pairs_jsonl(args.heldout)
         check(heldout, source=str(args.heldout))
     kl_prompts = load_prompts_jsonl(args.kl_prompts_from) if args.kl_prompts_from else None
-    return TrainInputs(pairs, heldout, kl_prompts)
+    sft_examples = None
+    if args.sft:
+        sft_examples = check_examples(load_pairs_jsonl(args.sft, "SFT examples"), str(args.sft))
+    return TrainInputs(pairs, heldout, kl_prompts, sft_examples)
+
+
+def check_sft_flags(config: TrainConfig, inputs: TrainInputs) -> None:
+    """--sft and --sft-epochs go together (before the model is loaded)."""
+    if inputs.sft_examples and config.sft_epochs == 0:
+        raise ValueError("--sft needs --sft-epochs N (N >= 1): how many passes over the examples")
+    if config.sft_epochs and not inputs.sft_examples:
+        raise ValueError(
+            f"sft_epochs is {config.sft_epochs} (--sft-epochs or --config) but no --sft "
+            "FILE.jsonl of examples was given"
+        )
 
 
 def train_with_progress(
@@ -199,6 +232,7 @@ def train_with_progress(
             out,
             heldout=inputs.heldout,
             kl_prompts=inputs.kl_prompts,
+            sft_examples=inputs.sft_examples,
             on_step=progress,
             should_stop=stop,
         )

@@ -1,8 +1,10 @@
 """The DPO training loop: LoRA policy, base-model reference, TRL-named metrics.
 
-`train` is the entry point. The reference is the same model with the adapter disabled; its
-log-probs are computed once, before the first step, and reused every epoch. Chosen and
-rejected go through the model in one forward pass per micro-batch (see `dpo_core.data`).
+`train` is the entry point. The reference is the same model with the adapter disabled (after an
+optional SFT stage, `dpo_core.sft`: the SFT'd policy, adapter on); its log-probs are computed
+once, before the first DPO step, and reused every epoch. The KL readout and the guard always
+measure against the base model. Chosen and rejected go through the model in one forward pass
+per micro-batch (see `dpo_core.data`).
 The whole forward/backward runs in the base model's dtype (bf16 where fast); only the
 optimiser keeps fp32 copies of the LoRA weights (`dpo_core.optim.MasterWeights`).
 
@@ -19,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dpo_core import data
+from dpo_core import data, sft
 from dpo_core.config import TrainConfig
 from dpo_core.distributed import Comm, current
-from dpo_core.guard import EvalPoint, Guard, few_pairs_warning
+from dpo_core.guard import EvalPoint, Guard, KLGuard, few_pairs_warning
 from dpo_core.guard import summary as guard_summary
 from dpo_core.heldout import split_pairs
 from dpo_core.kl import kl_from_completions, prompt_ids, sample_from_ids
@@ -153,6 +156,7 @@ def train(
     *,
     heldout: list[dict[str, Any]] | None = None,
     kl_prompts: list[str] | None = None,
+    sft_examples: list[dict[str, Any]] | None = None,
     on_step: StepCallback | None = None,
     should_stop: StopCheck | None = None,
     on_eval: EvalHook | None = None,
@@ -162,9 +166,19 @@ def train(
     `heldout` pairs are evaluated at evaluation points; without them, `config.heldout_fraction`
     of the prompts are held out when that leaves `config.min_heldout_pairs`. With enough
     held-out pairs the guard (`dpo_core.guard`) keeps the best checkpoint within the KL
-    ceiling and may stop early; `TrainResult.stop_reason` says what happened. The KL readout
-    samples `config.kl_prompts` answers from the held-out pairs' prompts in turn, or from
-    `kl_prompts` when given (e.g. every held-out prompt, also those without a pair).
+    ceiling and may stop early. The KL readout samples `config.kl_prompts` answers from the
+    held-out pairs' prompts in turn, or from `kl_prompts` when given (e.g. every held-out
+    prompt, also those without a pair, or queue prompts never labeled; any that a training pair
+    uses are dropped). With too few held-out pairs (none at all included) the readout still
+    runs on `kl_prompts`, or on the few held-out pairs' prompts, and a KL-only guard
+    (`dpo_core.guard.KLGuard`) keeps the latest checkpoint within the ceiling.
+    `TrainResult.stop_reason` says how the run ended, which guard ran on what, or why none did.
+
+    `sft_examples` (`{prompt, completion}` rows) with `config.sft_epochs` > 0 train a
+    supervised stage first (`dpo_core.sft`); DPO's reference is then the SFT'd policy, while
+    the KL readout and the guard measure against the base model as without it. Its steps are
+    numbered first: steps 1..k report `sft/loss`, `sft/learning_rate`, `sft/grad_norm`,
+    `sft/epoch`, and the DPO steps are k+1.. (`total_steps` counts both stages).
 
     `on_step` gets each step's metrics (TRL names plus `step`, `total_steps`, `epoch`, and
     `eval/...` incl. `eval/kl` at evaluation points). `should_stop` is polled between optimiser
@@ -183,6 +197,7 @@ def train(
     if _is_peft(lm.model):
         raise ValueError("pass the base model; to continue an adapter set config.init_adapter")
     config = resolved_config(config, lm)
+    sft_set = prepare_sft(lm.tokenizer, sft_examples, config)
     train_set, eval_set = prepare_datasets(lm, pairs, heldout, kl_prompts, config)
     comm = current()
     torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
@@ -191,12 +206,32 @@ def train(
         torch.manual_seed(config.seed + comm.rank)
     hooks = Hooks(on_step, should_stop, on_eval, comm)
     try:
-        return _run(Run(lm, policy, train_set, eval_set, config, hooks), out_dir)
+        return _run(Run(lm, policy, train_set, eval_set, config, hooks, sft_set), out_dir)
     except TrainingCancelled:
         logger.info("training cancelled; nothing saved")
         return TrainResult(adapter_dir=None, metrics={}, cancelled=True, config=config)
     finally:
         release_policy(lm, policy.model, config)
+
+
+def prepare_sft(
+    tokenizer: Any, examples: list[dict[str, Any]] | None, config: TrainConfig
+) -> sft.SFTSet | None:
+    """The SFT stage's examples, tokenized (None: no stage); ValueError when the examples and
+    `config.sft_epochs` disagree."""
+    if config.sft_epochs == 0:
+        if examples:
+            raise ValueError(
+                f"{len(examples)} SFT examples but sft_epochs is 0: set sft_epochs (e.g. 2) to "
+                "train the SFT stage, or leave the examples out"
+            )
+        return None
+    if not examples:
+        raise ValueError(
+            f"sft_epochs is {config.sft_epochs} but there are no SFT examples: give some "
+            "(the CLI: --sft FILE.jsonl of prompt/completion rows) or set sft_epochs to 0"
+        )
+    return sft.tokenize_examples(tokenizer, sft.check_examples(examples), config)
 
 
 @dataclass
@@ -209,12 +244,22 @@ class Run:
     eval_set: Dataset | None
     config: TrainConfig
     hooks: Hooks
-    guard: Guard | None = None
+    sft_set: sft.SFTSet | None = None
+    guard: Guard | KLGuard | None = None
     why_off: str | None = None  # why there is no guard
 
     @property
     def total_steps(self) -> int:
+        """DPO steps (numbered after the SFT stage's)."""
         return planned_steps(len(self.train_set.pairs), self.config)
+
+    @property
+    def sft_steps(self) -> int:
+        return sft.planned_steps(len(self.sft_set.examples), self.config) if self.sft_set else 0
+
+    @property
+    def all_steps(self) -> int:
+        return self.sft_steps + self.total_steps
 
     @property
     def comm(self) -> Comm:
@@ -225,24 +270,22 @@ class Run:
 class Progress:
     """What the steps so far produced."""
 
-    history: list[dict[str, float]] = field(default_factory=list)  # one dict per step
-    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per DPO step
+    sft_history: list[dict[str, float]] = field(default_factory=list)  # per SFT step
+    step: int = 0  # the last step run, counting the SFT stage's
     stop: str | None = None  # why the guard stopped the run (None: it did not)
     best_weights: list[Tensor] | None = None  # the guard's best checkpoint so far
 
 
 def _run(run: Run, out_dir: Path) -> TrainResult:
     t0 = time.perf_counter()
-    for dataset in (run.train_set, run.eval_set):
-        if dataset is not None:
-            fill_reference_logps(
-                run.policy.model, dataset, run.lm, run.config, run.hooks.stop, run.comm
-            )
+    progress = Progress()
+    run_sft(run, progress)
+    fill_references(run)
     run.guard, run.why_off = make_guard(run.eval_set, run.config)
     warnings = [w for w in (few_pairs_warning(len(run.train_set.pairs)),) if w]
     for warning in warnings if run.comm.is_main else []:
         logger.warning(warning)
-    progress = Progress()
     for step, epoch, micro_batches in iterate_steps(run.train_set, run.config):
         if run.hooks.stop():
             raise TrainingCancelled
@@ -260,27 +303,65 @@ def _run(run: Run, out_dir: Path) -> TrainResult:
     return result
 
 
+def run_sft(run: Run, progress: Progress) -> None:
+    """The SFT stage (when there is one): its own optimiser on the same LoRA weights; each
+    step goes to `on_step` as steps 1..k of the run."""
+    if run.sft_set is None:
+        return
+    model, masters, comm = run.policy.model, run.policy.masters, run.comm
+    opt = sft.make_sft_optimizer(masters, run.config, run.sft_steps)
+    for step, epoch, micro_batches in sft.iterate_steps(run.sft_set, run.config):
+        if run.hooks.stop():
+            raise TrainingCancelled
+        metrics = sft.sft_step(
+            model, masters, opt, micro_batches, run.sft_set, run.lm, run.config, comm
+        )
+        metrics.update({"sft/epoch": epoch, "step": step, "total_steps": run.all_steps})
+        progress.sft_history.append(metrics)
+        progress.step = step
+        if comm.is_main:
+            logger.info("SFT step %d/%d loss %.4f", step, run.sft_steps, metrics["sft/loss"])
+        if run.hooks.on_step is not None and comm.is_main:
+            run.hooks.on_step(dict(metrics))
+
+
+def fill_references(run: Run) -> None:
+    """Reference log-probs of the training and held-out pairs: the base model's, or after an
+    SFT stage the SFT'd policy's (adapter on, eval mode: no dropout in a reference)."""
+    after_sft = run.sft_set is not None
+    model = run.policy.model
+    if after_sft:
+        model.eval()
+    for dataset in (run.train_set, run.eval_set):
+        if dataset is not None and dataset.pairs:
+            fill_reference_logps(
+                model, dataset, run.lm, run.config, run.hooks.stop, run.comm, adapter_on=after_sft
+            )
+    model.train()
+
+
 def run_step(
     run: Run, progress: Progress, step: int, epoch: float, micro_batches: list[list[int]]
 ) -> None:
-    """One optimiser step; its evaluation and the guard's decision when one is due; the
-    caller's `on_step`."""
+    """One optimiser step (`step` counts DPO steps; it is reported after the SFT stage's);
+    its evaluation and the guard's decision when one is due; the caller's `on_step`."""
     lm, config, comm = run.lm, run.config, run.comm
     n_pairs = sum(len(m) for m in micro_batches)
     mine = step_share(micro_batches, comm)
     metrics = train_step(run.policy, mine, run.train_set, lm, config, comm, n_pairs)
-    metrics.update(step=step, total_steps=run.total_steps, epoch=epoch)
+    at = run.sft_steps + step
+    metrics.update(step=at, total_steps=run.all_steps, epoch=epoch)
     if run.eval_set is not None and is_eval_step(step, run.total_steps, run.train_set, config):
         stop = None
         if comm.is_main:  # rank 0 evaluates and decides; the others follow its decision
             model, on_eval = run.policy.model, run.hooks.on_eval
             metrics.update(evaluate_point(model, run.eval_set, lm, config, on_eval))
-            stop = observe(run, progress, step, metrics)
+            stop = observe(run, progress, at, metrics)
         progress.stop = comm.broadcast(stop)
     progress.history.append(metrics)
-    progress.step = step
+    progress.step = at
     if comm.is_main:
-        logger.info("step %d/%d loss %.4f", step, run.total_steps, metrics["loss"])
+        logger.info("step %d/%d loss %.4f", at, run.all_steps, metrics["loss"])
     if run.hooks.on_step is not None and comm.is_main:
         run.hooks.on_step(dict(metrics))
 
@@ -316,19 +397,31 @@ def finish(run: Run, progress: Progress, out_dir: Path, seconds: float) -> Train
     if kept != step:
         assert progress.best_weights is not None
         restore(run.policy, progress.best_weights)
-    reason = guard_summary(guard, progress.stop, step, run.total_steps, run.why_off)
+    reason = guard_summary(guard, progress.stop, step, run.all_steps, run.why_off)
     logger.info(reason)
     final = final_metrics(progress.history, len(run.train_set.pairs), seconds, kept)
+    if progress.sft_history:
+        final.update(sft_metrics(progress.sft_history))
     run.policy.masters.restore_fp32()
     adapter = save_result(run.policy.model, out_dir, run.config, final | {"stop_reason": reason})
     return TrainResult(
         adapter_dir=adapter,
         metrics=final,
-        history=progress.history,
+        history=progress.sft_history + progress.history,
         config=run.config,
         stop_reason=reason,
         stopped_early=progress.stop is not None,
     )
+
+
+def sft_metrics(sft_history: list[dict[str, float]]) -> dict[str, float]:
+    """The SFT stage in the final metrics: its last epoch's mean loss and its step count."""
+    last_epoch = math.ceil(sft_history[-1]["sft/epoch"]) - 1
+    steps = [h for h in sft_history if h["sft/epoch"] > last_epoch]
+    return {
+        "sft/loss": sum(h["sft/loss"] for h in steps) / len(steps),
+        "sft_steps": len(sft_history),
+    }
 
 
 def prepare_datasets(
@@ -339,14 +432,28 @@ def prepare_datasets(
     config: TrainConfig,
 ) -> tuple[Dataset, Dataset | None]:
     """The training set and the held-out set (given, or split off the pairs; None: none),
-    the KL readout's own prompts attached to the latter."""
+    the KL readout's own prompts attached to the latter. With no held-out pairs but prompts
+    to read KL on (and `config.kl_prompts` > 0) the held-out set is those prompts alone."""
     if heldout is None:
         pairs, heldout = split_heldout(pairs, config)
     train_set = prepare_dataset(lm.tokenizer, pairs, config, "training")
     eval_set = heldout_dataset(lm.tokenizer, heldout, config)
-    if eval_set is not None and kl_prompts:
-        eval_set.readout_prompts = [prompt_ids(lm.tokenizer, p) for p in kl_prompts]
+    readout = untrained_prompts(kl_prompts or [], pairs)
+    if readout and (eval_set is not None or config.kl_prompts > 0):
+        eval_set = eval_set or Dataset(pairs=[], costs=[])
+        eval_set.readout_prompts = [prompt_ids(lm.tokenizer, p) for p in readout]
     return train_set, eval_set
+
+
+def untrained_prompts(prompts: list[str], pairs: list[dict[str, Any]]) -> list[str]:
+    """`prompts` less those a training pair uses (the KL readout is on prompts not trained
+    on), each once."""
+    trained = {p.get("prompt") for p in pairs if isinstance(p, dict)}
+    kept = [p for p in dict.fromkeys(prompts) if p not in trained]
+    if len(kept) < len(set(prompts)):
+        left_out = len(set(prompts)) - len(kept)
+        logger.info("KL readout: left out %d prompts that training pairs use", left_out)
+    return kept
 
 
 def split_heldout(
@@ -361,24 +468,54 @@ def split_heldout(
     return kept, held
 
 
-def make_guard(eval_set: Dataset | None, config: TrainConfig) -> tuple[Guard | None, str | None]:
-    """The guard when it is on and there are enough held-out pairs, else why it is off."""
+def make_guard(
+    eval_set: Dataset | None, config: TrainConfig
+) -> tuple[Guard | KLGuard | None, str | None]:
+    """The full guard with enough held-out pairs; the KL-only guard with fewer, when there
+    are prompts to read KL on; else None and why there is no guard."""
     if not config.early_stopping:
         return None, "early_stopping is off"
     n = len(eval_set.pairs) if eval_set is not None else 0
-    if n < config.min_heldout_pairs:
+    kl = f"KL on {readout_words(eval_set)}" if config.kl_prompts else "no KL readout"
+    if n >= config.min_heldout_pairs:
+        reads = f"Guard: held-out reward accuracy on {n} pairs and {kl}"
+        return Guard(config.kl_ceiling, config.patience, reads), None
+    too_few = f"{n} held-out pairs, fewer than the {config.min_heldout_pairs} it needs"
+    if config.kl_prompts == 0:
+        return None, f"{too_few}, and the KL readout is off (kl_prompts = 0)"
+    if readout_prompt_count(eval_set) == 0:
         return None, (
-            f"{n} held-out pairs, fewer than the {config.min_heldout_pairs} it needs "
-            "(label more pairs or raise the held-out fraction)"
+            f"{too_few} (label more pairs or raise the held-out fraction), and no prompts to "
+            "read KL on: import a few prompts that are not labeled"
         )
-    return Guard(kl_ceiling=config.kl_ceiling, patience=config.patience), None
+    reads = (
+        f"KL-only guard ({n} held-out pairs, fewer than the {config.min_heldout_pairs} the "
+        f"accuracy guard needs): {kl}, ceiling {config.kl_ceiling:g} nats"
+    )
+    return KLGuard(config.kl_ceiling, config.patience, reads), None
+
+
+def readout_prompt_count(eval_set: Dataset | None) -> int:
+    """Distinct prompts the KL readout samples from."""
+    if eval_set is None:
+        return 0
+    own = eval_set.readout_prompts or [p.prompt_ids for p in eval_set.pairs]
+    return len({tuple(p) for p in own})
+
+
+def readout_words(eval_set: Dataset | None) -> str:
+    """What the KL readout samples from, in words: "5 prompts not trained on"."""
+    n = readout_prompt_count(eval_set)
+    if eval_set is not None and eval_set.readout_prompts:
+        return f"{n} prompt{'s' if n != 1 else ''} not trained on"
+    return f"the held-out pairs' {n} prompt{'s' if n != 1 else ''}"
 
 
 def eval_point(step: int, metrics: dict[str, float]) -> EvalPoint:
     return EvalPoint(
         step=step,
-        accuracy=metrics["eval/rewards/accuracies"],
-        loss=metrics["eval/loss"],
+        accuracy=metrics.get("eval/rewards/accuracies"),
+        loss=metrics.get("eval/loss"),
         kl=metrics.get("eval/kl"),
     )
 
@@ -507,8 +644,11 @@ def fill_reference_logps(
     config: TrainConfig,
     stop: StopCheck,
     comm: Comm | None = None,
+    *,
+    adapter_on: bool = False,
 ) -> None:
-    """Reference (= base, adapter disabled) log-probs of every pair, computed once. Under
+    """Reference (= base, adapter disabled; `adapter_on`: the policy as it is, after an SFT
+    stage) log-probs of every pair, computed once. Under
     torchrun each rank computes its share of the forward passes; the sum fills every rank's
     table (`stop` is called as often on every rank: it may be a collective)."""
     comm = comm or Comm()
@@ -516,7 +656,7 @@ def fill_reference_logps(
     chosen, rejected = torch.zeros(n), torch.zeros(n)
     batches = eval_batches(dataset, config)
     mine, slots = comm.share(batches), len(Comm(0, comm.world).share(batches))
-    with model.disable_adapter():
+    with nullcontext() if adapter_on else model.disable_adapter():
         for slot in range(slots):
             if stop():
                 raise TrainingCancelled
@@ -728,8 +868,9 @@ def evaluate_point(
     model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig, on_eval: EvalHook | None
 ) -> dict[str, float]:
     """Everything measured at an evaluation point: held-out reward metrics, the KL readout
-    and the caller's own `on_eval` metrics."""
-    metrics = evaluate(model, dataset, lm, config)
+    and the caller's own `on_eval` metrics. A set of readout prompts alone (no held-out
+    pairs) gives the KL readout and `on_eval` only."""
+    metrics = evaluate(model, dataset, lm, config) if dataset.pairs else {}
     if config.kl_prompts > 0:
         metrics.update(kl_readout(model, dataset, lm, config))
     if on_eval is not None:
@@ -743,7 +884,8 @@ def kl_readout(model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfi
     """Monte Carlo KL(policy || base) per answer over `kl_prompts` answers, sampled from the
     held-out prompts (or `dataset.readout_prompts`): each in turn, so a few distinct prompts
     still give that many answers, or evenly spaced ones when there are more (`eval/kl`, its
-    standard error `eval/kl_stderr`); the same seed at every point."""
+    standard error `eval/kl_stderr`); the same seed at every point. Against the base model
+    (adapter disabled), also after an SFT stage: the guard bounds the drift from the base."""
     own = dataset.readout_prompts or [p.prompt_ids for p in dataset.pairs]
     prompts = spread(list(dict.fromkeys(tuple(p) for p in own)), config.kl_prompts)
     completions = sample_from_ids(

@@ -4,11 +4,18 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
+
+import torch
 
 from dpo_core.engine import EngineLimits
 from storage.uncertainty import LEAST_LABELED, QUEUE_ORDERS, UNCERTAIN_FIRST
 
 DEFAULTS = EngineLimits()
+# The longest prompt on a CPU host by default: it prefills alone in about 5 s on the 2-core
+# development machine (bench/limits.py: 1024 tokens 5.3 s, 2048 12.8 s, 7000 68.6 s). On a GPU
+# the whole context prefills in well under a second, so there the default is the context.
+CPU_MAX_PROMPT_TOKENS = 1024
 
 
 def add_serving_flags(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +37,9 @@ def add_serving_flags(parser: argparse.ArgumentParser) -> None:
         "--max-prompt-tokens",
         type=int,
         default=None,
-        help="longer prompts are cut to this many tokens, with a notice (default: the context)",
+        help="longer prompts are cut to this many tokens, with a notice (default: "
+        f"{CPU_MAX_PROMPT_TOKENS} on a CPU, where that prefills in a few seconds; the model's "
+        "context on a GPU; 0: the context)",
     )
     g.add_argument(
         "--serial-generation",
@@ -59,3 +68,11 @@ def engine_limits(args: argparse.Namespace) -> EngineLimits:
         max_prompt_tokens=args.max_prompt_tokens,
         max_requests=1 if args.serial_generation else None,
     )
+
+
+def for_device(limits: EngineLimits, device: torch.device) -> EngineLimits:
+    """The limits as served on `device`: no prompt limit given means `CPU_MAX_PROMPT_TOKENS` on
+    a CPU and the model's context elsewhere (an explicit 0 means the context everywhere)."""
+    if limits.max_prompt_tokens is None and device.type == "cpu":
+        return replace(limits, max_prompt_tokens=CPU_MAX_PROMPT_TOKENS)
+    return limits

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import adapters_dir
 from app.train.kto import KTO, kto_summary, no_kto_message, training_rows
+from app.train.run_inputs import sft_examples
 from app.train.worker import host_file, log_file, pid_file, this_host
 from dpo_core.distributed import devices_problem, launch_command, visible_devices
 from dpo_core.heldout import MAX_HELDOUT_FRACTION
@@ -144,12 +145,33 @@ class TrainRequest:
             "help": "votes by annotators named judge:<name> (AI feedback); off: human votes only",
         },
     )
+    sft_on_rewrites: bool = field(
+        default=False,
+        metadata={
+            "label": "SFT on rewrites first",
+            "row": 5,
+            "help": "a short supervised stage (as many epochs as DPO's) on the 'Write a better "
+            "answer' texts before DPO, in the same run; DPO then starts from that model",
+        },
+    )
+    sft_include_chosen: bool = field(
+        default=False,
+        metadata={
+            "label": "SFT on chosen answers too",
+            "row": 5,
+            "help": "the SFT stage also trains on every training pair's chosen answer",
+        },
+    )
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> TrainRequest:
         """A request from loosely typed values (a form sends floats, strings or None): each is
         converted to its setting's type; ValueError names the setting that is not."""
         return cls(**{s.name: s.parse(values[s.name]) for s in SETTINGS if s.name in values})
+
+    def sft(self) -> dict[str, bool]:
+        """What the SFT stage trains on (`app.train.run_inputs.sft_examples`' choices)."""
+        return {"rewrites": self.sft_on_rewrites, "chosen": self.sft_include_chosen}
 
     def selection(self, parent_id: int | None = None) -> VoteSelection:
         """Which votes train, and which rounds of them (`parent_id`: the version the run
@@ -407,6 +429,8 @@ class TrainingService:
                         return StartResult(False, no_kto_message(counts["ties"]))
                     parent_name = parent.name if request.train_on == "parent" else None
                     return StartResult(False, no_pairs_message(counts, parent_name))
+                if problem := sft_problem(s, request, selection):
+                    return StartResult(False, problem)
                 config = self._run_config(request, counts, parent, selection)
                 try:
                     run = runs.create_run(
@@ -459,6 +483,7 @@ class TrainingService:
             "heldout_fraction": request.heldout_fraction,
             "continue_from_active": request.continue_from_active,
             "votes": selection.to_dict(),
+            "sft": request.sft(),
             "parent_version": parent.name,
             "num_train_pairs": counts["train"],
             "num_heldout_pairs": counts["heldout"],
@@ -967,6 +992,8 @@ def build_train_config(
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in asdict(request).items() if k in names}
     values.update({k: v for k, v in model_settings.items() if k in names})
+    if any(request.sft().values()):  # the SFT stage: as many epochs as DPO's
+        values["sft_epochs"] = request.epochs
     return TrainConfig(**values, init_adapter=init_adapter).to_dict()
 
 
@@ -976,3 +1003,18 @@ def _tail(path: Path, lines: int = 8) -> str:
     except OSError:
         return ""
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def sft_problem(s: Session, request: TrainRequest, selection: VoteSelection) -> str | None:
+    """Why the SFT stage the request asks for has nothing to train on (None: it has, or
+    there is no SFT stage); `selection`: the run's choice of votes and rounds."""
+    if not any(request.sft().values()):
+        return None
+    min_heldout = config_default("min_heldout_pairs")
+    pairs = training_rows(s, request.loss_type, request.heldout_fraction, min_heldout, selection)
+    if sft_examples(s, pairs, **request.sft()):
+        return None
+    return (
+        "SFT on rewrites is on, but no training pair has a rewrite yet: write a better answer "
+        "in the Label tab (or turn on SFT on chosen answers too), or turn SFT on rewrites off."
+    )

@@ -38,7 +38,7 @@ BAR_STYLE = "width: 100%; height: 1.25rem"
 KL = "eval/kl"
 # Curves: plot title -> the TRL metric names it shows.
 PLOTS = {
-    "Loss": ("loss", "eval/loss"),
+    "Loss": ("loss", "eval/loss", "sft/loss"),  # sft/loss: the SFT stage's steps, before DPO's
     "Rewards": ("rewards/margins", "rewards/chosen", "rewards/rejected"),
     "Reward accuracy": ("rewards/accuracies", "eval/rewards/accuracies"),
     "KL to base": (KL,),  # held-out, nats per sampled answer
@@ -252,9 +252,10 @@ def kl_note(status: RunStatus) -> str | None:
     run = f"**KL to base**: run #{status.run_id}"
     if status.heldout_pairs == 0:
         return (
-            f"{run} has no held-out pairs, so there is no KL readout (nor held-out loss or "
-            "accuracy). Raise the held-out fraction, label pairs on more prompts, or import "
-            "held-out pairs (`python -m storage import-pairs FILE --split heldout`)."
+            f"{run} has no held-out pairs and no prompts to read KL on, so there is no KL "
+            "readout (nor held-out loss or accuracy). Import a few prompts that are not "
+            "labeled (Data tab), raise the held-out fraction, label pairs on more prompts, or "
+            "import held-out pairs (`python -m storage import-pairs FILE --split heldout`)."
         )
     if status.kl_prompts == 0:
         return f"{run} has the KL readout turned off (kl_prompts = 0)."

@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import adapters_dir
 from app.train.kto import training_rows
 from app.train.pairs import StoredPairs
+from app.train.run_inputs import kl_readout_prompts, sft_examples
 from common.cli import setup_logging
 from dpo_core import distributed
 from storage import runs
@@ -133,6 +134,8 @@ class Job:
     config: dict[str, Any]  # the run's saved config
     pairs: StoredPairs
     out_dir: Path
+    kl_prompts: list[str] = field(default_factory=list)  # the KL readout's (run_inputs)
+    sft_examples: list[dict[str, Any]] = field(default_factory=list)  # the SFT stage's
 
 
 def run_job(
@@ -179,6 +182,24 @@ def train_and_register(
     device: str | None = None,
 ) -> str:
     """Train on the stored pairs; register and activate the new version. Returns the outcome."""
+    job = distributed.current().broadcast(read_job(sm, run_id, config, data_dir))
+    result = train_job(job, device, RunCallbacks(sm, run_id))
+    if result.cancelled or result.adapter_dir is None:
+        return "cancelled"
+    try:
+        with sm.begin() as s:
+            name = runs.finish_run(s, run_id, adapter_path=str(result.adapter_dir.resolve())).name
+    except RunStateError:  # cancelled while the adapter was being saved
+        _discard(result.adapter_dir)
+        return "cancelled"
+    return f"succeeded: {name} at {result.adapter_dir}"
+
+
+def read_job(sm: sessionmaker[Session], run_id: int, config: dict[str, Any], data_dir: Path) -> Job:
+    """What the run trains on, read once: its pairs, the prompts its KL readout samples (with
+    too few held-out pairs, queue prompts never labeled too), its SFT examples (when the run
+    has an SFT stage); the planned number of steps is stored for the progress bar."""
+    from dpo_core import sft
     from dpo_core.config import TrainConfig
     from dpo_core.trainer import planned_steps
 
@@ -191,24 +212,23 @@ def train_and_register(
             train_config.min_heldout_pairs,
             VoteSelection.from_dict(config.get("votes")),  # which votes train, as the run chose
         )
+        kl_prompts = kl_readout_prompts(s, pairs, train_config.min_heldout_pairs)
+        examples = sft_examples(s, pairs, **config.get("sft", {}))
+    examples = examples if train_config.sft_epochs else []
     logger.info(
-        "run %d: %d training pairs, %d held out", run_id, len(pairs.train), len(pairs.heldout)
+        "run %d: %d training pairs, %d held out, KL read on %d prompts, %d SFT examples",
+        run_id,
+        len(pairs.train),
+        len(pairs.heldout),
+        len(kl_prompts),
+        len(examples),
     )
     with sm.begin() as s:  # the planned length, for the progress bar until the first step
         planned = planned_steps(len(pairs.train), train_config)
+        planned += sft.planned_steps(len(examples), train_config)
         runs.append_metrics(s, run_id, 0, {"total_steps": planned})
     out_dir = adapter_dir(sm, adapters_dir(data_dir), config["base_model"], run_id)
-    job = distributed.current().broadcast(Job(config, pairs, out_dir))
-    result = train_job(job, device, RunCallbacks(sm, run_id))
-    if result.cancelled or result.adapter_dir is None:
-        return "cancelled"
-    try:
-        with sm.begin() as s:
-            name = runs.finish_run(s, run_id, adapter_path=str(result.adapter_dir.resolve())).name
-    except RunStateError:  # cancelled while the adapter was being saved
-        _discard(result.adapter_dir)
-        return "cancelled"
-    return f"succeeded: {name} at {result.adapter_dir}"
+    return Job(config, pairs, out_dir, kl_prompts, examples)
 
 
 def train_job(job: Job, device: str | None, callbacks: RunCallbacks | None = None) -> Any:
@@ -230,7 +250,8 @@ def train_job(job: Job, device: str | None, callbacks: RunCallbacks | None = Non
         train_config,
         job.out_dir,
         heldout=job.pairs.heldout,  # the app's split; empty: no evaluation (must not re-split)
-        kl_prompts=job.pairs.readout_prompts,
+        kl_prompts=job.kl_prompts,
+        sft_examples=job.sft_examples or None,
         on_step=callbacks.on_step if callbacks else None,
         should_stop=callbacks.should_stop if callbacks else None,
     )
