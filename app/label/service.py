@@ -19,7 +19,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -211,16 +211,12 @@ class LabelService:
                 prompt = repo.add_prompt(s, typed, source="typed")
             else:
                 uncertain_for = self.scorer.queue_version(s)
-                prompt = repo.next_prompt(
-                    s, annotator.strip(), exclude=skipped, uncertain_for=uncertain_for
+                prompt = first_in_queue(
+                    lambda passed: repo.next_prompt(
+                        s, annotator.strip(), exclude=passed, uncertain_for=uncertain_for
+                    ),
+                    skipped,
                 )
-                if prompt is None and skipped:
-                    prompt = repo.next_prompt(s, annotator.strip(), uncertain_for=uncertain_for)
-                if prompt is None:
-                    raise ValueError(
-                        "The prompt queue is empty: type a prompt, or import some with "
-                        "`python -m storage import-prompts FILE`."
-                    )
             return prompt.id, prompt.text
 
     def generate_pair(
@@ -558,3 +554,22 @@ def open_label_service(
     )
     service.import_default_prompts()
     return service
+
+
+EMPTY_QUEUE = (
+    "The prompt queue is empty: type a prompt, or import some with "
+    "`python -m storage import-prompts FILE`."
+)
+
+
+def first_in_queue(
+    pick: Callable[[Collection[int]], Prompt | None], skipped: Collection[int]
+) -> Prompt:
+    """The queue's next prompt by `pick` (given the prompt ids to pass over), passing over the
+    skipped ones unless every prompt left was skipped; ValueError when the queue is empty."""
+    prompt = pick(skipped)
+    if prompt is None and skipped:
+        prompt = pick(())
+    if prompt is None:
+        raise ValueError(EMPTY_QUEUE)
+    return prompt

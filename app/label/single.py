@@ -24,6 +24,7 @@ from app.label.service import (
     LabelSettings,
     PairAnswer,
     _answer,
+    first_in_queue,
 )
 from app.serving.service import Waiting
 from dpo_core.generation import AnswerSpec, GenerationUpdate
@@ -86,14 +87,10 @@ class SingleAnswers:
         if typed is not None or prompt_id is not None:
             return self.label.pick_prompt(annotator, typed, skipped, prompt_id)
         with transaction(self.label.sm, "The prompt") as s:
-            prompt = verdicts.next_verdict_prompt(s, annotator, exclude=skipped)
-            if prompt is None and skipped:
-                prompt = verdicts.next_verdict_prompt(s, annotator)
-            if prompt is None:
-                raise ValueError(
-                    "The prompt queue is empty: type a prompt, or import some with "
-                    "`python -m storage import-prompts FILE`."
-                )
+            prompt = first_in_queue(
+                lambda passed: verdicts.next_verdict_prompt(s, annotator, exclude=passed),
+                skipped,
+            )
             return prompt.id, prompt.text
 
     def generate(
