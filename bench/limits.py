@@ -12,8 +12,11 @@ hit every size alike; each table's baseline is its first size, in the same run.
   `--max-rows` should sit where it stops growing.
 - prompt tokens: one answer of one token to a prompt of about N tokens: the prefill (chunked as
   the engine chunks it) plus one step. The largest N within `--budget` seconds is the longest
-  prompt one person can send before the others notice (with chunked prefill they slow, they do
-  not stop; bench/concurrency.py --long-prompt shows by how much).
+  prompt one person can send before the others notice.
+- a long prompt beside others (`--long-prompt N`): 8 rows decode 400-token answers; after 6 s
+  one more request sends an N-token prompt. The others' generated tokens/s while it prefills
+  against before it arrived (the baseline, same run): the engine alternates prefill and decode
+  steps by time, so the others should keep about half their pace or more, not stop.
 
 A benchmark, not a test.
 """
@@ -24,6 +27,7 @@ import argparse
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,8 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.concurrency import long_prompt
 from bench.harness import peak_rss_mib
-from dpo_core.engine import EngineLimits, GenerationEngine
-from dpo_core.generation import AnswerGenerator, AnswerSpec, SamplingParams, chat_input_ids
+from dpo_core.engine import EngineLimits, GenerationEngine, Ticket
+from dpo_core.generation import (
+    AnswerGenerator,
+    AnswerSpec,
+    GenerationUpdate,
+    SamplingParams,
+    chat_input_ids,
+)
 from dpo_core.modeling import load_model
 
 SHORT_PROMPT = "Write a short story about a robot who learns to paint."
@@ -77,6 +87,50 @@ def rows_table(engine: GenerationEngine, sizes: list[int], new: int, runs: int) 
         print(f"| {n} | {rate[n]:.1f} | {rate[n] / rate[sizes[0]]:.2f} |")
 
 
+def long_prompt_share(engine: GenerationEngine, tokenizer: object, tokens: int) -> None:
+    """The others' tokens/s before and while a `tokens`-token prompt prefills beside them."""
+    stamps: list[tuple[float, str, int]] = []  # (time, whose, new tokens)
+
+    def watch(ticket: Ticket, whose: str) -> None:
+        seen = 0
+        for event in ticket.updates():
+            if isinstance(event, GenerationUpdate):
+                n = sum(a.token_count for a in event.answers)
+                stamps.append((time.perf_counter(), whose, n - seen))
+                seen = n
+
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=400)
+    tickets = [
+        engine.submit(SHORT_PROMPT, [AnswerSpec(params, seed=2 * i + r) for r in range(2)])
+        for i in range(4)
+    ]
+    threads = [threading.Thread(target=watch, args=(t, "others")) for t in tickets]
+    for t in threads:
+        t.start()
+    time.sleep(6)
+    arrived = time.perf_counter()
+    long = engine.submit(
+        prompt_of(tokenizer, tokens), [AnswerSpec(SamplingParams(max_new_tokens=4))]
+    )
+    threads.append(threading.Thread(target=watch, args=(long, "long")))
+    threads[-1].start()
+    for t in threads:
+        t.join()
+    prefilled = min(t for t, whose, _ in stamps if whose == "long")
+    start = min(t for t, _, _ in stamps) + 1  # after the others' own prefill
+
+    def rate(a: float, b: float) -> float:
+        n = sum(k for t, whose, k in stamps if whose == "others" and a <= t < b)
+        return n / (b - a)
+
+    before, during = rate(start, arrived), rate(arrived, prefilled)
+    took = prefilled - arrived
+    head = f"while a {tokens}-token prompt prefills ({took:.0f} s)"
+    print(f"| others' tokens/s before | {head} | ratio |")
+    print("|---|---|---|")
+    print(f"| {before:.1f} | {during:.1f} | {during / before:.2f} |")
+
+
 def prefill_table(
     engine: GenerationEngine, tokenizer: object, sizes: list[int], runs: int, budget: float
 ) -> None:
@@ -104,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--budget", type=float, default=5.0, help="seconds a prefill may take")
     p.add_argument("--threads", type=int, default=1, help="decoder threads (the app uses 1)")
+    p.add_argument("--long-prompt", type=int, default=7000, help="tokens; 0: skip that table")
     args = p.parse_args(argv)
     lm = load_model(args.model)
     rows = [int(n) for n in args.rows.split(",")]
@@ -115,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         sizes = [int(n) for n in args.tokens.split(",")]
         prefill_table(engine, lm.tokenizer, sizes, args.runs, args.budget)
+        if args.long_prompt:
+            print()
+            long_prompt_share(engine, lm.tokenizer, args.long_prompt)
     finally:
         engine.close()
     print(f"peak RSS {peak_rss_mib(os.getpid()):.0f} MiB")
