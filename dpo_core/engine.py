@@ -9,8 +9,8 @@ Why: decoding is bound by reading the weights, so one step over 16 rows costs fa
 steps over 2 (on a GPU little more than one; on this project's 2-core CPU 16 rows decode ~3.8x
 the tokens/s of 2: bench/limits.py). A background thread runs the steps; a request is admitted
 at the next step. Its prompt is prefilled in chunks between the others' decode steps: while
-anyone decodes, prefill and decode steps take turns by time (`PrefillPacer`), so a long
-prompt slows the others to about half their pace instead of stopping them; alone, it takes
+anyone decodes, prefill and decode steps take turns by time (`PrefillPacer`: prefill gets a
+third), so a long prompt slows the others instead of stopping them; alone, it takes
 `EngineLimits.prefill_chunk` tokens a turn. Its rows then join the running batch, and each row
 leaves as soon as it finishes. Rows of different adapter versions share a batch
 (`FastLlama.batch_lora`). Every row samples with its own seeded generator, so an answer is the
@@ -603,15 +603,18 @@ def _prompt_left(request: _Request) -> int:
 
 class PrefillPacer:
     """How many prompt tokens a loop turn prefills. Nobody decoding: all of `chunk`. Else
-    prefill and decoding take turns by time: a turn prefills only while the time spent
-    prefilling does not exceed the time spent on decode steps (`debt` <= 0), and then about one
-    decode step's worth of tokens (from running averages of the prefill rate and the step
-    time), at least `MIN_CHUNK`. A long prompt thus slows the others' tokens to about half
-    their pace, never to a stop (late in a long prompt a token costs more to prefill: the
-    debt, not the chunk size, keeps the share), and a short prompt still prefills in a turn or
-    two."""
+    prefill and decoding take turns by time: prefill gets at most `SHARE` of the model's time
+    (a turn prefills only while `debt` <= 0: each second of prefill adds (1 - SHARE) / SHARE
+    seconds of debt, each decode step pays its own time back), about one decode step's worth
+    of tokens at a time (from running averages of the prefill rate and the step time), at least
+    `MIN_CHUNK`. So while a long prompt prefills the others keep two thirds of the model's
+    time, never stopping (late in a long prompt a token costs more to prefill: the debt, not
+    the chunk size, keeps the share), and a short prompt still prefills within a few turns.
+    Why a third, not half: with half, bench/limits.py (`--long-prompt`, 2-core CPU under load)
+    measured the others at 0.33-0.66 of their pace before the long prompt arrived."""
 
     MIN_CHUNK = 16
+    SHARE = 1 / 3  # of the model's time, for prefill while others decode
     SMOOTHING = 0.3  # weight of the newest measurement in the running averages
 
     def __init__(self, chunk: int) -> None:
@@ -624,7 +627,7 @@ class PrefillPacer:
         if not decoding:
             self.debt = 0.0
             return self.chunk
-        if self.debt > 0:
+        if self.debt > 1e-9:  # (not 0: rounding of the share)
             return 0  # a decode-only turn
         if self.tokens_per_s is None or self.step_s is None:
             return self.chunk
@@ -633,7 +636,7 @@ class PrefillPacer:
     def prefilled(self, tokens: int, seconds: float, decoding: bool = True) -> None:
         if tokens > 0 and seconds > 0:
             self.tokens_per_s = self._mean(self.tokens_per_s, tokens / seconds)
-            self.debt += seconds if decoding else 0.0
+            self.debt += seconds * (1 - self.SHARE) / self.SHARE if decoding else 0.0
 
     def stepped(self, seconds: float) -> None:
         self.step_s = self._mean(self.step_s, seconds)

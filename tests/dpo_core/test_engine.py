@@ -270,19 +270,22 @@ print("exiting mid-decode")
     assert "exiting mid-decode" in result.stdout
 
 
-def test_the_prefill_pacer_shares_the_model_half_and_half_with_decoding():
+def test_the_prefill_pacer_gives_prefill_a_third_of_the_time_while_others_decode():
     pacer = PrefillPacer(chunk=512)
     assert pacer.budget(decoding=True) == 512  # nothing measured yet
     pacer.prefilled(512, 2.0, decoding=False)  # 256 prompt tokens/s, alone: no debt
     assert pacer.budget(decoding=False) == 512  # nobody decodes: the whole chunk
     pacer.stepped(0.25)
     assert pacer.budget(decoding=True) == 64  # one 0.25 s step's worth
-    pacer.prefilled(64, 0.75)  # slower than expected (late in a long prompt): 0.5 s of debt
-    assert pacer.budget(decoding=True) == 0  # decode-only turns pay it back...
+    pacer.prefilled(64, 0.25)  # 0.25 s of prefill is 0.5 s of debt (a third share), less
+    assert pacer.budget(decoding=True) == 0  # the one step of credit: a decode-only turn
+    pacer.stepped(0.25)
+    assert pacer.budget(decoding=True) == 64  # paid: prefill again
+    pacer.prefilled(64, 0.25)  # no credit this time: two decode-only turns
     pacer.stepped(0.25)
     assert pacer.budget(decoding=True) == 0
     pacer.stepped(0.25)
-    assert pacer.budget(decoding=True) > 0  # ...then prefill again
+    assert pacer.budget(decoding=True) == 64
     for _ in range(30):
         pacer.stepped(0.01)
     assert pacer.budget(decoding=True) == PrefillPacer.MIN_CHUNK  # never less
