@@ -145,7 +145,7 @@ def prepare_prompt(
     if keep <= 0:
         raise ValueError(f"the chat template alone is longer than {max_tokens} tokens")
     limit = (
-        f"this server's limit ({max_tokens:,} prompt tokens, set with --max-prompt-tokens)"
+        f"this server's limit ({max_tokens:,} prompt tokens: --max-prompt-tokens)"
         if server_limit
         else f"the model can read ({max_tokens:,} tokens with room for the answer)"
     )

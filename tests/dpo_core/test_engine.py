@@ -182,7 +182,7 @@ def test_a_prompt_beyond_the_admin_maximum_is_cut_with_a_notice(tiny_lm):
     got = engine.generate("A long prompt about the sea. " * 10, _specs(3))
     assert got.done and got.truncated and got.prompt_tokens <= 40
     assert "only its first" in (got.notice or "")
-    assert "this server's limit (40 prompt tokens, set with --max-prompt-tokens)" in got.notice
+    assert "this server's limit (40 prompt tokens: --max-prompt-tokens)" in got.notice
     engine.close()
 
 
