@@ -161,24 +161,20 @@ def train(
     should_stop: StopCheck | None = None,
     on_eval: EvalHook | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on `pairs` with DPO and save it atomically to `out_dir`.
+    """Train a LoRA adapter on `pairs` (KTO: unpaired rows too) and save it atomically to
+    `out_dir`.
 
     `heldout` pairs are evaluated at evaluation points; without them, `config.heldout_fraction`
-    of the prompts are held out when that leaves `config.min_heldout_pairs`. With enough
-    held-out pairs the guard (`dpo_core.guard`) keeps the best checkpoint within the KL
-    ceiling and may stop early. The KL readout samples `config.kl_prompts` answers from the
-    held-out pairs' prompts in turn, or from `kl_prompts` when given (e.g. every held-out
-    prompt, also those without a pair, or queue prompts never labeled; any that a training pair
-    uses are dropped). With too few held-out pairs (none at all included) the readout still
-    runs on `kl_prompts`, or on the few held-out pairs' prompts, and a KL-only guard
-    (`dpo_core.guard.KLGuard`) keeps the latest checkpoint within the ceiling.
+    of the prompts are held out when that leaves `config.min_heldout_pairs`. The KL readout
+    samples the held-out pairs' prompts, or `kl_prompts` when given (those a training pair uses
+    are dropped). With enough held-out pairs the guard (`dpo_core.guard`) keeps the best
+    checkpoint within the KL ceiling and may stop early; with too few, a KL-only guard reads KL
+    on `kl_prompts` (or the few held-out prompts) and keeps the latest checkpoint within it.
     `TrainResult.stop_reason` says how the run ended, which guard ran on what, or why none did.
 
-    `sft_examples` (`{prompt, completion}` rows) with `config.sft_epochs` > 0 train a
-    supervised stage first (`dpo_core.sft`); DPO's reference is then the SFT'd policy, while
-    the KL readout and the guard measure against the base model as without it. Its steps are
-    numbered first: steps 1..k report `sft/loss`, `sft/learning_rate`, `sft/grad_norm`,
-    `sft/epoch`, and the DPO steps are k+1.. (`total_steps` counts both stages).
+    `sft_examples` (`{prompt, completion}`) with `config.sft_epochs` > 0 train a supervised
+    stage first (`dpo_core.sft`), steps 1..k reporting `sft/...` metrics, DPO's k+1..; DPO's
+    reference is then the SFT'd policy, while the KL readout and the guard measure the base.
 
     `on_step` gets each step's metrics (TRL names plus `step`, `total_steps`, `epoch`, and
     `eval/...` incl. `eval/kl` at evaluation points). `should_stop` is polled between optimiser
