@@ -104,8 +104,47 @@ def answer_versions(session: Session, preference_ids: Iterable[int]) -> dict[int
             .where(Preference.id.in_(ids[start : start + CHUNK]))
         )
         for vote_id, a, b in rows:
-            found[vote_id] = max((v for v in (a, b) if v is not None), default=None)
+            found[vote_id] = newer(a, b)
     return found
+
+
+def newer(a: int | None, b: int | None) -> int | None:
+    """The version a vote on answers of versions `a` and `b` is on: the later registered
+    (None: neither answer is a model's)."""
+    return max((v for v in (a, b) if v is not None), default=None)
+
+
+@dataclass(frozen=True)
+class RoundRule:
+    """What `selection.train_on` does to a pair or answer on a version's answers: keeps it
+    with a weight, or leaves it out (None)."""
+
+    lineage: Lineage
+    train_on: str
+    parent: int | None
+
+    @classmethod
+    def load(cls, session: Session, selection: VoteSelection) -> RoundRule:
+        """ValueError when `parent` or `newest` has no parent version to count from."""
+        lineage = Lineage.load(session)
+        parent = selection.parent_id
+        if selection.train_on != "all" and parent not in lineage.names:
+            what = "none given" if parent is None else f"no version has id {parent}"
+            raise ValueError(
+                f"train on {selection.train_on} needs the version the run continues from ({what})"
+            )
+        return cls(lineage, selection.train_on, parent)
+
+    def weight(self, version_id: int | None) -> float | None:
+        """The weight of a pair on `version_id`'s answers (None: imported), None: left out."""
+        if self.train_on == "parent" and version_id != self.parent:
+            return None
+        if self.train_on == "newest" and self.parent is not None:
+            return DECAY ** self.lineage.generations(version_id, self.parent)
+        return 1.0
+
+    def name(self, version_id: int | None) -> str:
+        return IMPORTED if version_id is None else self.lineage.names[version_id]
 
 
 def select_round(
@@ -113,24 +152,14 @@ def select_round(
 ) -> list[RoundPair]:
     """The pairs `selection.train_on` keeps, in their order, each with its version and weight.
     ValueError when `parent` or `newest` has no parent version to count from."""
-    lineage = Lineage.load(session)
-    parent = selection.parent_id
-    if selection.train_on != "all" and parent not in lineage.names:
-        what = "none given" if parent is None else f"no version has id {parent}"
-        raise ValueError(
-            f"train on {selection.train_on} needs the version the run continues from ({what})"
-        )
+    rule = RoundRule.load(session, selection)
     versions = answer_versions(session, [p.preference_id for p in pairs])
     kept = []
     for pair in pairs:
         version_id = versions.get(pair.preference_id)
-        if selection.train_on == "parent" and version_id != parent:
-            continue
-        weight = 1.0
-        if selection.train_on == "newest" and parent is not None:
-            weight = DECAY ** lineage.generations(version_id, parent)
-        name = IMPORTED if version_id is None else lineage.names[version_id]
-        kept.append(RoundPair(pair, version_id, name, weight))
+        weight = rule.weight(version_id)
+        if weight is not None:
+            kept.append(RoundPair(pair, version_id, rule.name(version_id), weight))
     return kept
 
 

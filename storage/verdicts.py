@@ -22,7 +22,7 @@ The other two choices of `VoteSelection` do: `leave_out` annotators are not read
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from sqlalchemy import Select, case, func, select
@@ -37,7 +37,8 @@ from storage.models import (
     Response,
     now_utc,
 )
-from storage.repo import insert_ignore, preference_pairs
+from storage.repo import PreferencePair, insert_ignore, preference_pairs
+from storage.rounds import RoundRule, answer_versions, newer
 from storage.selection import VoteSelection
 
 SOURCES = ("verdict", "vote")  # where a KTO row comes from
@@ -70,10 +71,15 @@ class KtoRow:
     annotator: str
     model_version: str | None  # None: a rewrite or an imported answer
     source: str  # one of SOURCES
+    # the version whose answers it is on, for rounds (storage/rounds.py): a verdict's answer's,
+    # a vote's (the newer of its two answers', also for its rewrite); None: imported answers
+    round_version_id: int | None = None
+    weight: float = 1.0  # train on newest: 0.5 per generation back from the parent
 
     def trl(self) -> dict[str, Any]:
-        """TRL's unpaired row, as `dpo_core`'s KTO reads it."""
-        return {"prompt": self.prompt, "completion": self.completion, "label": self.label}
+        """TRL's unpaired row, as `dpo_core`'s KTO reads it (with its weight unless 1)."""
+        row = {"prompt": self.prompt, "completion": self.completion, "label": self.label}
+        return row if self.weight == 1.0 else row | {"weight": self.weight}
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class KtoSet:
     ties: int  # tie votes without a rewrite: no row
     empty: int  # answers with no text: no row
     left_out: int  # verdicts and votes not read: left-out annotators, AI judges unless included
+    other_versions: int = 0  # rows train on parent leaves out: on other versions' answers
 
     @property
     def desirable(self) -> int:
@@ -174,19 +181,24 @@ def kto_rows(
 ) -> KtoSet:
     """Every verdict and vote of `split` (None: all) as KTO rows (see the module docstring):
     verdicts first, then votes, each oldest first. `selection`: whose votes are read (its
-    `votes` mode does not apply: each vote counts on its own)."""
+    `votes` mode does not apply: each vote counts on its own), and which rounds' rows train
+    (`train_on`, as for pairs: storage/rounds.py; ValueError without the parent it needs)."""
     selection = selection or VoteSelection()
+    rule = RoundRule.load(session, selection)
     every = VoteSelection("every", selection.leave_out, include_judges=selection.include_judges)
     pairs = preference_pairs(session, split=split, selection=every)
     rows, left_out = _verdict_rows(session, split, selection)
-    rows += _pair_rows(pairs.pairs)
+    on = answer_versions(session, [p.preference_id for p in pairs.pairs])
+    rows += _pair_rows(pairs.pairs, on)
     rows += _both_bad_rows(session, split, selection)
     usable = [row for row in rows if row.completion.strip()]
+    weighted = [(row, rule.weight(row.round_version_id)) for row in usable]
     return KtoSet(
-        rows=usable,
+        rows=[replace(row, weight=w) for row, w in weighted if w is not None],
         ties=pairs.excluded_ties,
         empty=len(rows) - len(usable),
         left_out=left_out + pairs.left_out,  # both-bad votes not read are in pairs.left_out
+        other_versions=sum(w is None for _, w in weighted),
     )
 
 
@@ -201,6 +213,7 @@ def _verdict_rows(
             Prompt.text.label("prompt"),
             Response.text.label("completion"),
             ModelVersion.name.label("version"),
+            Response.model_version_id,
         )
         .join(Prompt, Prompt.id == AnswerVerdict.prompt_id)
         .join(Response, Response.id == AnswerVerdict.response_id)
@@ -213,21 +226,25 @@ def _verdict_rows(
             left_out += 1
             continue
         label = v.verdict == "up"
-        rows.append(KtoRow(v.prompt, v.completion, label, v.annotator, v.version, "verdict"))
+        version_id = v.model_version_id
+        row = KtoRow(v.prompt, v.completion, label, v.annotator, v.version, "verdict", version_id)
+        rows.append(row)
     return rows, left_out
 
 
-def _pair_rows(pairs: list[Any]) -> list[KtoRow]:
+def _pair_rows(pairs: list[PreferencePair], versions: dict[int, int | None]) -> list[KtoRow]:
     """The answers of each vote's pairs (`PreferencePair`s of votes mode `every`), unpaired:
-    each distinct chosen answer desirable, each distinct rejected one undesirable."""
+    each distinct chosen answer desirable, each distinct rejected one undesirable. `versions`:
+    vote id -> the version it is on (`rounds.answer_versions`)."""
     rows: dict[tuple[int, str, bool], KtoRow] = {}
     for p in pairs:
+        on = versions.get(p.preference_id)
         for text, version, label in (
             (p.chosen, p.chosen_model_version, True),
             (p.rejected, p.rejected_model_version, False),
         ):
-            key = (p.preference_id, text, label)
-            rows.setdefault(key, KtoRow(p.prompt, text, label, p.annotator, version, "vote"))
+            row = KtoRow(p.prompt, text, label, p.annotator, version, "vote", on)
+            rows.setdefault((p.preference_id, text, label), row)
     return list(rows.values())
 
 
@@ -244,6 +261,8 @@ def _both_bad_rows(session: Session, split: str | None, selection: VoteSelection
             ver_a.name.label("a_version"),
             resp_b.text.label("b_text"),
             ver_b.name.label("b_version"),
+            resp_a.model_version_id.label("a_id"),
+            resp_b.model_version_id.label("b_id"),
         )
         .join(Prompt, Prompt.id == Preference.prompt_id)
         .join(resp_a, resp_a.id == Preference.response_a_id)
@@ -254,7 +273,7 @@ def _both_bad_rows(session: Session, split: str | None, selection: VoteSelection
         .order_by(Preference.id)
     )
     return [
-        KtoRow(v.prompt, text, False, v.annotator, version, "vote")
+        KtoRow(v.prompt, text, False, v.annotator, version, "vote", newer(v.a_id, v.b_id))
         for v in session.execute(_in_split(query, split))
         if selection.reads(v.annotator)
         for text, version in ((v.a_text, v.a_version), (v.b_text, v.b_version))

@@ -4,7 +4,9 @@ KTO (dpo_core's `kto` loss) learns from single answers labelled desirable or und
 `kto` run reads `storage.verdicts.kto_rows` instead of preference pairs: thumbs up / down on
 single answers, A/B votes (winner desirable, loser undesirable), both-bad votes (both
 undesirable); ties give nothing. The run's choice of whose votes to read (left-out annotators,
-AI judges) applies; its choice of majority / unanimous does not (each vote counts on its own).
+AI judges) applies, and so does its choice of rounds (train on parent / all / newest, each
+answer on the version of the vote or verdict: storage/rounds.py); its choice of majority /
+unanimous does not (each vote counts on its own).
 
 Rows are held out as pairs are (the same prompts), so a `kto` run has the same evaluation, KL
 readout and guard as a pair run.
@@ -68,8 +70,14 @@ def kto_summary(s: Session, selection: VoteSelection | None = None) -> KtoSet:
     return kto_rows(s, split=None, selection=selection)
 
 
-def no_kto_message(ties: int) -> str:
-    """Why a `kto` run cannot start: no verdict or vote gives a row."""
+def no_kto_message(ties: int, parent: str | None = None) -> str:
+    """Why a `kto` run cannot start: no verdict or vote gives a row (`parent`: none on that
+    version's answers, for a run that trains on its parent's answers only)."""
+    if parent is not None:
+        return (
+            f"No KTO votes on {parent}'s answers yet: judge its answers in the Label tab "
+            "(👍 / 👎, or A/B votes), or choose train on: all."
+        )
     extra = f" ({ties} ties give none)" if ties else ""
     return (
         f'No KTO votes yet{extra}. In the Label tab choose "Answers to judge: 1" and judge '

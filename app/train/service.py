@@ -425,9 +425,9 @@ class TrainingService:
                 counts = pair_counts(s, request.heldout_fraction, selection, request.loss_type)
                 unknown = repo.unknown_annotators(s, selection)
                 if counts["usable"] == 0:
-                    if request.loss_type == KTO:
-                        return StartResult(False, no_kto_message(counts["ties"]))
                     parent_name = parent.name if request.train_on == "parent" else None
+                    if request.loss_type == KTO:
+                        return StartResult(False, no_kto_message(counts["ties"], parent_name))
                     return StartResult(False, no_pairs_message(counts, parent_name))
                 if problem := sft_problem(s, request, selection):
                     return StartResult(False, problem)

@@ -143,3 +143,20 @@ def test_a_kto_run_without_kto_votes_is_refused(
     assert result.message.startswith("No KTO votes yet (1 ties give none). In the Label tab")
     with db.begin() as s:
         assert runs.list_runs(s) == []
+
+
+@needs_kto
+def test_a_kto_run_on_its_parents_answers_only_is_refused_when_none_are(
+    service: TrainingService,
+    db: sessionmaker[Session],  # noqa: F811
+):
+    """Train on parent applies to KTO rows: a verdict on an imported answer is on no
+    version's answers, so a run continuing from the base on the base's answers has none."""
+    with db.begin() as s:
+        prompt = add_prompt(s, "Name a planet.")
+        answer = record_response(s, prompt_id=prompt.id, model_version_id=None, text="Mars.")
+        record_verdict(s, response_id=answer.id, verdict="up", annotator="ann")
+    result = service.start(TrainRequest(loss_type="kto", train_on="parent"))
+    assert not result.ok
+    assert result.message.startswith("No KTO votes on base's answers yet")
+    assert service.start(TrainRequest(loss_type="kto", train_on="all")).ok

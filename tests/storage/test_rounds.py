@@ -25,6 +25,7 @@ from storage.rounds import (
 )
 from storage.runs import ensure_base_version, register_adapter_version
 from storage.selection import VoteSelection
+from storage.verdicts import kto_rows, record_verdict
 
 
 @dataclass(frozen=True)
@@ -219,3 +220,36 @@ def test_export_of_a_round_that_cannot_be_is_refused_with_a_clear_message(
     assert main(["export", str(out), "--db", db_url, *args]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_kto_rows_follow_the_rounds_choice_verdicts_on_their_answers_version(session: Session):
+    """A KTO run's rows are on the version of their vote (its rewrite too) or verdict:
+    train on parent keeps that version's, newest weighs them, all keeps every row at 1."""
+    f = labeled(session)
+    prompt_id = add_prompt(session, "judged").id
+    for version, verdict in ((f.v1, "up"), (f.v2, "down")):
+        answer = record_response(
+            session, prompt_id=prompt_id, model_version_id=version, text=f"by {version}"
+        ).id
+        record_verdict(session, response_id=answer, verdict=verdict, annotator="ann")
+
+    def rows(**selection: object) -> list[tuple[str, bool, float]]:
+        found = kto_rows(session, selection=VoteSelection(**selection))  # type: ignore[arg-type]
+        return [(r.completion, r.label, r.weight) for r in found.rows]
+
+    on_v2 = rows(train_on="parent", parent_id=f.v2)
+    assert {text.split(" ")[-1] for text, _, _ in on_v2 if text.startswith("by")} == {str(f.v2)}
+    assert ("Better.", True, 1.0) in on_v2  # the rewrite of a vote on v2's answers
+    assert not any(text.startswith(("on v1", "on base", "imported")) for text, _, _ in on_v2)
+    assert kto_rows(
+        session, selection=VoteSelection(train_on="parent", parent_id=f.v2)
+    ).other_versions
+    newest = {(t, label): w for t, label, w in rows(train_on="newest", parent_id=f.v2)}
+    assert newest[(f"by {f.v1}", True)] == 0.5 and newest[(f"by {f.v2}", False)] == 1.0
+    assert newest[("on base 0", True)] == 0.25 and newest[("imported 0", True)] == 0.25
+    every = rows()
+    assert len(every) == len(newest) and {w for _, _, w in every} == {1.0}
+    weighted = kto_rows(session, selection=VoteSelection(train_on="newest", parent_id=f.v2))
+    assert {row.trl().get("weight") for row in weighted.rows} == {None, 0.5, 0.25}
+    with pytest.raises(ValueError, match="needs the version the run continues from"):
+        rows(train_on="parent")
