@@ -361,6 +361,21 @@ def label_round(
     return screens
 
 
+def sibling_screens(bench: Bench, arm: Arm, round_no: int) -> list[Screen] | None:
+    """Round 2's verdicts as another MODE of the same schedule labelled them, if one has: they
+    are on the answers of round 1's version, which every MODE shares, sampled with the same
+    seeds, so they are the same screens (only what each MODE trains on differs)."""
+    if round_no != 2 or arm.cond.kind != "rounds":
+        return None
+    for mode in MODES:
+        sibling = Arm(dataclasses.replace(arm.cond, mode=mode), arm.rule, arm.seed)
+        folder = sibling.folder(bench.out, round_no)
+        if mode != arm.cond.mode and (folder / "record.json").exists():
+            logger.info("%s round %d: the screens of %s", arm.name, round_no, sibling.name)
+            return [Screen(**row) for row in ds.read_jsonl(folder / "screens.jsonl")]
+    return None
+
+
 def spent(screens: list[Screen], cond: Condition) -> bool:
     """Whether the round's labels are spent: another verdict would overdraw them."""
     return cond.per_round - labels_of(screens, cond) < cond.labels_per_screen
@@ -452,9 +467,11 @@ def run_round(bench: Bench, arm: Arm, round_no: int, state: Lineage, folder: Pat
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     t0 = time.perf_counter()
-    with version(bench.lm, state.adapter) as model:
-        prompts = round_prompts(bench, arm, round_no, state, model)
-        new = label_round(bench, model, arm, round_no, prompts)
+    new = sibling_screens(bench, arm, round_no)
+    if new is None:
+        with version(bench.lm, state.adapter) as model:
+            prompts = round_prompts(bench, arm, round_no, state, model)
+            new = label_round(bench, model, arm, round_no, prompts)
     rows = training_rows(arm, [*state.screens, *new], round_no)
     logger.info(
         "%s round %d: %d screens, %d labels, training on %d rows",
