@@ -85,7 +85,9 @@ def test_generate_then_vote_stores_responses_and_the_preference(client, sm):
                 0.95,
                 shown["seed"],
             )
-            assert row.num_tokens == shown["num_tokens"] > 0
+            assert row.num_tokens == shown["num_tokens"]
+            # the tiny random model (a few dozen tokens) may end an answer at once: 0 tokens
+            assert row.num_tokens > 0 or row.text == ""
             assert row.max_new_tokens == 256 and row.latency_s > 0
             assert s.get(ModelVersion, row.model_version_id).name == "base"
     result = client.predict(*_ids(pair), "b", "alice", "", 4.5, api_name="/vote")

@@ -54,7 +54,8 @@ def test_one_answer_is_stored_then_judged_once_and_the_queue_moves_on(label: Lab
             answer.seed,
             answer.temperature,
         )
-        assert row.prompt_id == last.prompt_id and row.num_tokens == answer.num_tokens > 0
+        assert row.prompt_id == last.prompt_id and row.num_tokens == answer.num_tokens
+        assert row.num_tokens > 0 or row.text == ""  # the tiny random model may stop at once
     result = single.verdict("ann", answer.response_id, "up", seconds_spent=1.5)
     again = single.verdict("ann", answer.response_id, "down")  # a double click, a retry
     assert result.new and not again.new and again.verdict_id == result.verdict_id
