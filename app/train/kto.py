@@ -48,6 +48,7 @@ def stored_kto(
         empty=train_set.empty + heldout_set.empty,
         undecided=0,
         left_out=train_set.left_out + heldout_set.left_out,
+        other_versions=train_set.other_versions + heldout_set.other_versions,
         readout_prompts=list(dict.fromkeys([*(r["prompt"] for r in heldout), *split_prompts])),
     )
 
