@@ -62,6 +62,7 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "loop"
 KINDS = ("rounds", "kto", "rank4", "uncertain", "sft")
 MODES = ("parent", "all", "newest")
+SAME_ROUND1 = ("kto", "sft")  # round 1 shows what `rounds` round 1 shows (sibling_screens)
 MAX_PASSES = 8  # a round shows each of its prompts at most this many times (16 answers)
 RANKED = 4  # answers in a ranking
 RANKING_LABELS = 3  # a ranking of 4 costs the annotator time of 3 pair labels (see docs/loop.md)
@@ -362,18 +363,27 @@ def label_round(
 
 
 def sibling_screens(bench: Bench, arm: Arm, round_no: int) -> list[Screen] | None:
-    """Round 2's verdicts as another MODE of the same schedule labelled them, if one has: they
-    are on the answers of round 1's version, which every MODE shares, sampled with the same
-    seeds, so they are the same screens (only what each MODE trains on differs)."""
-    if round_no != 2 or arm.cond.kind != "rounds":
-        return None
-    for mode in MODES:
-        sibling = Arm(dataclasses.replace(arm.cond, mode=mode), arm.rule, arm.seed)
+    """The round's verdicts as a sibling arm labelled them, if one has: the same version's
+    answers to the same prompts, sampled with the same seeds, so the same screens (only what
+    each arm trains on differs). Round 2 of another MODE of `rounds`; round 1 of `rounds` for
+    `kto` and `sft` (two answers to the same share of prompts, on the base model)."""
+    for sibling in siblings(arm, round_no):
         folder = sibling.folder(bench.out, round_no)
-        if mode != arm.cond.mode and (folder / "record.json").exists():
+        if (folder / "record.json").exists():
             logger.info("%s round %d: the screens of %s", arm.name, round_no, sibling.name)
             return [Screen(**row) for row in ds.read_jsonl(folder / "screens.jsonl")]
     return None
+
+
+def siblings(arm: Arm, round_no: int) -> list[Arm]:
+    """The arms whose round `round_no` shows what `arm`'s does (see `sibling_screens`)."""
+    cond = arm.cond
+    if round_no == 1 and cond.kind in SAME_ROUND1:
+        return [Arm(dataclasses.replace(cond, kind="rounds"), arm.rule, arm.seed)]
+    if round_no == 2 and cond.kind == "rounds":
+        others = [m for m in MODES if m != cond.mode]
+        return [Arm(dataclasses.replace(cond, mode=m), arm.rule, arm.seed) for m in others]
+    return []
 
 
 def spent(screens: list[Screen], cond: Condition) -> bool:
