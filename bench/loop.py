@@ -19,6 +19,7 @@ Conditions (`KIND:RxN[:MODE]`, N labels in each of R rounds; `KIND:R` splits `--
 - `rounds`: pairs of two fresh answers (one label each); MODE says what a round trains on:
   `parent` (this round's pairs), `all` (all pairs so far), `newest` (all, weight 0.5^age);
 - `kto`: KTO (loss_type "kto") on every verdict, ties too ("both good" / "both bad");
+- `ktobal`: `kto` with the KTO paper's class weights (eq. 8): the rarer class weighs more;
 - `rank4`: 4 answers ranked by the rule, their implied pairs (a ranking costs 3 labels);
 - `uncertain`: the current version's least sure prompts first (`dpo_core.uncertainty`);
 - `sft`: an SFT stage on the chosen answers, then DPO, in each round.
@@ -60,9 +61,10 @@ from dpo_core.modeling import LoadedModel, load_adapter, load_model
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "loop"
-KINDS = ("rounds", "kto", "rank4", "uncertain", "sft")
+KINDS = ("rounds", "kto", "ktobal", "rank4", "uncertain", "sft")
+KTO_KINDS = ("kto", "ktobal")
 MODES = ("parent", "all", "newest")
-SAME_ROUND1 = ("kto", "sft")  # round 1 shows what `rounds` round 1 shows (sibling_screens)
+SAME_ROUND1 = ("kto", "ktobal", "sft")  # round 1 shows `rounds` round 1 (sibling_screens)
 MAX_PASSES = 8  # a round shows each of its prompts at most this many times (16 answers)
 RANKED = 4  # answers in a ranking
 RANKING_LABELS = 3  # a ranking of 4 costs the annotator time of 3 pair labels (see docs/loop.md)
@@ -149,7 +151,7 @@ def default_conditions(budget: int) -> list[Condition]:
 
 def unavailable(cond: Condition) -> str | None:
     """Why dpo_core cannot run `cond` yet (another part of issue 18 adds it), or None."""
-    if cond.kind == "kto" and "kto" not in losses.LOSS_TYPES:
+    if cond.kind in KTO_KINDS and "kto" not in losses.LOSS_TYPES:
         return 'dpo_core.losses has no loss_type "kto" yet'
     if cond.kind == "uncertain" and importlib.util.find_spec("dpo_core.uncertainty") is None:
         return "there is no dpo_core/uncertainty.py yet"
@@ -366,7 +368,7 @@ def sibling_screens(bench: Bench, arm: Arm, round_no: int) -> list[Screen] | Non
     """The round's verdicts as a sibling arm labelled them, if one has: the same version's
     answers to the same prompts, sampled with the same seeds, so the same screens (only what
     each arm trains on differs). Round 2 of another MODE of `rounds`; round 1 of `rounds` for
-    `kto` and `sft` (two answers to the same share of prompts, on the base model)."""
+    `kto`, `ktobal` and `sft` (two answers to the same share of prompts, on the base model)."""
     for sibling in siblings(arm, round_no):
         folder = sibling.folder(bench.out, round_no)
         if (folder / "record.json").exists():
@@ -427,7 +429,7 @@ def training_rows(arm: Arm, screens: list[Screen], round_no: int) -> list[dict[s
     `newest` with the weight 0.5^age), as pairs or, for `kto`, as unpaired rows."""
     mode = arm.cond.mode
     used = [s for s in screens if mode != "parent" or s.round == round_no]
-    if arm.cond.kind == "kto":
+    if arm.cond.kind in KTO_KINDS:
         return [row for s in used for row in s.unpaired()]
     rows = []
     for screen in used:
@@ -435,6 +437,18 @@ def training_rows(arm: Arm, screens: list[Screen], round_no: int) -> list[dict[s
         for pair in screen.pairs(arm.rule):
             rows.append(pair if weight is None else {**pair, "weight": weight})
     return rows
+
+
+def kto_balance(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The KTO paper's class weights (eq. 8, the ratio lambda_D n_D / lambda_U n_U at 1): the
+    rarer class weighs n_more / n_fewer, the other 1."""
+    n_d = sum(bool(r["label"]) for r in rows)
+    n_u = len(rows) - n_d
+    if not n_d or not n_u:
+        return {}
+    if n_u > n_d:
+        return {"kto_desirable_weight": n_u / n_d}
+    return {"kto_undesirable_weight": n_d / n_u}
 
 
 def train_round(
@@ -447,8 +461,10 @@ def train_round(
     settings["init_adapter"] = str(parent) if parent else None
     heldout = bench.heldout_pairs(arm.rule)
     extra: dict[str, Any] = {}
-    if arm.cond.kind == "kto":
+    if arm.cond.kind in KTO_KINDS:
         settings["loss_type"] = "kto"
+    if arm.cond.kind == "ktobal":
+        settings |= kto_balance(rows)
     if arm.cond.kind == "sft":
         settings["sft_epochs"] = TrainConfig().epochs  # as the Train tab: as many as DPO's
         extra["sft_examples"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
