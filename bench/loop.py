@@ -18,8 +18,9 @@ measures (win rate against the base's answers, relevance, fluency, KL per answer
 Conditions (`KIND:RxN[:MODE]`, N labels in each of R rounds; `KIND:R` splits `--budget`):
 - `rounds`: pairs of two fresh answers (one label each); MODE says what a round trains on:
   `parent` (this round's pairs), `all` (all pairs so far), `newest` (all, weight 0.5^age);
-- `kto`: KTO (loss_type "kto") on every verdict, ties too ("both good" / "both bad");
-- `ktobal`: `kto` with the KTO paper's class weights (eq. 8): the rarer class weighs more;
+- `kto`: KTO (loss_type "kto") on every verdict, ties too ("both good" / "both bad"), both
+  class weights 1 (`kto_balance` off);
+- `ktobal`: `kto` with the rarer class weighed up (`kto_balance`, the default since this bench);
 - `rank4`: 4 answers ranked by the rule, their implied pairs (a ranking costs 3 labels);
 - `uncertain`: the current version's least sure prompts first (`dpo_core.uncertainty`);
 - `sft`: an SFT stage on the chosen answers, then DPO, in each round.
@@ -439,18 +440,6 @@ def training_rows(arm: Arm, screens: list[Screen], round_no: int) -> list[dict[s
     return rows
 
 
-def kto_balance(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The KTO paper's class weights (eq. 8, the ratio lambda_D n_D / lambda_U n_U at 1): the
-    rarer class weighs n_more / n_fewer, the other 1."""
-    n_d = sum(bool(r["label"]) for r in rows)
-    n_u = len(rows) - n_d
-    if not n_d or not n_u:
-        return {}
-    if n_u > n_d:
-        return {"kto_desirable_weight": n_u / n_d}
-    return {"kto_undesirable_weight": n_d / n_u}
-
-
 def train_round(
     bench: Bench, arm: Arm, rows: list[dict[str, Any]], parent: Path | None, out_dir: Path
 ) -> tuple[Path | None, dict[str, Any]]:
@@ -463,8 +452,7 @@ def train_round(
     extra: dict[str, Any] = {}
     if arm.cond.kind in KTO_KINDS:
         settings["loss_type"] = "kto"
-    if arm.cond.kind == "ktobal":
-        settings |= kto_balance(rows)
+        settings["kto_balance"] = arm.cond.kind == "ktobal"  # kto: the weights as given (1, 1)
     if arm.cond.kind == "sft":
         settings["sft_epochs"] = TrainConfig().epochs  # as the Train tab: as many as DPO's
         extra["sft_examples"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]

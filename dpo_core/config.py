@@ -56,6 +56,12 @@ class TrainConfig:
     kto_undesirable_weight: float = _f(
         1.0, "KTO: loss scale of undesirable answers (lambda_U)", "loss"
     )
+    kto_balance: bool = _f(
+        True,
+        "KTO: weigh the rarer class up so that both classes weigh the same in all "
+        "(lambda_D n_D = lambda_U n_U, KTO paper eq. 8); off: the two weights as given",
+        "loss",
+    )
     # optimisation
     epochs: int = _f(3, "passes over the training pairs", "optim")
     batch_size: int = _f(4, "pairs per forward pass", "optim")

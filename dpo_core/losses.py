@@ -298,6 +298,27 @@ def check_kto_weights(desirable_weight: float, undesirable_weight: float) -> Non
             raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
+@dataclass(frozen=True)
+class KTOWeights:
+    desirable: float  # lambda_D
+    undesirable: float  # lambda_U
+
+
+def kto_balanced_weights(
+    n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float
+) -> KTOWeights:
+    """The class weights with the rarer class weighed up so that lambda_D n_D = lambda_U n_U
+    (the low end of the KTO paper's [1, 4/3], eq. 8); the commoner class keeps its weight, so
+    balancing twice changes nothing. One class only, or none: the weights as given."""
+    wd, wu = desirable_weight, undesirable_weight
+    if n_desirable and n_undesirable:
+        if n_desirable < n_undesirable:
+            wd = n_undesirable * undesirable_weight / n_desirable
+        else:
+            wu = n_desirable * desirable_weight / n_undesirable
+    return KTOWeights(wd, wu)
+
+
 def kto_weight_advice(
     n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float
 ) -> str | None:

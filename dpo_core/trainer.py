@@ -37,7 +37,13 @@ from dpo_core.guard import summary as guard_summary
 from dpo_core.heldout import split_pairs
 from dpo_core.kl import kl_from_completions, prompt_ids, sample_from_ids
 from dpo_core.logprobs import completion_logps
-from dpo_core.losses import UNPAIRED_LOSS_TYPES, kto_loss, kto_weight_advice, preference_loss
+from dpo_core.losses import (
+    UNPAIRED_LOSS_TYPES,
+    kto_balanced_weights,
+    kto_loss,
+    kto_weight_advice,
+    preference_loss,
+)
 from dpo_core.modeling import DTYPES, LoadedModel, attach_lora, load_adapter, save_adapter
 from dpo_core.optim import MasterWeights, make_optimizer
 
@@ -195,6 +201,7 @@ def train(
     config = resolved_config(config, lm)
     sft_set = prepare_sft(lm.tokenizer, sft_examples, config)
     train_set, eval_set = prepare_datasets(lm, pairs, heldout, kl_prompts, config)
+    config = kto_class_weights(config, train_set.pairs)
     comm = current()
     torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
     policy = prepare_policy(lm, config, planned_steps(len(train_set.pairs), config))
@@ -544,20 +551,32 @@ def prepare_dataset(
     if not tokenized.pairs:
         reasons = ", ".join(f"{n} {why}" for why, n in tokenized.dropped.items())
         raise ValueError(f"no usable {name} pairs: all {len(pairs)} were dropped ({reasons})")
-    if unpaired and name == "training":
-        warn_kto_balance(tokenized.pairs, config)
     costs = [p.cost(config.share_prompt) for p in tokenized.pairs]
     return Dataset(tokenized.pairs, costs)
 
 
-def warn_kto_balance(examples: list[data.TokenizedPair], config: TrainConfig) -> None:
-    """Log TRL's advice on the KTO class weights when the two classes are unbalanced."""
+def kto_class_weights(config: TrainConfig, examples: list[data.TokenizedPair]) -> TrainConfig:
+    """KTO's class weights as run: with `kto_balance`, the rarer class weighed up
+    (`losses.kto_balanced_weights`), said in the log; without, the weights as given and TRL's
+    advice when the classes are unbalanced. Other losses: the config as it is."""
+    if config.loss_type not in UNPAIRED_LOSS_TYPES:
+        return config
     n_desirable = sum(bool(p.desirable) for p in examples)
     n_undesirable = len(examples) - n_desirable
     wd, wu = config.kto_desirable_weight, config.kto_undesirable_weight
-    advice = kto_weight_advice(n_desirable, n_undesirable, wd, wu)
-    if advice:
-        logger.warning(advice)
+    if not config.kto_balance:
+        advice = kto_weight_advice(n_desirable, n_undesirable, wd, wu)
+        if advice:
+            logger.warning(advice)
+        return config
+    weights = kto_balanced_weights(n_desirable, n_undesirable, wd, wu)
+    logger.info(
+        "KTO: %d desirable and %d undesirable answers, weighed %.3g and %.3g (kto_balance)",
+        *(n_desirable, n_undesirable, weights.desirable, weights.undesirable),
+    )
+    return replace(
+        config, kto_desirable_weight=weights.desirable, kto_undesirable_weight=weights.undesirable
+    )
 
 
 def heldout_dataset(

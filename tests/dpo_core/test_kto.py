@@ -4,6 +4,7 @@ the tiny model, and the CLI's errors for rows in the wrong format."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from common.pair_format import PairError, parse_kto_rows
 from dpo_core import data, trainer
 from dpo_core.__main__ import main
 from dpo_core.config import TrainConfig
-from dpo_core.losses import kto_loss, kto_weight_advice
+from dpo_core.losses import KTOWeights, kto_balanced_weights, kto_loss, kto_weight_advice
 
 # ---- the loss, against TRL's own KTOTrainer._compute_loss ----------------------------------
 
@@ -311,6 +312,38 @@ def test_cli_trains_kto_and_explains_rows_in_the_wrong_format(tiny_model_dir, tm
     assert code == 0, capsys.readouterr().err
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["loss_type"] == "kto" and saved["kto_desirable_weight"] == 1.0
+
+
+def test_balancing_weighs_the_rarer_class_up_and_is_idempotent():
+    assert kto_balanced_weights(36, 234, 1.0, 1.0) == KTOWeights(6.5, 1.0)
+    assert kto_balanced_weights(30, 10, 1.0, 1.0) == KTOWeights(1.0, 3.0)
+    assert kto_balanced_weights(36, 234, 6.5, 1.0) == KTOWeights(6.5, 1.0)  # already balanced
+    assert kto_balanced_weights(20, 10, 1.0, 0.5) == KTOWeights(1.0, 2.0)  # n_D wd = n_U wu
+    assert kto_balanced_weights(0, 10, 1.0, 1.0) == KTOWeights(1.0, 1.0)  # one class: as given
+    assert kto_weight_advice(36, 234, 6.5, 1.0) is None  # within TRL's advice
+
+
+def test_kto_runs_balance_the_classes_by_default_and_say_so(tiny_lm, tmp_path, caplog):
+    """Mostly "both bad" votes: far more undesirable answers than desirable ones. By default
+    the run weighs the desirable ones up (docs/loop.md: unbalanced, the answers fell apart);
+    with kto_balance off it keeps the weights and logs TRL's advice."""
+    rows = votes() + [
+        {"prompt": f"Tell me about {t}.", "completion": f"{t}? Hmm.", "label": False}
+        for t in TOPICS
+    ]  # 8 desirable, 16 undesirable
+    config = kto_config(epochs=1, kl_prompts=0, early_stopping=False)
+    with caplog.at_level(logging.INFO, logger="dpo_core.trainer"):
+        result = trainer.train(tiny_lm, rows, config, tmp_path / "v1", heldout=votes(TOPICS[:2]))
+    assert (result.config.kto_desirable_weight, result.config.kto_undesirable_weight) == (2, 1)
+    saved = json.loads((tmp_path / "v1" / "train_config.json").read_text())
+    assert saved["kto_desirable_weight"] == 2.0 and saved["kto_balance"] is True
+    assert "8 desirable and 16 undesirable answers, weighed 2 and 1 (kto_balance)" in caplog.text
+    caplog.clear()
+    off = kto_config(epochs=1, kl_prompts=0, early_stopping=False, kto_balance=False)
+    with caplog.at_level(logging.INFO, logger="dpo_core.trainer"):
+        result = trainer.train(tiny_lm, rows, off, tmp_path / "v2", heldout=votes(TOPICS[:2]))
+    assert (result.config.kto_desirable_weight, result.config.kto_undesirable_weight) == (1, 1)
+    assert "set EITHER kto_desirable_weight in [2.0, 2.66]" in caplog.text
 
 
 def test_unbalanced_classes_get_trls_advice_on_the_weights():
