@@ -27,10 +27,12 @@ from app.train.service import (
     StartResult,
     TrainingService,
     TrainRequest,
+    config_default,
     format_duration,
     next_round_text,
 )
 from dpo_core.guard import few_pairs_warning
+from dpo_core.losses import kto_balanced_weights
 from storage.selection import DEFAULT_TRAIN_ON, VoteSelection
 
 POLL_S = 1.0
@@ -195,11 +197,18 @@ def summary_markdown(info: dict[str, Any]) -> str:
 
 
 def kto_line(rows: int, desirable: int) -> str:
-    """How many KTO votes there are: what the loss type `kto` trains on (app/train/kto.py)."""
-    return (
+    """How many KTO votes there are: what the loss type `kto` trains on (app/train/kto.py),
+    and how much the rarer kind weighs in the loss (dpo_core's `kto_balance`)."""
+    line = (
         f"**{rows}** KTO rows ({desirable} 👍, {rows - desirable} 👎: single-answer verdicts, "
         "A/B and both-bad votes), what loss type `kto` trains on."
     )
+    weights = kto_balanced_weights(desirable, rows - desirable, 1.0, 1.0)
+    up = weights.desirable > 1
+    weight, rarer = (weights.desirable, "👍") if up else (weights.undesirable, "👎")
+    if config_default("kto_balance") and weight > 1:
+        line += f" Each {rarer} weighs {weight:.3g}x in the loss, so both kinds count the same."
+    return line
 
 
 def train_on_text(info: dict[str, Any]) -> str:

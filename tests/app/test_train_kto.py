@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.train.kto import training_rows
 from app.train.service import TrainingService, TrainRequest
-from app.train.tab import summary_markdown
+from app.train.tab import kto_line, summary_markdown
 from dpo_core.losses import LOSS_TYPES
 from storage import runs
 from storage.repo import add_prompt, record_response
@@ -82,6 +82,9 @@ def test_the_count_line_says_how_many_kto_votes_there_are(
     assert (summary["kto_rows"], summary["kto_desirable"], summary["usable_pairs"]) == (6, 3, 1)
     text = summary_markdown(summary)
     assert "**6** KTO rows (3 👍, 3 👎: single-answer verdicts, A/B and both-bad votes)" in text
+    assert "weighs" not in text  # balanced: nothing to weigh up
+    assert "Each 👍 weighs 6.5x in the loss, so both kinds count the same." in kto_line(270, 36)
+    assert "Each 👎 weighs 3x in the loss" in kto_line(40, 30)
 
 
 def test_a_kto_run_reads_kto_rows_and_any_other_loss_reads_pairs(
