@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Select, case, func, select
+from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
@@ -30,6 +30,7 @@ from storage.models import (
     text_hash,
 )
 from storage.selection import VoteSelection, agreed_outcome
+from storage.vote_rows import VotedAnswer, VoteRow, vote_rows
 
 CHUNK = 500  # values per IN (...): well under SQLite's limit on bound parameters
 
@@ -413,9 +414,9 @@ def preference_pairs(
     better answer: then it is chosen against each of the two.
     """
     selection = selection or VoteSelection()
-    read: list[Any] = []
+    read: list[VoteRow] = []
     left_out = 0
-    for vote in session.execute(_votes_query(split)):
+    for vote in vote_rows(session, split):
         if selection.reads(vote.annotator):
             read.append(vote)
         else:
@@ -427,7 +428,7 @@ def preference_pairs(
     return replace(pair_set, left_out=left_out)
 
 
-def _pairs_of_votes(votes: Sequence[Any]) -> PairSet:
+def _pairs_of_votes(votes: Sequence[VoteRow]) -> PairSet:
     """Each vote its own pairs (`every`); ties and both-bad votes without a rewrite counted."""
     pairs: list[PreferencePair] = []
     ties = both_bad = 0
@@ -440,11 +441,11 @@ def _pairs_of_votes(votes: Sequence[Any]) -> PairSet:
     return PairSet(pairs, excluded_ties=ties, excluded_both_bad=both_bad)
 
 
-def _pairs_by_agreement(votes: Sequence[Any], mode: str) -> PairSet:
+def _pairs_by_agreement(votes: Sequence[VoteRow], mode: str) -> PairSet:
     """`majority`/`unanimous`: per pair of answers, the votes of the agreed outcome train
     (identical pairs once, credited to every annotator who gave them); answer pairs with no
     agreement, or an agreed tie / both-bad with no rewrite, are counted."""
-    units: dict[tuple[int, int], list[Any]] = {}
+    units: dict[tuple[int, int], list[VoteRow]] = {}
     for vote in votes:
         units.setdefault((vote.response_a_id, vote.response_b_id), []).append(vote)
     found: dict[tuple[str, str, str], list[PreferencePair]] = {}
@@ -466,12 +467,11 @@ def _pairs_by_agreement(votes: Sequence[Any], mode: str) -> PairSet:
     return PairSet(pairs, excluded_ties=ties, excluded_both_bad=both_bad, undecided=undecided)
 
 
-def _vote_pairs(vote: Any) -> list[PreferencePair]:
-    """The pairs one vote (a `_votes_query` row) gives, on its own."""
-    a = _Answer(vote.a_text, vote.a_version)
-    b = _Answer(vote.b_text, vote.b_version)
+def _vote_pairs(vote: VoteRow) -> list[PreferencePair]:
+    """The pairs one vote gives, on its own."""
+    a, b = vote.a, vote.b
     winner, loser = (b, a) if vote.choice == "b" else (a, b)
-    rewrite = _Answer(vote.rewrite, None) if vote.rewrite else None
+    rewrite = VotedAnswer(vote.rewrite, None) if vote.rewrite else None
     if vote.choice in ("a", "b"):
         chosen, losers = rewrite or winner, [loser]
     elif rewrite:
@@ -503,41 +503,6 @@ def unknown_annotators(session: Session, selection: VoteSelection) -> list[str]:
     leaving them out changes nothing, so callers say so and go on."""
     known = set(vote_annotators(session))
     return [name for name in selection.leave_out if name not in known]
-
-
-class _Answer(NamedTuple):
-    text: str
-    version: str | None  # the model version's name; None: a rewrite or an imported answer
-
-
-def _votes_query(split: str | None) -> Select:
-    """One row per vote, columns named: id, response_a_id, response_b_id, prompt, choice,
-    rewrite, annotator, a_text, a_version, b_text, b_version (a version is a model version's
-    name, None when none)."""
-    resp_a, resp_b = aliased(Response), aliased(Response)
-    ver_a, ver_b = aliased(ModelVersion), aliased(ModelVersion)
-    query = (
-        select(
-            Preference.id,
-            Preference.response_a_id,
-            Preference.response_b_id,
-            Prompt.text.label("prompt"),
-            Preference.choice,
-            Preference.rewrite,
-            Preference.annotator,
-            resp_a.text.label("a_text"),
-            ver_a.name.label("a_version"),
-            resp_b.text.label("b_text"),
-            ver_b.name.label("b_version"),
-        )
-        .join(Prompt, Prompt.id == Preference.prompt_id)
-        .join(resp_a, resp_a.id == Preference.response_a_id)
-        .join(resp_b, resp_b.id == Preference.response_b_id)
-        .outerjoin(ver_a, ver_a.id == resp_a.model_version_id)
-        .outerjoin(ver_b, ver_b.id == resp_b.model_version_id)
-        .order_by(Preference.id)
-    )
-    return query if split is None else query.where(Prompt.split == split)
 
 
 def _usable_pairs() -> ColumnElement[int]:

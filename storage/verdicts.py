@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from sqlalchemy import Select, case, func, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from storage.models import (
     VERDICTS,
@@ -40,6 +40,7 @@ from storage.models import (
 from storage.repo import PreferencePair, insert_ignore, preference_pairs
 from storage.rounds import RoundRule, answer_versions, newer
 from storage.selection import VoteSelection
+from storage.vote_rows import vote_rows
 
 SOURCES = ("verdict", "vote")  # where a KTO row comes from
 
@@ -251,32 +252,20 @@ def _pair_rows(pairs: list[PreferencePair], versions: dict[int, int | None]) -> 
 def _both_bad_rows(session: Session, split: str | None, selection: VoteSelection) -> list[KtoRow]:
     """Both answers of each both-bad vote without a rewrite that `selection` reads,
     undesirable (a vote with a rewrite gave its rows through its pairs)."""
-    resp_a, resp_b = aliased(Response), aliased(Response)
-    ver_a, ver_b = aliased(ModelVersion), aliased(ModelVersion)
-    query = (
-        select(
-            Preference.annotator,
-            Prompt.text.label("prompt"),
-            resp_a.text.label("a_text"),
-            ver_a.name.label("a_version"),
-            resp_b.text.label("b_text"),
-            ver_b.name.label("b_version"),
-            resp_a.model_version_id.label("a_id"),
-            resp_b.model_version_id.label("b_id"),
-        )
-        .join(Prompt, Prompt.id == Preference.prompt_id)
-        .join(resp_a, resp_a.id == Preference.response_a_id)
-        .join(resp_b, resp_b.id == Preference.response_b_id)
-        .outerjoin(ver_a, ver_a.id == resp_a.model_version_id)
-        .outerjoin(ver_b, ver_b.id == resp_b.model_version_id)
-        .where(Preference.choice == "both_bad", Preference.rewrite.is_(None))
-        .order_by(Preference.id)
-    )
+    votes = vote_rows(session, split, Preference.choice == "both_bad", Preference.rewrite.is_(None))
     return [
-        KtoRow(v.prompt, text, False, v.annotator, version, "vote", newer(v.a_id, v.b_id))
-        for v in session.execute(_in_split(query, split))
+        KtoRow(
+            prompt=v.prompt,
+            completion=answer.text,
+            label=False,
+            annotator=v.annotator,
+            model_version=answer.version,
+            source="vote",
+            round_version_id=newer(v.a.version_id, v.b.version_id),
+        )
+        for v in votes
         if selection.reads(v.annotator)
-        for text, version in ((v.a_text, v.a_version), (v.b_text, v.b_version))
+        for answer in (v.a, v.b)
     ]
 
 
