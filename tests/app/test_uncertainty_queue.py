@@ -136,12 +136,26 @@ def test_the_least_labeled_come_before_the_least_sure(label):
     assert nxt == min(others, key=lambda p: (others[p].margin, p))
 
 
+def wait_for_first_pass(scorer, deadline_s: float = 120.0) -> None:
+    """Wait for the background scorer's first pass. The deadline is a hang guard, not a timing
+    claim: a pass takes seconds on the tiny model; a thread that died or never woke fails here
+    with a message instead of hanging the suite."""
+    give_up = time.monotonic() + deadline_s
+    while scorer.passes < 1:
+        assert scorer._thread is not None and scorer._thread.is_alive(), (
+            "the background scorer's thread is not running, so its first pass never comes"
+        )
+        assert time.monotonic() < give_up, (
+            f"the background scorer made no pass in {deadline_s:.0f} s after a prompt was picked"
+        )
+        time.sleep(0.05)
+
+
 def test_picking_a_prompt_wakes_the_background_scorer(label):
     uncertain_first(label)
     label.scorer.background = True
     label.pick_prompt("ann", None)
-    while label.scorer.passes < 1:  # the thread's first pass (no time limit: CI may be slow)
-        time.sleep(0.05)
+    wait_for_first_pass(label.scorer)
     assert len(scores(label, "base")) == len(PROMPTS)
     label.scorer.close()
     assert not label.scorer._thread.is_alive()

@@ -253,15 +253,18 @@ import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
 from dpo_core.modeling import load_model
 from dpo_core.engine import EngineLimits, GenerationEngine, ModelLock
-from dpo_core.generation import AnswerGenerator, AnswerSpec, SamplingParams
+from dpo_core.generation import AnswerGenerator, AnswerSpec, GenerationUpdate, SamplingParams
 lm = load_model({str(tiny_model_dir)!r}, dtype="fp32", device="cpu")
 generator = AnswerGenerator(lm, weights="none")
 generator.stop_ids = set()
 engine = GenerationEngine(generator, ModelLock(), EngineLimits())
-engine.submit("Hi", [AnswerSpec(SamplingParams(1.0, 1.0, 2000), 0)])
-import time
-time.sleep(1.0)  # the loop is decoding now
-print("exiting mid-decode")
+# Kept in a variable: a closed stream cancels its request, and the loop must still be busy.
+stream = engine.submit("Hi", [AnswerSpec(SamplingParams(1.0, 1.0, 2000), 0)]).updates()
+for event in stream:  # wait for the first streamed token: the loop is decoding now
+    if isinstance(event, GenerationUpdate) and event.answers[0].token_count > 0:
+        break
+assert not event.done, "the answer finished before the process could exit mid-decode"
+print("exiting mid-decode", event.answers[0].token_count)
 """
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
