@@ -1,6 +1,6 @@
 """The Label tab's ranking mode: 3 or 4 answers to one prompt, ordered best to worst.
 
-The answers take the pair's path through the engine (`LabelService.stream_answers`): the active
+The answers take the pair's path (`LabelService.generate` with k=3 or 4): the active
 version, a random seed each, a random display order (A, B, C, D), and temperatures spread evenly
 between the two Sampling temperatures (0.7, 0.85, 1.0 for three answers with the defaults), so
 they differ by seed and temperature as a pair's do. They are stored once all are complete.
@@ -20,26 +20,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from app.label.service import LabelService, LabelSettings, PairProgress, Progress, check_name
+from app.label.service import (
+    LabelService,
+    LabelSettings,
+    PairProgress,
+    Progress,
+    check_name,
+    check_rank_size,
+)
 from storage.db import transaction
-from storage.rankings import MAX_ANSWERS, MIN_ANSWERS, record_ranking
+from storage.rankings import record_ranking
 
 logger = logging.getLogger(__name__)
 
 RANK_MODES = {"3 (rank)": 3, "4 (rank)": 4}  # the Label tab's "Answers to judge" choices
 LETTERS = "ABCD"
-
-
-def rank_settings(settings: LabelSettings, k: int) -> LabelSettings:
-    """`settings` with k temperatures spread evenly from the first to the last."""
-    if not MIN_ANSWERS <= k <= MAX_ANSWERS:
-        raise ValueError(f"rank {MIN_ANSWERS} or {MAX_ANSWERS} answers, not {k}")
-    low, high = settings.temperatures[0], settings.temperatures[-1]
-    spread = tuple(round(low + (high - low) * i / (k - 1), 4) for i in range(k))
-    return replace(settings, temperatures=spread)
 
 
 @dataclass(frozen=True)
@@ -84,11 +82,13 @@ class RankingService:
         prompt_id: int | None = None,
     ) -> Iterator[PairProgress]:
         """Stream k answers to `typed`, else the annotator's next queue prompt; the last
-        progress is done and stored. ValueError (before anything streams) for a k other than
-        3 or 4, an empty prompt or queue, or bad settings."""
-        params = rank_settings(settings or self.label.settings, int(k)).params()
-        prompt_id, prompt = self.label.pick_prompt(annotator, typed, skipped, prompt_id)
-        return self.label.stream_answers(prompt_id, prompt, params)
+        progress is done and stored; skips and regenerations are noted as a pair's are.
+        ValueError (before anything streams) for a k other than 3 or 4, an empty prompt or
+        queue, or bad settings."""
+        check_rank_size(int(k))
+        return self.label.generate(
+            annotator, int(k), typed=typed, skipped=skipped, settings=settings, prompt_id=prompt_id
+        )
 
     def rank(
         self,

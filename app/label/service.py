@@ -1,10 +1,12 @@
-"""Labeling: pick a prompt, stream two answers from the served version, record them and the vote.
+"""Labeling: pick a prompt, stream k answers from the served version, record them and the vote.
 
-The service owns the rules; the Label tab (`app.label.tab`) and the API endpoints are thin
-wrappers around it. Each answer gets its own temperature and a random seed; which one appears
-as A is random. Both answers are stored (with version, sampling parameters, seed, token count
-and latency) once both are complete; a vote refers to the two stored responses, so recording it
-twice (double click, retry) is one vote.
+The service owns the rules; the Label tab (`app.label.tab`) and the API endpoints
+(`app.label.api`) are thin wrappers around it. One path (`LabelService.generate`) writes k
+answers: one judged alone (`app.label.single` records its verdict), a pair voted on (here), or
+3-4 ranked (`app.label.ranking` records the order). Each answer gets its own temperature and a
+random seed; which one appears as A is random. The answers are stored (with version, sampling
+parameters, seed, token count and latency) once all are complete; a vote refers to the stored
+responses, so recording it twice (double click, retry) is one vote.
 
 Prefetch: once a pair is complete, the annotator's next pair (the next prompt of their queue,
 the active version, the same settings) starts generating at a lower priority than anyone's
@@ -33,11 +35,12 @@ from app.serving.service import ModelService, Waiting
 from dpo_core.engine import PREFETCH, Ticket
 from dpo_core.generation import AnswerSpec, GenerationUpdate, SamplingParams
 from dpo_core.judge import Judge, Suggestion
-from storage import repo, runs
+from storage import repo, runs, verdicts
 from storage.agreement import record_label_event
 from storage.db import transaction
 from storage.models import Prompt
 from storage.overlap import JUDGE_PREFIX
+from storage.rankings import MAX_ANSWERS, MIN_ANSWERS
 from storage.uncertainty import set_queue_order
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,9 @@ SEED_RANGE = 2**31 - 1
 MAX_NAME_CHARS = 200  # storage's annotator column
 MAX_JUDGE_BATCH = 200  # pairs the judge labels per click
 PREFETCH_TTL_S = 600.0  # a next pair nobody asked for within this long is dropped
+ONE, PAIR = 1, 2  # answers per prompt: one judged 👍/👎, a pair voted on; 3-4 are ranked
+# How the status line and storage's messages name k answers.
+ANSWERS_NAMED = {1: "one answer", 2: "two answers", 3: "three answers", 4: "four answers"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,31 @@ class LabelSettings:
     def params(self) -> list[SamplingParams]:
         """Validated SamplingParams for the two answers (ValueError with the field's name)."""
         return [SamplingParams(t, self.top_p, int(self.max_new_tokens)) for t in self.temperatures]
+
+
+def check_rank_size(k: int) -> None:
+    """ValueError unless k answers can be ranked (3 or 4)."""
+    if not MIN_ANSWERS <= k <= MAX_ANSWERS:
+        raise ValueError(f"rank {MIN_ANSWERS} or {MAX_ANSWERS} answers, not {k}")
+
+
+def rank_settings(settings: LabelSettings, k: int) -> LabelSettings:
+    """`settings` with k temperatures spread evenly from the first to the last (a ranking's
+    answers differ by seed and temperature as a pair's do: 0.7, 0.85, 1.0 for three)."""
+    check_rank_size(k)
+    low, high = settings.temperatures[0], settings.temperatures[-1]
+    spread = tuple(round(low + (high - low) * i / (k - 1), 4) for i in range(k))
+    return replace(settings, temperatures=spread)
+
+
+def answer_params(settings: LabelSettings, k: int, rng: random.Random) -> list[SamplingParams]:
+    """Validated sampling for k answers: one of the two temperatures drawn at random for one
+    answer, both for a pair, spread between them for a ranking (ValueError otherwise)."""
+    if k == ONE:
+        return [rng.choice(settings.params())]
+    if k == PAIR:
+        return settings.params()
+    return rank_settings(settings, k).params()
 
 
 @dataclass(frozen=True)
@@ -196,10 +227,13 @@ class LabelService:
         typed: str | None,
         skipped: Collection[int] = (),
         prompt_id: int | None = None,
+        *,
+        k: int = PAIR,
     ) -> tuple[int, str]:
         """(prompt id, text): prompt `prompt_id` (regenerate), else the typed prompt, else the
         next from the queue (prompts this annotator has labeled least first, skipped ones
-        passed over; with the "uncertain-first" order, the least sure of those first)."""
+        passed over; with the "uncertain-first" order, the least sure of those first). For one
+        answer (k=1) the queue counts verdicts as labels too."""
         with transaction(self.sm, "The prompt") as s:
             if prompt_id is not None:
                 prompt = s.get(Prompt, int(prompt_id))
@@ -209,6 +243,11 @@ class LabelService:
                 if not typed.strip():
                     raise ValueError("The prompt is empty: type a question or an instruction.")
                 prompt = repo.add_prompt(s, typed, source="typed")
+            elif k == ONE:
+                prompt = first_in_queue(
+                    lambda passed: verdicts.next_verdict_prompt(s, annotator, exclude=passed),
+                    skipped,
+                )
             else:
                 uncertain_for = self.scorer.queue_version(s)
                 prompt = first_in_queue(
@@ -219,6 +258,35 @@ class LabelService:
                 )
             return prompt.id, prompt.text
 
+    def generate(
+        self,
+        annotator: str,
+        k: int = PAIR,
+        *,
+        typed: str | None = None,
+        skipped: Collection[int] = (),
+        settings: LabelSettings | None = None,
+        prompt_id: int | None = None,
+    ) -> Iterator[PairProgress]:
+        """Stream k answers (1: judged alone, 2: a pair, 3-4: ranked) for `annotator`; the last
+        PairProgress is done and stored. Skips and regenerations are noted in every mode. Only
+        a pair is shared with a team, prefetched and shown to a judge.
+
+        Raises ValueError (before anything is yielded) for a k other than 1 to 4, an empty
+        prompt, an empty queue or invalid settings; errors of the model come out of the
+        iteration as ValueError too.
+        """
+        k = int(k)
+        settings = settings or self.settings
+        params = answer_params(settings, k, self.rng)
+        self._note_events(annotator, skipped, prompt_id)
+        if k == PAIR:
+            return self._generate_pair(annotator, typed, skipped, settings, prompt_id)
+        prompt_id, prompt = self.pick_prompt(annotator, typed, skipped, prompt_id, k=k)
+        answers, specs = self._new_answers(prompt_id, prompt, params)
+        stream = self.models.stream(prompt, specs)
+        return self._pairs(stream, answers, specs, annotator, settings, prefetch_next=False)
+
     def generate_pair(
         self,
         annotator: str,
@@ -227,14 +295,20 @@ class LabelService:
         settings: LabelSettings | None = None,
         prompt_id: int | None = None,
     ) -> Iterator[PairProgress]:
-        """Stream a pair for `annotator`; the last PairProgress is done and stored.
+        """Stream a pair for `annotator` (`generate` with k=2)."""
+        return self.generate(
+            annotator, PAIR, typed=typed, skipped=skipped, settings=settings, prompt_id=prompt_id
+        )
 
-        Raises ValueError (before anything is yielded) for an empty prompt, an empty queue or
-        invalid settings; errors of the model come out of the iteration as ValueError too.
-        """
-        settings = settings or self.settings
-        params = settings.params()
-        self._note_events(annotator, skipped, prompt_id)
+    def _generate_pair(
+        self,
+        annotator: str,
+        typed: str | None,
+        skipped: Collection[int],
+        settings: LabelSettings,
+        prompt_id: int | None,
+    ) -> Iterator[PairProgress]:
+        """A pair others judged, else the prefetched one, else a new one; then the judge."""
         self._drop_stale_prefetches()
         if typed is None and prompt_id is None:
             shared = next_shared(self.sm, annotator, skipped, self.rng)
@@ -247,7 +321,7 @@ class LabelService:
                 pairs = self._pairs(stream, ready.pair, ready.specs, annotator, settings)
                 return self._with_suggestion(annotator, pairs)
         prompt_id, prompt = self.pick_prompt(annotator, typed, skipped, prompt_id)
-        pair, specs = self._new_pair(prompt_id, prompt, params)
+        pair, specs = self._new_answers(prompt_id, prompt, settings.params())
         stream = self.models.stream(prompt, specs)
         return self._with_suggestion(
             annotator, self._pairs(stream, pair, specs, annotator, settings)
@@ -282,13 +356,14 @@ class LabelService:
         ids = (pair.answers[0].response_id, pair.answers[1].response_id)
         yield replace(pair, suggestion=self.suggestions.suggest(annotator, pair.prompt, texts, ids))
 
-    def _new_pair(
+    def _new_answers(
         self, prompt_id: int, prompt: str, params: list[SamplingParams]
     ) -> tuple[PairProgress, list[AnswerSpec]]:
-        """A pair for the active version: random seeds, and which answer is shown as A."""
+        """Answers for the active version, one per `params`: random seeds, and a random display
+        order (which one is shown as A)."""
         version = self.models.active_version
         seeds = [self.rng.randrange(SEED_RANGE) for _ in params]
-        order = list(range(len(params)))  # 2 for a pair, 3-4 for a ranking
+        order = list(range(len(params)))
         self.rng.shuffle(order)
         specs = [AnswerSpec(params[i], seeds[i], adapter=version) for i in order]
         return PairProgress(prompt_id, prompt, version), specs
@@ -315,16 +390,6 @@ class LabelService:
         if pair.done and prefetch_next:  # shown: now start the next one
             self._start_prefetch(annotator, settings, pair.prompt_id)
 
-    def stream_answers(
-        self, prompt_id: int, prompt: str, params: list[SamplingParams]
-    ) -> Iterator[PairProgress]:
-        """One answer per `params` from the active version, in random display order, stored
-        once all are complete: the ranking mode's answers (app/label/ranking.py) take the same
-        engine path as a pair, without prefetch or judge."""
-        answers, specs = self._new_pair(prompt_id, prompt, params)
-        stream = self.models.stream(prompt, specs)
-        return self._pairs(stream, answers, specs, "", self.settings, prefetch_next=False)
-
     # --- the next pair, before the vote -------------------------------------------------------
 
     def _start_prefetch(self, annotator: str, settings: LabelSettings, shown: int) -> None:
@@ -340,7 +405,7 @@ class LabelService:
             prompt_id, prompt = self.pick_prompt(annotator, None, {shown})
             if prompt_id == shown:
                 return  # the queue has nothing else
-            pair, specs = self._new_pair(prompt_id, prompt, settings.params())
+            pair, specs = self._new_answers(prompt_id, prompt, settings.params())
             ticket = self.models.submit(prompt, specs, priority=PREFETCH)
         except ValueError as err:
             logger.info("no next pair prefetched for %s: %s", annotator, err)
@@ -381,8 +446,9 @@ class LabelService:
             prefetch.ticket.cancel()
 
     def _store(self, pair: PairProgress) -> PairProgress:
-        """Record both answers; the pair is then ready for a vote."""
-        with transaction(self.sm, "The two answers") as s:
+        """Record the answers; they are then ready for a vote, a verdict or a ranking."""
+        named = ANSWERS_NAMED.get(len(pair.answers), "answers")
+        with transaction(self.sm, f"The {named}") as s:
             version_id = self._version_id(s, pair.version)
             stored = []
             for answer in pair.answers:

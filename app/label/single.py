@@ -1,8 +1,8 @@
 """Single-answer labeling: one answer streamed from the served version, judged thumbs up or down.
 
 A verdict is a KTO vote (storage/verdicts.py): an answer a person finds good is desirable, a
-bad one undesirable, with no second answer to read. The answer goes through the same engine
-path as a pair (`ModelService.stream`, one `AnswerSpec` instead of two) and is stored with its
+bad one undesirable, with no second answer to read. The answer goes through the pair's path
+(`LabelService.generate` with k=1: one `AnswerSpec` instead of two) and is stored with its
 version, sampling parameters and seed once complete; a verdict refers to the stored answer, so
 recording it twice (double click, retry) is one verdict. The answer's temperature is one of the
 pair settings' two, drawn at random. The queue counts verdicts as labels: a person judging
@@ -12,23 +12,12 @@ single answers moves through the prompts as one voting on pairs does.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Collection, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from app.label.service import (
-    MAX_NAME_CHARS,
-    SEED_RANGE,
-    LabelService,
-    LabelSettings,
-    PairAnswer,
-    _answer,
-    first_in_queue,
-)
-from app.serving.service import Waiting
-from dpo_core.generation import AnswerSpec, GenerationUpdate
-from storage import repo, verdicts
+from app.label.service import ONE, LabelService, LabelSettings, PairAnswer, PairProgress, check_name
+from storage import verdicts
 from storage.db import transaction
 from storage.models import VERDICTS
 
@@ -40,7 +29,8 @@ VERDICT_LABELS = {"up": "👍 Good", "down": "👎 Bad"}
 
 @dataclass(frozen=True)
 class SingleProgress:
-    """One answer on its way: waiting in line, streaming, or done (stored, ready to judge)."""
+    """One answer on its way: waiting in line, streaming, or done (stored, ready to judge).
+    The `/generate_answer` endpoint's payload: `LabelService.generate`'s progress, one answer."""
 
     prompt_id: int
     prompt: str
@@ -50,6 +40,20 @@ class SingleProgress:
     notice: str | None = None
     done: bool = False
     ready_at: float | None = None  # time.time() when the answer was complete
+
+    @classmethod
+    def of(cls, progress: PairProgress) -> SingleProgress:
+        answer = progress.answers[0] if progress.answers else None
+        return cls(
+            progress.prompt_id,
+            progress.prompt,
+            progress.version,
+            answer,
+            progress.waiting,
+            progress.notice,
+            progress.done,
+            progress.ready_at,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,7 +71,8 @@ class VerdictResult:
 
 
 class SingleAnswers:
-    """The one-answer mode on a `LabelService`'s model, prompts, settings and random source."""
+    """The one-answer mode on a `LabelService`: its answers take the service's one path
+    (`generate` with k=1); this records and counts verdicts."""
 
     def __init__(self, label: LabelService) -> None:
         self.label = label
@@ -75,23 +80,6 @@ class SingleAnswers:
     def progress(self, annotator: str) -> verdicts.VerdictCounts:
         with self.label.sm.begin() as s:
             return verdicts.verdict_counts(s, annotator)
-
-    def pick_prompt(
-        self,
-        annotator: str,
-        typed: str | None,
-        skipped: Collection[int] = (),
-        prompt_id: int | None = None,
-    ) -> tuple[int, str]:
-        """(prompt id, text): as `LabelService.pick_prompt`, with the queue counting verdicts."""
-        if typed is not None or prompt_id is not None:
-            return self.label.pick_prompt(annotator, typed, skipped, prompt_id)
-        with transaction(self.label.sm, "The prompt") as s:
-            prompt = first_in_queue(
-                lambda passed: verdicts.next_verdict_prompt(s, annotator, exclude=passed),
-                skipped,
-            )
-            return prompt.id, prompt.text
 
     def generate(
         self,
@@ -105,51 +93,10 @@ class SingleAnswers:
 
         Raises ValueError (before anything is yielded) for an empty prompt, an empty queue or
         invalid settings; errors of the model come out of the iteration as ValueError too."""
-        settings = settings or self.label.settings
-        params = self.label.rng.choice(settings.params())
-        self.label._note_events(annotator, skipped, prompt_id)
-        prompt_id, prompt = self.pick_prompt(annotator, typed, skipped, prompt_id)
-        version = self.label.models.active_version
-        spec = AnswerSpec(params, self.label.rng.randrange(SEED_RANGE), adapter=version)
-        stream = self.label.models.stream(prompt, [spec])
-        return self._answers(stream, SingleProgress(prompt_id, prompt, version), spec)
-
-    def _answers(
-        self,
-        stream: Iterator[Waiting | GenerationUpdate],
-        progress: SingleProgress,
-        spec: AnswerSpec,
-    ) -> Iterator[SingleProgress]:
-        yield progress
-        for event in stream:
-            if isinstance(event, Waiting):
-                yield replace(progress, waiting=event.position)
-                continue
-            answer = _answer(spec, event.answers[0])
-            progress = replace(progress, answer=answer, waiting=None, notice=event.notice)
-            if event.done:
-                progress = self._store(progress)
-            yield progress
-
-    def _store(self, progress: SingleProgress) -> SingleProgress:
-        """Record the answer; it is then ready for a verdict."""
-        answer = progress.answer
-        assert answer is not None  # a done event carries the answer
-        with transaction(self.label.sm, "The answer") as s:
-            row = repo.record_response(
-                s,
-                prompt_id=progress.prompt_id,
-                model_version_id=self.label._version_id(s, progress.version),
-                text=answer.text,
-                temperature=answer.temperature,
-                top_p=answer.top_p,
-                max_new_tokens=answer.max_new_tokens,
-                seed=answer.seed,
-                num_tokens=answer.num_tokens,
-                latency_s=answer.latency_s,
-            )
-            stored = replace(answer, response_id=row.id)
-        return replace(progress, answer=stored, done=True, ready_at=time.time())
+        answers = self.label.generate(
+            annotator, ONE, typed=typed, skipped=skipped, settings=settings, prompt_id=prompt_id
+        )
+        return (SingleProgress.of(progress) for progress in answers)
 
     def verdict(
         self,
@@ -165,10 +112,7 @@ class SingleAnswers:
             raise ValueError(
                 f"unknown verdict {verdict!r}; use up (a good answer) or down (a bad answer)"
             )
-        if not annotator or not annotator.strip():
-            raise ValueError("Type your name before voting: votes are recorded per annotator.")
-        if len(annotator.strip()) > MAX_NAME_CHARS:
-            raise ValueError(f"The name is too long: at most {MAX_NAME_CHARS} characters.")
+        check_name(annotator)
         with transaction(self.label.sm, "Your verdict") as s:
             row, new = verdicts.record_verdict(
                 s,

@@ -10,9 +10,9 @@ import gradio as gr
 import pytest
 from sqlalchemy import select
 
-from app.label.ranking import RankingService, complete_order, rank_settings
+from app.label.ranking import RankingService, complete_order
 from app.label.ranking_tab import RankingHandlers
-from app.label.service import LabelService, LabelSettings
+from app.label.service import LabelService, LabelSettings, rank_settings
 from app.label.tab import layout, new_request
 from app.serving.service import ModelService
 from app.serving.versions import VersionedModel
@@ -102,3 +102,16 @@ def test_switching_modes_shows_one_screen_and_starts_its_answers(label: LabelSer
     assert pairs[tab.pair_screen].visible and pairs[tab.ranking.screen].visible is False
     # The switch's other handler (app.label.single_tab) starts the pair or the one answer.
     assert tab.request not in pairs and tab.ranking.request not in pairs
+
+
+def test_skips_and_regenerations_in_ranking_mode_reach_the_agreement_view(label: LabelService):
+    # Ranking mode once took its own generate path, which noted neither.
+    from storage.agreement import label_event_counts
+
+    ranking = RankingService(label)
+    first = list(ranking.generate("ann", 3))[-1]
+    again = list(ranking.generate("ann", 3, prompt_id=first.prompt_id))[-1]  # regenerate
+    assert again.prompt_id == first.prompt_id
+    list(ranking.generate("ann", 3, skipped=[first.prompt_id]))  # skip
+    with label.sm.begin() as s:
+        assert label_event_counts(s) == {"ann": {"regenerate": 1, "skip": 1}}
