@@ -19,10 +19,10 @@ from app.data.agreement import register_api as register_agreement_api
 from app.data.service import DataService
 from app.data.tab import build_data_tab
 from app.data.tab import register_api as register_data_api
+from app.label.api import register_api as register_label_api
 from app.label.queue_panel import build_queue_panel
 from app.label.service import LabelService, open_label_service
 from app.label.tab import build_label_tab
-from app.label.tab import register_api as register_label_api
 from app.train.export_panel import build_export_panel
 from app.train.export_panel import register_api as register_export_api
 from app.train.tab import build_train_tab

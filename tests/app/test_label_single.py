@@ -12,9 +12,12 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from sqlalchemy import select
 
+from app.label.api import register_api
+from app.label.handlers import LabelHandlers
+from app.label.modes import PAIR, SINGLE
+from app.label.screen import layout
 from app.label.service import LabelService, LabelSettings
 from app.label.single import SingleAnswers
-from app.label.tab import LabelHandlers, layout, register_api
 from app.serving.service import ModelService
 from app.serving.versions import VersionedModel
 from storage import repo, runs
@@ -80,30 +83,31 @@ def test_the_tab_switches_to_one_answer_judges_it_and_skips(label: LabelService)
     with gr.Blocks():
         tab = layout(label)
     h = LabelHandlers(label, tab)
-    switched = h.single.switch_answers("1", "ann", None)
-    assert switched[tab.single.view]["visible"] is True
-    hidden = [tab.pair_row, tab.rewrite, *tab.votes.values()]
-    assert [switched[c]["visible"] for c in hidden] == [False] * len(hidden)
+    single = tab.views[SINGLE]
+    switched = h.switch_answers("1", "ann", None)
+    assert switched[single.column].visible is True
+    hidden = [tab.views[PAIR].column, tab.rewrite]  # the two answers, the votes, the rewrite
+    assert [switched[c].visible for c in hidden] == [False] * len(hidden)
     assert "Single answers judged by you: 0" in switched[tab.progress]
 
     updates = list(h.generate(switched[tab.request], "ann", [], 0.7, 1.0, 0.95, 16, None, "1"))
     assert "Writing one answer" in updates[0][tab.status]
     last = updates[-1]
     assert "The answer is ready" in last[tab.status]
-    assert all(last[b].interactive for b in tab.single.verdicts.values())
-    shown = last[tab.single.shown]
+    assert all(last[b].interactive for b in tab.verdicts.values())
+    shown = last[tab.shown]
 
-    recorded = h.single.verdict_for("down")(shown, "ann", None)
+    recorded = h.record_for("down")(shown, [], "ann", "", None)
     assert recorded[tab.status] == "✅ Recorded: 👎 Bad. Next answer…"
     assert "Single answers judged by you: 1** (👍 0 · 👎 1)" in recorded[tab.progress]
-    assert recorded[tab.request]["mode"] == "queue" and recorded[tab.single.shown] is None
-    assert _verdicts(label) == [("ann", "down", shown["answer"]["response_id"])]
-    assert h.skip(None, [], shown)[tab.skipped] == [shown["prompt_id"]]
-    assert h.regenerate(None, shown)[tab.request]["prompt_id"] == shown["prompt_id"]
-    back = h.single.switch_answers("2", "ann", None)
-    assert back[tab.single.view]["visible"] is False and back[tab.pair_row]["visible"] is True
-    ranking = h.single.switch_answers("3 (rank)", "ann", None)  # the ranking screen's handler
-    assert ranking[tab.single.view]["visible"] is False and tab.request not in ranking
+    assert recorded[tab.request]["mode"] == "queue" and recorded[tab.shown] is None
+    assert _verdicts(label) == [("ann", "down", shown["answers"][0]["response_id"])]
+    assert h.skip(shown, [])[tab.skipped] == [shown["prompt_id"]]
+    assert h.regenerate(shown)[tab.request]["prompt_id"] == shown["prompt_id"]
+    back = h.switch_answers("2", "ann", None)
+    assert back[single.column].visible is False and back[tab.views[PAIR].column].visible is True
+    ranking = h.switch_answers("3 (rank)", "ann", None)
+    assert ranking[single.column].visible is False and ranking[tab.rewrite].visible is False
 
 
 def test_the_verdict_endpoint_stores_the_verdict(label: LabelService):

@@ -12,8 +12,9 @@ from pathlib import Path
 import gradio as gr
 from sqlalchemy import func, select
 
+from app.label.handlers import LabelHandlers, new_request
+from app.label.screen import layout
 from app.label.service import LabelService
-from app.label.tab import LabelHandlers, layout, new_request
 from dpo_core.generation import AnswerProgress, GenerationUpdate
 from storage import repo
 from storage.db import open_db
@@ -52,7 +53,7 @@ def test_answers_that_cannot_be_stored_end_with_the_storage_message(tmp_path: Pa
     assert "Writing two answers" in updates[0][tab.status]  # it streamed before the failure
     last = updates[-1]
     assert last[tab.status].startswith("⚠️ The two answers could not be saved: the disk is full")
-    assert last[tab.pair] is None
+    assert last[tab.shown] is None
     assert all(last[button].interactive is False for button in tab.votes.values())
     with sm.begin() as s:
         assert s.scalar(select(func.count()).select_from(Response)) == 0

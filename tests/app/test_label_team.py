@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from app.label.service import LabelService
-from app.label.tab import suggestion_text
+from app.label.texts import suggestion_text
 from app.serving.service import ModelService
 from app.serving.versions import VersionedModel
 from dpo_core.judge import Suggestion

@@ -10,10 +10,11 @@ import gradio as gr
 import pytest
 from sqlalchemy import select
 
+from app.label.handlers import LabelHandlers, new_request
+from app.label.modes import PAIR, RANK
 from app.label.ranking import RankingService, complete_order
-from app.label.ranking_tab import RankingHandlers
+from app.label.screen import layout
 from app.label.service import LabelService, LabelSettings, rank_settings
-from app.label.tab import layout, new_request
 from app.serving.service import ModelService
 from app.serving.versions import VersionedModel
 from storage import repo, runs
@@ -59,27 +60,31 @@ def test_the_tiny_model_writes_three_stored_answers_that_differ(label: LabelServ
 def test_letters_best_first_record_the_ranking_and_its_pairs(label: LabelService):
     with gr.Blocks():
         tab = layout(label)
-    h = RankingHandlers(RankingService(label), tab, tab.ranking)
-    screen = tab.ranking
-    updates = list(h.rank_stream(new_request("queue", k=3), "ann", [], 0.7, 1.0, 0.95, 16, None))
+    h = LabelHandlers(label, tab)
+    screen = tab.views[RANK]
+    headings = screen.panes.headings
+    updates = list(
+        h.generate(new_request("queue"), "ann", [], 0.7, 1.0, 0.95, 16, None, "3 (rank)")
+    )
     last = updates[-1]
     assert "All 3 answers are ready" in last[tab.status]
-    assert [last[b].interactive for b in screen.picks] == [True, True, True, False]
-    assert last[screen.picks[3]].visible is False
-    assert updates[0][screen.panes[3]].visible is False  # no fourth answer
-    shown = last[screen.shown]
+    assert [last[b].interactive for b in tab.picks] == [True, True, True, False]
+    assert last[tab.picks[3]].visible is False
+    assert updates[0][screen.panes.panes[3]].visible is False  # no fourth answer
+    shown = last[tab.shown]
 
-    first = h.pick(1, shown, [], "ann", None)
-    assert first[screen.picked] == [1] and "**B** > …" in first[screen.order]
-    assert first[screen.headings[1]] == "### B · 1."
-    undone = h.rank_undo(shown, [1])
-    assert undone[screen.picked] == []
-    assert list(h.pick(2, shown, [2], "ann", None)) == [screen.picked]  # placed twice: no-op
-    h.pick(2, shown, [], "ann", None)
-    done = h.pick(0, shown, [2], "ann", None)  # C, then A: B is the worst
+    first = h.record("B", shown, [], "ann", "", None)
+    assert first[tab.picked] == [1] and "**B** > …" in first[tab.order]
+    assert first[headings[1]] == "### B · 1."
+    undone = h.undo(shown, [1])
+    assert undone[tab.picked] == []
+    assert list(h.record("C", shown, [2], "ann", "", None)) == [tab.picked]  # placed twice: no-op
+    h.record("C", shown, [], "ann", "", None)
+    done = h.record("A", shown, [2], "ann", "", None)  # C, then A: B is the worst
 
     assert "Recorded: C > A > B (3 pairs)" in done[tab.status]
-    assert done[screen.request]["k"] == 3 and done[screen.shown] is None
+    assert done[tab.request]["mode"] == "queue" and done[tab.shown] is None
+    assert done[tab.order] == "Last order: **C > A > B**"
     ids = [a["response_id"] for a in shown["answers"]]
     with label.sm.begin() as s:
         [ranking] = s.scalars(select(Ranking)).all()
@@ -87,21 +92,21 @@ def test_letters_best_first_record_the_ranking_and_its_pairs(label: LabelService
         assert ranking.annotator == "ann" and ranking.seconds_spent >= 0
         votes = s.scalars(select(Preference)).all()
         assert len(votes) == 3 and {v.ranking_id for v in votes} == {ranking.id}
-    again = h.pick(0, shown, [2], "ann", None)  # a second click on the last letter
+    again = h.record("A", shown, [2], "ann", "", None)  # a second click on the last letter
     assert "Already recorded" in again[tab.status]
 
 
 def test_switching_modes_shows_one_screen_and_starts_its_answers(label: LabelService):
     with gr.Blocks():
         tab = layout(label)
-    h = RankingHandlers(RankingService(label), tab, tab.ranking)
-    ranking = h.rank_switch("4 (rank)")
-    assert ranking[tab.pair_screen].visible is False and ranking[tab.ranking.screen].visible
-    assert ranking[tab.ranking.request]["k"] == 4 and tab.request not in ranking
-    pairs = h.rank_switch("2")
-    assert pairs[tab.pair_screen].visible and pairs[tab.ranking.screen].visible is False
-    # The switch's other handler (app.label.single_tab) starts the pair or the one answer.
-    assert tab.request not in pairs and tab.ranking.request not in pairs
+    h = LabelHandlers(label, tab)
+    ranking = h.switch_answers("4 (rank)", "ann", None)
+    assert ranking[tab.views[PAIR].column].visible is False
+    assert ranking[tab.views[RANK].column].visible
+    assert ranking[tab.request]["mode"] == "queue"  # the generation event reads the mode: 4
+    pairs = h.switch_answers("2", "ann", None)
+    assert pairs[tab.views[PAIR].column].visible and pairs[tab.views[RANK].column].visible is False
+    assert pairs[tab.request]["mode"] == "queue"
 
 
 def test_skips_and_regenerations_in_ranking_mode_reach_the_agreement_view(label: LabelService):

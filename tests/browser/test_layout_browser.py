@@ -9,8 +9,9 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
+from app.label.modes import PAIR
+from app.label.screen import layout as label_layout
 from app.label.service import LabelSettings
-from app.label.tab import layout as label_layout
 from app.train.tab import history_frame
 from app.train.tab import layout as train_layout
 from tests.app.test_train_tab import StubService
@@ -68,7 +69,7 @@ def page():
             label = label_layout(LabelStub())
         with gr.Tab("Train"):
             train = train_layout(StubService())
-        answers = [label.answer_a, label.answer_b, train.history]
+        answers = [*label.views[PAIR].panes.answers, train.history]
         demo.load(lambda: (LONG, "Short.", history_frame(_history_rows())), outputs=answers)
     with blocks_page(demo) as page:
         yield page
