@@ -63,18 +63,20 @@ def quiet_bitsandbytes() -> None:
 
 
 def cpu_4bit_notice(load_in_4bit: bool, device: torch.device) -> str | None:
-    """What bitsandbytes' held-back kernel warning means, once per process, when a 4-bit model
-    runs on the CPU (None: nothing to say)."""
+    """Say (log) what bitsandbytes' held-back kernel warning means, once per process, when a
+    4-bit model runs on the CPU; returns what was said (None: nothing)."""
     if not (load_in_4bit and device.type == "cpu" and _KERNEL_WARNING.seen):
         return None
     if _KERNEL_WARNING.said:
         return None
     _KERNEL_WARNING.said = True
-    return (
+    notice = (
         "4-bit on the CPU: bitsandbytes found no fast CPU kernel for 4-bit layers (it comes "
         "from the optional `kernels` package), so they run on its slower built-in code; "
         "`pip install kernels` speeds them up, and without 4-bit the CPU needs neither"
     )
+    logger.warning(notice)
+    return notice
 
 
 class ModelLoadError(ValueError):
@@ -297,9 +299,7 @@ def load_model(
         ) from err
     if not quantize:
         lm.to(dev)
-    notice = cpu_4bit_notice(quantize, dev)
-    if notice:
-        logger.warning(notice)
+    cpu_4bit_notice(quantize, dev)
     _ensure_pad_token(tokenizer)
     if tokenizer.chat_template is None:
         raise ModelLoadError(f"{model!r} has no chat template; DPO Studio needs a chat model")

@@ -187,6 +187,8 @@ def test_bitsandbytes_kernel_warning_is_held_back_and_explained_once_for_cpu_4bi
     cpu = torch.device("cpu")
     assert modeling.cpu_4bit_notice(False, cpu) is None
     assert modeling.cpu_4bit_notice(True, torch.device("cuda")) is None
-    notice = modeling.cpu_4bit_notice(True, cpu)
+    with caplog.at_level(logging.INFO):
+        notice = modeling.cpu_4bit_notice(True, cpu)
     assert notice is not None and "slower" in notice and "pip install kernels" in notice
+    assert notice in caplog.text  # said in the log
     assert modeling.cpu_4bit_notice(True, cpu) is None  # once
