@@ -237,7 +237,7 @@ def child_procs(n_pairs: int, out: Path) -> None:
         lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
     )  # fmt: skip
     t0 = time.perf_counter()
-    result = train(lm, synthetic_pairs(n_pairs), config, out)
+    result = train(lm, synthetic_pairs(n_pairs), config, out, comm=comm)
     seconds = time.perf_counter() - t0
     rss = comm.sum_(torch.tensor([peak_rss_mb()], dtype=torch.float64)).item()
     if comm.is_main:

@@ -2,10 +2,11 @@
 few collective operations the trainer needs.
 
 `Comm` is the trainer's only view of the process group; `Comm()` (one process) makes every
-operation a no-op, so the single-process run is the same code. A launcher sets `WORLD_SIZE`,
-`RANK`, `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT`; `init_from_env` then joins the group
-(NCCL on CUDA, gloo on CPU) with a timeout, so that a rank whose peer died stops waiting and
-fails instead of hanging.
+operation a no-op, so the single-process run is the same code. An entry point creates it once
+(`init_from_env` returns it) and passes it down (`dpo_core.trainer.train(..., comm=...)`).
+A launcher sets `WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT`;
+`init_from_env` then joins the group (NCCL on CUDA, gloo on CPU) with a timeout, so that a rank
+whose peer died stops waiting and fails instead of hanging.
 
 How the work is split (see `dpo_core.trainer`): every rank builds the same step schedule from
 the same seed; each optimiser step's pairs (length-grouped, so a shared-prompt batch stays a
@@ -110,7 +111,9 @@ _current = Comm()
 
 
 def current() -> Comm:
-    """The group this process joined with `init_from_env` (else a group of one)."""
+    """The group this process joined with `init_from_env` (else a group of one), for callers
+    that do not hold the `Comm` it returned (`app/train/worker.py`, and `train` when that
+    caller does not pass its `comm`). New code passes the returned `Comm` down instead."""
     return _current
 
 

@@ -28,6 +28,55 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# peft imports bitsandbytes whenever it is installed, and bitsandbytes warns at import (on CPUs
+# with AVX512-BF16) that its fast CPU 4-bit kernel did not load from the optional `kernels`
+# package. Only a 4-bit model on the CPU runs that kernel: the warning is held back
+# (`quiet_bitsandbytes`) and said in words when such a model is loaded (`cpu_4bit_notice`).
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _KernelWarningFilter(logging.Filter):
+    """Drops bitsandbytes' kernel warning, remembering that it came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False  # the warning came: the fast CPU 4-bit kernel is missing
+        self.said = False  # `cpu_4bit_notice` has said what it means
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if BNB_KERNEL_WARNING in record.getMessage():
+            self.seen = True
+            return False
+        return True
+
+
+_KERNEL_WARNING = _KernelWarningFilter()
+
+
+def quiet_bitsandbytes() -> None:
+    """Hold back bitsandbytes' import-time kernel warning; call before peft or bitsandbytes is
+    imported (idempotent)."""
+    bnb_logger = logging.getLogger(BNB_CPU_LOGGER)
+    if _KERNEL_WARNING not in bnb_logger.filters:
+        bnb_logger.addFilter(_KERNEL_WARNING)
+
+
+def cpu_4bit_notice(load_in_4bit: bool, device: torch.device) -> str | None:
+    """Say (log) what bitsandbytes' held-back kernel warning means, once per process, when a
+    4-bit model runs on the CPU; returns what was said (None: nothing)."""
+    if not (load_in_4bit and device.type == "cpu" and _KERNEL_WARNING.seen):
+        return None
+    if _KERNEL_WARNING.said:
+        return None
+    _KERNEL_WARNING.said = True
+    notice = (
+        "4-bit on the CPU: bitsandbytes found no fast CPU kernel for 4-bit layers (it comes "
+        "from the optional `kernels` package), so they run on its slower built-in code; "
+        "`pip install kernels` speeds them up, and without 4-bit the CPU needs neither"
+    )
+    logger.warning(notice)
+    return notice
 
 
 class ModelLoadError(ValueError):
@@ -228,6 +277,7 @@ def load_model(
     `load_in_4bit=None` means: 4-bit NF4 on CUDA, full precision on CPU. `adapter` loads a
     saved LoRA adapter directory on top (inference mode).
     """
+    quiet_bitsandbytes()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = torch.device(device) if device else default_device()
@@ -249,6 +299,7 @@ def load_model(
         ) from err
     if not quantize:
         lm.to(dev)
+    cpu_4bit_notice(quantize, dev)
     _ensure_pad_token(tokenizer)
     if tokenizer.chat_template is None:
         raise ModelLoadError(f"{model!r} has no chat template; DPO Studio needs a chat model")
@@ -272,6 +323,7 @@ def _ensure_pad_token(tokenizer: Any) -> None:
 
 
 def lora_config(settings: LoraSettings) -> Any:
+    quiet_bitsandbytes()
     from peft import LoraConfig
 
     return LoraConfig(
@@ -286,6 +338,7 @@ def lora_config(settings: LoraSettings) -> Any:
 
 def attach_lora(model: Any, settings: LoraSettings | None = None) -> Any:
     """Wrap `model` in a new trainable LoRA adapter; base weights are frozen."""
+    quiet_bitsandbytes()
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(settings or LoraSettings()))
@@ -293,6 +346,7 @@ def attach_lora(model: Any, settings: LoraSettings | None = None) -> Any:
 
 def load_adapter(model: Any, path: str | Path, *, is_trainable: bool = False) -> Any:
     """Load a saved PEFT adapter directory on top of `model`."""
+    quiet_bitsandbytes()
     from peft import PeftModel
 
     path = Path(path)

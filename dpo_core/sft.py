@@ -10,14 +10,13 @@ original pipeline; the KL readout and the guard still measure against the base m
 
 The loss of one example is the mean negative log-likelihood of its completion's tokens given
 the prompt; a step's loss is the mean over its examples (each example counts once, whatever its
-length). Tokenization, truncation, length grouping and the chunked log-probs are the DPO
-pipeline's (`dpo_core.data`, `dpo_core.logprobs`).
+length). Tokenization, truncation, length grouping, the step schedule and the chunked
+log-probs are the DPO pipeline's (`dpo_core.data`, `dpo_core.batches`, `dpo_core.logprobs`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from dpo_core import data
+from dpo_core.batches import Step, iterate_steps, steps_per_epoch
 from dpo_core.config import TrainConfig
 from dpo_core.distributed import Comm
 from dpo_core.logprobs import completion_logps
@@ -169,23 +169,14 @@ def forward_chunks(sft_set: SFTSet, indices: list[int], config: TrainConfig) -> 
 
 def planned_steps(num_examples: int, config: TrainConfig) -> int:
     """Optimiser steps of the SFT stage (0: no stage)."""
-    return config.sft_epochs * math.ceil(num_examples / (config.batch_size * config.grad_accum))
+    return config.sft_epochs * steps_per_epoch(num_examples, config)
 
 
-def iterate_steps(sft_set: SFTSet, config: TrainConfig) -> Iterator[tuple[int, float, list]]:
-    """(step, fractional epoch, micro-batches of example indices) for the whole stage."""
-    per_epoch = planned_steps(len(sft_set.examples), config) // max(config.sft_epochs, 1)
-    step = 0
-    for epoch in range(config.sft_epochs):
-        steps = data.step_batches(
-            sft_set.costs,
-            config.batch_size * config.grad_accum,
-            config.batch_size,
-            seed=config.seed + SEED_OFFSET + epoch,
-        )
-        for i, micro_batches in enumerate(steps, 1):
-            step += 1
-            yield step, epoch + i / per_epoch, micro_batches
+def stage_steps(sft_set: SFTSet, config: TrainConfig) -> Iterator[Step]:
+    """The stage's steps (`dpo_core.batches.iterate_steps`, in an order of its own)."""
+    return iterate_steps(
+        sft_set.costs, config, epochs=config.sft_epochs, seed=config.seed + SEED_OFFSET
+    )
 
 
 def make_sft_optimizer(masters: MasterWeights, config: TrainConfig, steps: int) -> SFTOptimizer:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from dpo_core import distributed
 from dpo_core.config import TrainConfig
 from dpo_core.modeling import LoadedModel, add_model_args, load_model
+from dpo_core.pairs_file import load_pairs_jsonl, load_prompts_jsonl
 
 if TYPE_CHECKING:
     from dpo_core.trainer import TrainResult
@@ -178,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             config.model, dtype=config.dtype, load_in_4bit=config.load_in_4bit, device=device
         )
         logger.info("model loaded in %.1f s", time.perf_counter() - t0)
-        result = train_with_progress(lm, inputs, config, args.out, show=comm.is_main)
+        result = train_with_progress(lm, inputs, config, args.out, comm)
     finally:
         distributed.close()
     return report(result) if comm.is_main else (130 if result.cancelled else 0)
@@ -190,7 +191,6 @@ def read_inputs(args: argparse.Namespace, loss_type: str = "sigmoid") -> TrainIn
     from dpo_core.data import normalise_kto, normalise_pairs
     from dpo_core.losses import UNPAIRED_LOSS_TYPES
     from dpo_core.sft import check_examples
-    from dpo_core.trainer import load_pairs_jsonl, load_prompts_jsonl
 
     check = normalise_kto if loss_type in UNPAIRED_LOSS_TYPES else normalise_pairs
     pairs = load_pairs_jsonl(args.pairs)
@@ -218,12 +218,13 @@ def check_sft_flags(config: TrainConfig, inputs: TrainInputs) -> None:
 
 
 def train_with_progress(
-    lm: LoadedModel, inputs: TrainInputs, config: TrainConfig, out: Path, show: bool = True
+    lm: LoadedModel, inputs: TrainInputs, config: TrainConfig, out: Path, comm: distributed.Comm
 ) -> TrainResult:
-    """`train` with a progress bar (`show`: on this process); Ctrl-C stops between steps."""
+    """`train` in the process group `comm`, with a progress bar on its rank 0; Ctrl-C stops
+    between steps."""
     from dpo_core.trainer import train
 
-    progress, stop = (ProgressBar() if show else None), StopOnInterrupt()
+    progress, stop = (ProgressBar() if comm.is_main else None), StopOnInterrupt()
     try:
         return train(
             lm,
@@ -235,6 +236,7 @@ def train_with_progress(
             sft_examples=inputs.sft_examples,
             on_step=progress,
             should_stop=stop,
+            comm=comm,
         )
     finally:
         if progress is not None:

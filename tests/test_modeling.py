@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -164,3 +165,30 @@ def test_cli_help_runs():
         )
         assert res.returncode == 0, res.stderr
         assert "usage" in res.stdout
+
+
+def test_bitsandbytes_kernel_warning_is_held_back_and_explained_once_for_cpu_4bit(
+    caplog, monkeypatch
+):
+    """bitsandbytes' import-time "Failed to load CPU gemm_4bit_forward" warning is dropped;
+    what it means is said once, and only when a 4-bit model runs on the CPU."""
+    modeling.quiet_bitsandbytes()
+    modeling.quiet_bitsandbytes()  # idempotent: one filter
+    bnb_logger = logging.getLogger(modeling.BNB_CPU_LOGGER)
+    assert bnb_logger.filters.count(modeling._KERNEL_WARNING) == 1
+    monkeypatch.setattr(modeling._KERNEL_WARNING, "said", False)
+    with caplog.at_level(logging.INFO):
+        bnb_logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module"
+        )
+        bnb_logger.warning("another bitsandbytes warning")
+    assert "gemm_4bit_forward" not in caplog.text
+    assert "another bitsandbytes warning" in caplog.text  # only that one is held back
+    cpu = torch.device("cpu")
+    assert modeling.cpu_4bit_notice(False, cpu) is None
+    assert modeling.cpu_4bit_notice(True, torch.device("cuda")) is None
+    with caplog.at_level(logging.INFO):
+        notice = modeling.cpu_4bit_notice(True, cpu)
+    assert notice is not None and "slower" in notice and "pip install kernels" in notice
+    assert notice in caplog.text  # said in the log
+    assert modeling.cpu_4bit_notice(True, cpu) is None  # once

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpo_core import distributed, trainer
+from dpo_core.batches import step_share
 from dpo_core.distributed import Comm
-from dpo_core.trainer import step_share
 from tests.dpo_core.test_train_cli import write_pairs
 
 # The 2-rank run splits each 4-pair step into two forward passes of 2 pairs where the one-process
@@ -54,6 +55,25 @@ def test_a_step_is_split_by_micro_batches_else_by_pairs():
     assert [step_share(step, Comm(r, 2)) for r in range(2)] == [[[0, 1], [2, 3]], [[4, 5]]]
     assert [step_share([[0, 1, 2]], Comm(r, 2)) for r in range(2)] == [[[0, 1]], [[2]]]
     assert step_share([[0]], Comm(1, 2)) == []
+
+
+def test_train_works_in_the_group_it_is_given_not_a_module_global(tiny_lm, tmp_path, monkeypatch):
+    from tests.dpo_core.test_trainer import PAIRS, small_config
+
+    def no_global() -> Comm:
+        raise AssertionError("train read the process group from dpo_core.distributed")
+
+    monkeypatch.setattr(distributed, "current", no_global)
+    asked = []
+
+    class Watched(Comm):
+        def barrier(self) -> None:
+            asked.append("barrier")
+
+    config = small_config(epochs=1)
+    result = trainer.train(tiny_lm, PAIRS[:4], config, tmp_path / "v1", comm=Watched())
+    assert result.adapter_dir is not None
+    assert asked == ["barrier"]  # rank 0 of the given group saved, then met the others
 
 
 @pytest.mark.slow

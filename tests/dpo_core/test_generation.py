@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from dpo_core.fast_llama import BASE, FastLlama, quantize
+from dpo_core.fast_llama import BASE, FastLlama
 from dpo_core.generation import (
     AnswerGenerator,
     AnswerSpec,
@@ -17,6 +17,7 @@ from dpo_core.generation import (
     sample_answers,
 )
 from dpo_core.modeling import LoraSettings, attach_lora
+from dpo_core.packed_weights import quantize
 from dpo_core.sampling import CANDIDATES, RowSampler
 
 PROMPT = "Tell me about the sea."
@@ -198,9 +199,9 @@ def test_sample_answers_keeps_its_simple_interface(tiny_lm):
 
 def test_auto_keeps_the_plain_weight_where_packing_decodes_slower(monkeypatch):
     """On a CPU without fast int4/int8 kernels (AVX2-only) the plain matmul wins: keep it."""
-    from dpo_core.fast_llama import packed_is_faster
+    from dpo_core.packed_weights import packed_is_faster
 
-    monkeypatch.setattr("dpo_core.fast_llama.packed_is_faster", lambda q, w: False)
+    monkeypatch.setattr("dpo_core.packed_weights.packed_is_faster", lambda q, w: False)
     dense = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
     assert quantize(dense, "auto") is None
     assert quantize(dense, "int8").kind == "int8"  # a forced format is kept regardless
@@ -208,7 +209,7 @@ def test_auto_keeps_the_plain_weight_where_packing_decodes_slower(monkeypatch):
 
 
 def test_weights_on_a_4bit_grid_pack_losslessly_others_to_int8(monkeypatch):
-    monkeypatch.setattr("dpo_core.fast_llama.packed_is_faster", lambda q, w: True)
+    monkeypatch.setattr("dpo_core.packed_weights.packed_is_faster", lambda q, w: True)
     gen = torch.Generator().manual_seed(0)
     levels = torch.randint(0, 16, (64, 4, 32), generator=gen).float()
     levels[..., 0], levels[..., 1] = 0, 15  # like a Q4_1 block: its min and max are on the grid

@@ -11,6 +11,7 @@ from peft import PeftModel
 
 from dpo_core import trainer
 from dpo_core.guard import EvalPoint, KLGuard
+from dpo_core.kl import prompt_ids
 from tests.dpo_core.test_kl_guard import (  # noqa: F401 (fixtures)
     PAIRS,
     sharp_lm,
@@ -80,7 +81,7 @@ def test_a_tiny_kl_ceiling_stops_the_run_and_keeps_the_last_checkpoint_within_it
     assert "KL-only guard" in result.stop_reason
     # the saved adapter is that checkpoint: its KL readout is the one measured there
     model = PeftModel.from_pretrained(sharp_lm.model, str(result.adapter_dir))
-    readout = [trainer.prompt_ids(sharp_lm.tokenizer, p) for p in UNLABELED]
+    readout = [prompt_ids(sharp_lm.tokenizer, p) for p in UNLABELED]
     dataset = trainer.Dataset(pairs=[], costs=[], readout_prompts=readout)
     again = trainer.kl_readout(model, dataset, sharp_lm, result.config)
     assert again["eval/kl"] == pytest.approx(result.metrics["eval/kl"], rel=1e-3, abs=1e-4)

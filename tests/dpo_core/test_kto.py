@@ -332,7 +332,7 @@ def test_kto_runs_balance_the_classes_by_default_and_say_so(tiny_lm, tmp_path, c
         for t in TOPICS
     ]  # 8 desirable, 16 undesirable
     config = kto_config(epochs=1, kl_prompts=0, early_stopping=False)
-    with caplog.at_level(logging.INFO, logger="dpo_core.trainer"):
+    with caplog.at_level(logging.INFO, logger="dpo_core.objective"):
         result = trainer.train(tiny_lm, rows, config, tmp_path / "v1", heldout=votes(TOPICS[:2]))
     assert (result.config.kto_desirable_weight, result.config.kto_undesirable_weight) == (2, 1)
     saved = json.loads((tmp_path / "v1" / "train_config.json").read_text())
@@ -340,7 +340,7 @@ def test_kto_runs_balance_the_classes_by_default_and_say_so(tiny_lm, tmp_path, c
     assert "8 desirable and 16 undesirable answers, weighed 2 and 1 (kto_balance)" in caplog.text
     caplog.clear()
     off = kto_config(epochs=1, kl_prompts=0, early_stopping=False, kto_balance=False)
-    with caplog.at_level(logging.INFO, logger="dpo_core.trainer"):
+    with caplog.at_level(logging.INFO, logger="dpo_core.objective"):
         result = trainer.train(tiny_lm, rows, off, tmp_path / "v2", heldout=votes(TOPICS[:2]))
     assert (result.config.kto_desirable_weight, result.config.kto_undesirable_weight) == (1, 1)
     assert "set EITHER kto_desirable_weight in [2.0, 2.66]" in caplog.text

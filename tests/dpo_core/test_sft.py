@@ -58,7 +58,7 @@ def test_the_sft_stage_lowers_the_nll_of_the_rewrites(tiny_lm):
         opt = sft.make_sft_optimizer(policy.masters, config, steps)
         losses = [
             sft.sft_step(policy.model, policy.masters, opt, micro, sft_set, tiny_lm, config)
-            for _, _, micro in sft.iterate_steps(sft_set, config)
+            for _, _, micro in sft.stage_steps(sft_set, config)
         ]
         after = sft.mean_nll(policy.model, sft_set, tiny_lm, config)
     finally:

@@ -121,3 +121,17 @@ def test_errors_reach_the_shell_without_a_traceback(tmp_path):
     res = run_cli("--pairs", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "v1"))
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.jsonl'}: no such file"]
+
+
+def test_a_run_without_4bit_prints_no_bitsandbytes_kernel_warning(tiny_model_dir, tmp_path):
+    """peft imports bitsandbytes, which warned at import (on AVX512-BF16 CPUs) that its CPU
+    4-bit kernel did not load from `kernels-community`: noise on every run, nothing is 4-bit."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
+    res = run_cli(
+        "--pairs", str(pairs), "--out", str(tmp_path / "v1"), "--model", str(tiny_model_dir),
+        "--dtype", "fp32", "--epochs", "1", "--lora-r", "4", "--max-length", "64",
+        "--kl-prompts", "0",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "gemm_4bit_forward" not in res.stderr
+    assert "kernels-community" not in res.stderr

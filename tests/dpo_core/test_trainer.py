@@ -11,6 +11,7 @@ import torch
 from peft import PeftModel
 
 from dpo_core import trainer
+from dpo_core.batches import iterate_steps
 from dpo_core.config import TrainConfig
 from dpo_core.modeling import load_model
 
@@ -81,7 +82,7 @@ def _step_gradients(model_dir, config: TrainConfig) -> list[torch.Tensor]:
     trainer.fill_reference_logps(policy.model, dataset, lm, config, lambda: False)
     grads: list[torch.Tensor] = []
     policy.optimizer.step = lambda: grads.extend(m.grad.clone() for m in policy.masters.masters)
-    steps = list(trainer.iterate_steps(dataset, config))
+    steps = list(iterate_steps(dataset.costs, config, epochs=config.epochs, seed=config.seed))
     assert len(steps) == 1
     trainer.train_step(policy, steps[0][2], dataset, lm, config)
     return grads
@@ -187,23 +188,6 @@ def test_unusable_heldout_pairs_only_skip_the_evaluation(tiny_lm, tmp_path, capl
     result = trainer.train(tiny_lm, PAIRS, small_config(epochs=1), tmp_path / "v1", heldout=same)
     assert result.adapter_dir is not None and "eval/loss" not in result.metrics
     assert "no usable held-out pairs" in caplog.text
-
-
-def test_load_pairs_jsonl_names_the_bad_line(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{oops\n')
-    with pytest.raises(ValueError, match=r"pairs.jsonl, line 3: not valid JSON"):
-        trainer.load_pairs_jsonl(path)
-    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
-    assert trainer.load_pairs_jsonl(path) == [{"prompt": "a", "chosen": "b", "rejected": "c"}]
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        trainer.load_pairs_jsonl(tmp_path / "missing.jsonl")
-    path.write_bytes(b"\xff\xfe")
-    with pytest.raises(ValueError, match="cannot read pairs"):
-        trainer.load_pairs_jsonl(path)
-    path.write_text("\n")
-    with pytest.raises(ValueError, match="no pairs"):
-        trainer.load_pairs_jsonl(path)
 
 
 @pytest.mark.embedded
