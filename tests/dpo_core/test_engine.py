@@ -167,8 +167,12 @@ def test_a_version_switch_waits_for_a_step_and_running_rows_keep_their_version(t
 
 
 @pytest.mark.embedded
-def test_embedded_model_answers_alike_alone_and_batched(embedded_lm):
-    generator = AnswerGenerator(embedded_lm)
+def test_embedded_model_answers_alike_alone_and_batched():
+    # In fp32. In bf16 (the default on AVX512-BF16 CPUs) a matmul's rounding depends on how many
+    # rows it has, so a sampled answer may part ways after a few tokens (seen here, 2026-12-07).
+    from dpo_core.modeling import load_model
+
+    generator = AnswerGenerator(load_model("embedded", device="cpu", dtype="fp32"))
     engine = GenerationEngine(generator)
     jobs = [(p, _specs(24, seed=i)) for i, p in enumerate(PROMPTS)]
     alone = [engine.generate(p, s).texts for p, s in jobs]
