@@ -1,4 +1,5 @@
-"""`python -m dpo_core`: generate answers, train a DPO adapter or export a version."""
+"""`python -m dpo_core`: generate answers, train a DPO adapter, export a version, or let a
+version label pairs of its own answers (self-label)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from common.cli import setup_logging
 from dpo_core.export_cli import add_export_parser
 from dpo_core.modeling import ModelLoadError, add_model_args, load_model
+from dpo_core.self_label_cli import add_self_label_parser
 from dpo_core.train_cli import add_train_parser
 
 
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     add_train_parser(sub)
     add_export_parser(sub)
+    add_self_label_parser(sub)
     return parser
 
 

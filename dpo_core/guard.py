@@ -12,6 +12,10 @@ When there are too few held-out pairs to trust their accuracy, `KLGuard` runs in
 only the KL, on prompts nobody trained on (held-out prompts, or queue prompts never labeled),
 keeps the latest checkpoint within the ceiling and stops when the KL stays above it for
 `patience` evaluations in a row. Pure bookkeeping: no model, no tensors.
+
+Both fail closed: when no evaluation was within the ceiling, the checkpoint kept is the least
+drifted one (the lowest KL read), and `within_ceiling` is False, so the run's version is saved
+but not made active (`metrics.json` says `"within_kl_ceiling": false`).
 """
 
 from __future__ import annotations
@@ -39,23 +43,51 @@ class Decision:
 
 
 @dataclass
-class Guard:
-    """The full guard: held-out reward accuracy and the KL ceiling. `reads` says in words
-    what it measured on (for the run's summary), e.g. "held-out reward accuracy on 12 pairs,
-    KL on their 12 prompts"."""
+class _Ceiling:
+    """What both guards share: the KL ceiling, the points read, the checkpoint kept within the
+    ceiling (`best`) and, while there is none, the least-drifted point (`fallback`)."""
 
     kl_ceiling: float
     patience: int
     reads: str = ""
     best: EvalPoint | None = None
+    fallback: EvalPoint | None = None
     points: list[EvalPoint] = field(default_factory=list)
+
+    @property
+    def kept(self) -> EvalPoint | None:
+        """The checkpoint the run ends with: the best within the ceiling, else the least
+        drifted (None: nothing was evaluated)."""
+        return self.best or self.fallback
+
+    @property
+    def within_ceiling(self) -> bool:
+        """False only when evaluations were read and none was within the ceiling."""
+        return self.best is not None or not self.points
+
+    def _over(self, point: EvalPoint) -> bool:
+        """True when `point` is above the ceiling; it becomes the fallback when nothing so far
+        was within the ceiling and it drifted least (the caller snapshots it then)."""
+        if point.kl is None or point.kl <= self.kl_ceiling:
+            return False
+        if self.best is None and (self.fallback is None or point.kl < self.fallback.kl):
+            self.fallback = point
+        return True
+
+
+@dataclass
+class Guard(_Ceiling):
+    """The full guard: held-out reward accuracy and the KL ceiling. `reads` says in words
+    what it measured on (for the run's summary), e.g. "held-out reward accuracy on 12 pairs,
+    KL on their 12 prompts"."""
+
     _best_accuracy: float = -1.0
     _stale: int = 0  # evaluations in a row below the best accuracy
 
     def observe(self, point: EvalPoint) -> Decision:
         self.points.append(point)
-        if point.kl is not None and point.kl > self.kl_ceiling:
-            return Decision(False, kl_reason(point, self.kl_ceiling))
+        if self._over(point):
+            return Decision(self.fallback is point, kl_reason(point, self.kl_ceiling))
         assert point.accuracy is not None, "the accuracy guard needs held-out pairs"
         self._best_accuracy = max(self._best_accuracy, point.accuracy)
         if point.accuracy >= self._best_accuracy - ACCURACY_TOLERANCE:
@@ -83,7 +115,7 @@ class Guard:
 
 
 @dataclass
-class KLGuard:
+class KLGuard(_Ceiling):
     """The guard of a run with too few held-out pairs for their accuracy to mean anything: the
     KL alone, read on prompts nobody trains on. Without an accuracy there is no "better", only
     "still close enough to the base": more training moves the answers further the way the
@@ -93,25 +125,21 @@ class KLGuard:
     kept checkpoint is the last one within the ceiling either way). `reads` says in words
     what the KL was read on."""
 
-    kl_ceiling: float
-    patience: int
-    reads: str = ""
-    best: EvalPoint | None = None
-    points: list[EvalPoint] = field(default_factory=list)
-    _over: int = 0  # evaluations in a row above the ceiling
+    _over_in_a_row: int = 0  # evaluations in a row above the ceiling
 
     def observe(self, point: EvalPoint) -> Decision:
         self.points.append(point)
-        if point.kl is None or point.kl <= self.kl_ceiling:
-            self.best, self._over = point, 0
+        if not self._over(point):
+            self.best, self._over_in_a_row = point, 0
             return Decision(True, None)
-        self._over += 1
-        if self._over >= self.patience:
+        self._over_in_a_row += 1
+        keep = self.fallback is point
+        if self._over_in_a_row >= self.patience:
             reason = kl_reason(point, self.kl_ceiling)
             if self.patience > 1:
                 reason += f" (above the ceiling {self.patience} evaluations in a row)"
-            return Decision(False, reason)
-        return Decision(False, None)
+            return Decision(keep, reason)
+        return Decision(keep, None)
 
     def kept_text(self, best: EvalPoint, last: bool) -> str:
         kl = f"KL {best.kl:.1f} nats" if best.kl is not None else "KL not measured"
@@ -147,11 +175,16 @@ def summary(
     if guard is None:
         return f"{text} No early stopping: {why_off}." if why_off else text
     reads = f" {guard.reads}." if guard.reads else ""
-    if guard.best is None:
+    if guard.best is None and guard.fallback is not None:
+        kept = guard.fallback
         return (
-            f"{text} Every evaluation was above the KL ceiling, so the last weights were kept; "
-            f"lower the learning rate or raise beta.{reads}"
+            f"{text} Every evaluation was above the KL ceiling ({guard.kl_ceiling:g} nats): "
+            f"kept the least-drifted checkpoint (step {kept.step}, KL {kept.kl:.1f} nats); the "
+            "version is saved but not made active (an admin can activate it on purpose). "
+            f"Lower the learning rate, raise beta or label more pairs.{reads}"
         )
+    if guard.best is None:
+        return f"{text} Nothing was evaluated.{reads}"
     return f"{text} {guard.kept_text(guard.best, guard.best.step == last_step)}{reads}"
 
 

@@ -19,7 +19,9 @@ from dpo_core.guard import (
     MIN_PAIRS_FOR_VISIBLE_CHANGE,
     EvalPoint,
     Guard,
+    KLGuard,
     few_pairs_warning,
+    summary,
 )
 from dpo_core.modeling import attach_lora, load_model
 from dpo_core.reward_eval import implicit_reward_accuracy
@@ -216,6 +218,33 @@ def test_guard_stops_when_held_out_accuracy_stays_below_its_best():
     decision = guard.observe(EvalPoint(3, accuracy=0.8, loss=0.1, kl=None))
     assert "stayed below its best (0.90) for 2 evaluations" in decision.stop
     assert guard.best.step == 1
+
+
+def test_the_kl_guard_with_nothing_within_the_ceiling_fails_closed():
+    guard = KLGuard(kl_ceiling=5.0, patience=3)
+    decisions = [guard.observe(EvalPoint(s, None, None, kl)) for s, kl in ((1, 7), (2, 6), (3, 9))]
+    # each new least-drifted point is snapshot, never a more drifted one
+    assert [d.keep for d in decisions] == [True, True, False]
+    assert guard.best is None and not guard.within_ceiling and guard.kept.step == 2
+    text = summary(guard, decisions[-1].stop, 3, 10, None)
+    assert "Every evaluation was above the KL ceiling (5 nats)" in text
+    assert "kept the least-drifted checkpoint (step 2, KL 6.0 nats)" in text
+    assert "not made active" in text
+
+
+def test_the_accuracy_guard_stops_at_a_first_point_past_the_ceiling_and_fails_closed():
+    guard = Guard(kl_ceiling=5.0, patience=3)
+    decision = guard.observe(EvalPoint(4, accuracy=0.9, loss=0.3, kl=7.0))
+    assert decision.keep and "drifted too far" in decision.stop
+    assert not guard.within_ceiling and guard.kept.step == 4
+
+
+def test_a_point_within_the_ceiling_wins_over_the_least_drifted_one():
+    guard = KLGuard(kl_ceiling=5.0, patience=5)
+    assert guard.observe(EvalPoint(1, accuracy=None, loss=None, kl=6.0)).keep
+    assert guard.observe(EvalPoint(2, accuracy=None, loss=None, kl=4.0)).keep
+    assert not guard.observe(EvalPoint(3, accuracy=None, loss=None, kl=5.5)).keep
+    assert guard.within_ceiling and guard.kept.step == 2
 
 
 def _kept(points: list[dict], ceiling: float) -> dict:
