@@ -113,6 +113,7 @@ class TrainResult:
     stop_reason: str = ""  # plain words: how the run ended, which checkpoint was kept, why
     stopped_early: bool = False
     warnings: list[str] = field(default_factory=list)
+    within_kl_ceiling: bool = True  # False: no evaluation was; the version must not go live
 
 
 def train(
@@ -360,7 +361,7 @@ def finish(run: Run, progress: Progress, out_dir: Path, seconds: float) -> Train
     """Go back to the guard's best checkpoint (when it is not the last step), say in words how
     the run ended, and save the adapter with its config and metrics."""
     guard, step = run.guard, progress.step
-    kept = guard.best.step if guard is not None and guard.best is not None else step
+    kept = guard.kept.step if guard is not None and guard.kept is not None else step
     if kept != step:
         assert progress.best_weights is not None
         restore(run.policy, progress.best_weights)
@@ -370,7 +371,9 @@ def finish(run: Run, progress: Progress, out_dir: Path, seconds: float) -> Train
     if progress.sft_history:
         final.update(sft_metrics(progress.sft_history))
     run.policy.masters.restore_fp32()
-    adapter = save_result(run.policy.model, out_dir, run.config, final | {"stop_reason": reason})
+    within = guard is None or guard.within_ceiling  # False: saved, never made active by itself
+    extra = {"stop_reason": reason, "within_kl_ceiling": within}
+    adapter = save_result(run.policy.model, out_dir, run.config, final | extra)
     return TrainResult(
         adapter_dir=adapter,
         metrics=final,
@@ -378,6 +381,7 @@ def finish(run: Run, progress: Progress, out_dir: Path, seconds: float) -> Train
         config=run.config,
         stop_reason=reason,
         stopped_early=progress.stop is not None,
+        within_kl_ceiling=within,
     )
 
 
