@@ -18,19 +18,10 @@ import gradio as gr
 import pandas as pd
 
 from app.auth.users import ADMIN, require_role
-from app.train.service import (
-    ACTIVE_STATES,
-    NAMES,
-    SETTINGS,
-    RunStatus,
-    Setting,
-    StartResult,
-    TrainingService,
-    TrainRequest,
-    config_default,
-    format_duration,
-    next_round_text,
-)
+from app.train.request import NAMES, SETTINGS, Setting, TrainRequest, config_default
+from app.train.round_text import next_round_text
+from app.train.service import TrainingService
+from app.train.status import ACTIVE_STATES, RunStatus, StartResult, format_duration
 from dpo_core.guard import few_pairs_warning
 from dpo_core.losses import kto_balanced_weights
 from storage.selection import DEFAULT_TRAIN_ON, VoteSelection
@@ -253,13 +244,14 @@ def not_used_text(info: dict[str, Any]) -> str:
 
 
 def kl_note(status: RunStatus) -> str | None:
-    """Why the KL plot has nothing to draw, or None when the run has a KL readout."""
+    """Why the KL plot has nothing to draw, or None when the run has a KL readout. What the
+    run reads KL on is `status.readout_prompts`: the worker's count (app/train/status.py)."""
     if any(isinstance(m.get(KL), int | float) and math.isfinite(m[KL]) for m in status.metrics):
         return None
     if status.run_id is None:
         return "**KL to base**: no run yet. A run measures it on its held-out prompts."
     run = f"**KL to base**: run #{status.run_id}"
-    if status.heldout_pairs == 0:
+    if status.heldout_pairs == 0 and not status.readout_prompts:
         return (
             f"{run} has no held-out pairs and no prompts to read KL on, so there is no KL "
             "readout (nor held-out loss or accuracy). Import a few prompts that are not "
@@ -268,9 +260,22 @@ def kl_note(status: RunStatus) -> str | None:
         )
     if status.kl_prompts == 0:
         return f"{run} has the KL readout turned off (kl_prompts = 0)."
+    on = readout_text(status)
     if status.active:
-        return f"{run} shows it at its first held-out evaluation (by default, after epoch 1)."
-    return f"{run} ended before its first held-out evaluation: no KL readout."
+        return f"{run} shows it{on} at its first held-out evaluation (by default, after epoch 1)."
+    return f"{run} ended before its first held-out evaluation: no KL readout{on}."
+
+
+def readout_text(status: RunStatus) -> str:
+    """` on 46 prompts not trained on (...)`: what the KL readout samples, as the worker
+    counted it ("" when not recorded)."""
+    n = status.readout_prompts
+    if not n:
+        return ""
+    prompts = f" on {n} prompt{'s' if n != 1 else ''} not trained on"
+    if status.heldout_pairs == 0:
+        return prompts + " (it holds out no pairs: queue prompts no vote trains on)"
+    return prompts
 
 
 # --- the settings form -----------------------------------------------------------------------

@@ -52,7 +52,7 @@ def test_a_two_device_run_trains_under_torchrun_and_registers_v1(
     request = TrainRequest(devices=2, epochs=1, lora_r=4, max_length=64, heldout_fraction=0.0)
     started = service.start(request)
     assert started.ok, started.message
-    assert service._procs[started.run_id].wait(timeout=600) == 0
+    assert service.workers.procs[started.run_id].wait(timeout=600) == 0
     log = (tmp_path / "runs" / f"run-{started.run_id}.log").read_text()
     with sm.begin() as s:
         run = runs.get_run(s, started.run_id)
