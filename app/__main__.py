@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,8 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, ValueError) as err:  # ValueError: flags that do not go together
         print(f"error: {err}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: end as Ctrl-C does
     serve(state, sign_in)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM as Ctrl-C: Gradio stops serving and `serve` closes the services (the default
+    would end the process at once, with the training watcher perhaps loading weights)."""
+    raise KeyboardInterrupt
 
 
 def sign_in_for(config: AppConfig) -> dict[str, Any]:

@@ -402,43 +402,50 @@ def start_run(service: TrainingService, values: dict[str, Any]) -> StartResult:
 
 # --- API -------------------------------------------------------------------------------------
 
-# /train_start's parameters are the settings, in order, with their defaults and types.
-TRAIN_START_SIGNATURE = inspect.Signature(
-    [
-        *(
+
+def train_start_signature() -> inspect.Signature:
+    """/train_start's parameters: the settings, in order, with their defaults and types (made
+    when the API is registered: the `devices` default asks CUDA, which import must not)."""
+    return inspect.Signature(
+        [
+            *(
+                inspect.Parameter(
+                    s.name,
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                    default=s.default,
+                    annotation=list[str] if s.kind == NAMES else s.kind,
+                )
+                for s in SETTINGS
+            ),
             inspect.Parameter(
-                s.name,
+                "request",
                 inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                default=s.default,
-                annotation=list[str] if s.kind == NAMES else s.kind,
-            )
-            for s in SETTINGS
-        ),
-        inspect.Parameter(
-            "request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request
-        ),
-    ],
-    return_annotation=dict[str, Any],
-)
+                default=None,
+                annotation=gr.Request,
+            ),
+        ],
+        return_annotation=dict[str, Any],
+    )
 
 
 def train_start_endpoint(service: TrainingService) -> Callable[..., dict[str, Any]]:
-    """/train_start, with `TRAIN_START_SIGNATURE` (Gradio reads the parameters from it)."""
+    """/train_start, with `train_start_signature()` (Gradio reads the parameters from it)."""
+    signature = train_start_signature()
 
     def train_start(*args: Any) -> dict[str, Any]:
         """Start a DPO training run on the usable preference pairs (one run at a time).
         Returns {ok, message, run_id}; `ok` is false with a message for bad settings, zero
         usable pairs, or a run already in progress."""
-        bound = TRAIN_START_SIGNATURE.bind(*args)
+        bound = signature.bind(*args)
         bound.apply_defaults()
         values = dict(bound.arguments)
         require_role(values.pop("request"), ADMIN, "start training")
         return asdict(start_run(service, values))
 
-    train_start.__signature__ = TRAIN_START_SIGNATURE  # type: ignore[attr-defined]
+    train_start.__signature__ = signature  # type: ignore[attr-defined]
     train_start.__annotations__ = {
-        **{p.name: p.annotation for p in TRAIN_START_SIGNATURE.parameters.values()},
-        "return": TRAIN_START_SIGNATURE.return_annotation,
+        **{p.name: p.annotation for p in signature.parameters.values()},
+        "return": signature.return_annotation,
     }
     return train_start
 
