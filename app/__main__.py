@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,11 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, ValueError) as err:  # ValueError: flags that do not go together
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from app.auth.web import share_sign_in
-
-    share_sign_in(sign_in, state.services.sm)  # replicas: sessions live in the shared database
+    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: end as Ctrl-C does
     serve(state, sign_in)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM as Ctrl-C: Gradio stops serving and `serve` closes the services (the default
+    would end the process at once, with the training watcher perhaps loading weights)."""
+    raise KeyboardInterrupt
 
 
 def sign_in_for(config: AppConfig) -> dict[str, Any]:
@@ -165,7 +170,22 @@ def start(config: AppConfig) -> AppState:
 
 
 def serve(state: AppState, sign_in: dict[str, Any]) -> None:
-    """Build the page, add the vote route inside the sign-in gate, and serve until stopped."""
+    """Build the page, add the vote route inside the sign-in gate, and serve until stopped;
+    then close the services, however serving ended (Ctrl-C, an error)."""
+    from app.auth.web import share_sign_in
+
+    try:
+        share_sign_in(sign_in, state.services.sm)  # replicas: sessions in the shared database
+        demo = build_demo(state, sign_in)
+        demo.queue().launch(server_name=state.config.host, server_port=state.config.port, **sign_in)
+    finally:
+        if state.services is not None:
+            state.services.close()
+
+
+def build_demo(state: AppState, sign_in: dict[str, Any]) -> Any:
+    """The page, with the Label service behind it and its vote route added to `sign_in`'s
+    middleware (inside the sign-in gate)."""
     from starlette.middleware import Middleware
 
     from app.label.route import VoteRoute
@@ -195,7 +215,7 @@ def serve(state: AppState, sign_in: dict[str, Any]) -> None:
     app_kwargs = sign_in.setdefault("app_kwargs", {})
     vote_route = Middleware(VoteRoute, service=label)
     app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), vote_route]
-    demo.queue().launch(server_name=config.host, server_port=config.port, **sign_in)
+    return demo
 
 
 if __name__ == "__main__":

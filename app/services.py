@@ -26,6 +26,11 @@ class Services:
     training: TrainingService
     compare: CompareService
 
+    def close(self) -> None:
+        """The app's shutdown: stop the training watcher and wait for it, so no weights are
+        loading when the interpreter exits. Training workers keep running. Idempotent."""
+        self.training.close()
+
 
 def open_services(config: AppConfig, lm: LoadedModel) -> Services:
     """Open the database, recover from dead training workers, serve the active version.

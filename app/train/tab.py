@@ -18,19 +18,10 @@ import gradio as gr
 import pandas as pd
 
 from app.auth.users import ADMIN, require_role
-from app.train.service import (
-    ACTIVE_STATES,
-    NAMES,
-    SETTINGS,
-    RunStatus,
-    Setting,
-    StartResult,
-    TrainingService,
-    TrainRequest,
-    config_default,
-    format_duration,
-    next_round_text,
-)
+from app.train.request import NAMES, SETTINGS, Setting, TrainRequest, config_default
+from app.train.round_text import next_round_text
+from app.train.service import TrainingService
+from app.train.status import ACTIVE_STATES, RunStatus, StartResult, format_duration
 from dpo_core.guard import few_pairs_warning
 from dpo_core.losses import kto_balanced_weights
 from storage.selection import DEFAULT_TRAIN_ON, VoteSelection
@@ -253,13 +244,14 @@ def not_used_text(info: dict[str, Any]) -> str:
 
 
 def kl_note(status: RunStatus) -> str | None:
-    """Why the KL plot has nothing to draw, or None when the run has a KL readout."""
+    """Why the KL plot has nothing to draw, or None when the run has a KL readout. What the
+    run reads KL on is `status.readout_prompts`: the worker's count (app/train/status.py)."""
     if any(isinstance(m.get(KL), int | float) and math.isfinite(m[KL]) for m in status.metrics):
         return None
     if status.run_id is None:
         return "**KL to base**: no run yet. A run measures it on its held-out prompts."
     run = f"**KL to base**: run #{status.run_id}"
-    if status.heldout_pairs == 0:
+    if status.heldout_pairs == 0 and not status.readout_prompts:
         return (
             f"{run} has no held-out pairs and no prompts to read KL on, so there is no KL "
             "readout (nor held-out loss or accuracy). Import a few prompts that are not "
@@ -268,9 +260,22 @@ def kl_note(status: RunStatus) -> str | None:
         )
     if status.kl_prompts == 0:
         return f"{run} has the KL readout turned off (kl_prompts = 0)."
+    on = readout_text(status)
     if status.active:
-        return f"{run} shows it at its first held-out evaluation (by default, after epoch 1)."
-    return f"{run} ended before its first held-out evaluation: no KL readout."
+        return f"{run} shows it{on} at its first held-out evaluation (by default, after epoch 1)."
+    return f"{run} ended before its first held-out evaluation: no KL readout{on}."
+
+
+def readout_text(status: RunStatus) -> str:
+    """` on 46 prompts not trained on (...)`: what the KL readout samples, as the worker
+    counted it ("" when not recorded)."""
+    n = status.readout_prompts
+    if not n:
+        return ""
+    prompts = f" on {n} prompt{'s' if n != 1 else ''} not trained on"
+    if status.heldout_pairs == 0:
+        return prompts + " (it holds out no pairs: queue prompts no vote trains on)"
+    return prompts
 
 
 # --- the settings form -----------------------------------------------------------------------
@@ -397,43 +402,50 @@ def start_run(service: TrainingService, values: dict[str, Any]) -> StartResult:
 
 # --- API -------------------------------------------------------------------------------------
 
-# /train_start's parameters are the settings, in order, with their defaults and types.
-TRAIN_START_SIGNATURE = inspect.Signature(
-    [
-        *(
+
+def train_start_signature() -> inspect.Signature:
+    """/train_start's parameters: the settings, in order, with their defaults and types (made
+    when the API is registered: the `devices` default asks CUDA, which import must not)."""
+    return inspect.Signature(
+        [
+            *(
+                inspect.Parameter(
+                    s.name,
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                    default=s.default,
+                    annotation=list[str] if s.kind == NAMES else s.kind,
+                )
+                for s in SETTINGS
+            ),
             inspect.Parameter(
-                s.name,
+                "request",
                 inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                default=s.default,
-                annotation=list[str] if s.kind == NAMES else s.kind,
-            )
-            for s in SETTINGS
-        ),
-        inspect.Parameter(
-            "request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request
-        ),
-    ],
-    return_annotation=dict[str, Any],
-)
+                default=None,
+                annotation=gr.Request,
+            ),
+        ],
+        return_annotation=dict[str, Any],
+    )
 
 
 def train_start_endpoint(service: TrainingService) -> Callable[..., dict[str, Any]]:
-    """/train_start, with `TRAIN_START_SIGNATURE` (Gradio reads the parameters from it)."""
+    """/train_start, with `train_start_signature()` (Gradio reads the parameters from it)."""
+    signature = train_start_signature()
 
     def train_start(*args: Any) -> dict[str, Any]:
         """Start a DPO training run on the usable preference pairs (one run at a time).
         Returns {ok, message, run_id}; `ok` is false with a message for bad settings, zero
         usable pairs, or a run already in progress."""
-        bound = TRAIN_START_SIGNATURE.bind(*args)
+        bound = signature.bind(*args)
         bound.apply_defaults()
         values = dict(bound.arguments)
         require_role(values.pop("request"), ADMIN, "start training")
         return asdict(start_run(service, values))
 
-    train_start.__signature__ = TRAIN_START_SIGNATURE  # type: ignore[attr-defined]
+    train_start.__signature__ = signature  # type: ignore[attr-defined]
     train_start.__annotations__ = {
-        **{p.name: p.annotation for p in TRAIN_START_SIGNATURE.parameters.values()},
-        "return": TRAIN_START_SIGNATURE.return_annotation,
+        **{p.name: p.annotation for p in signature.parameters.values()},
+        "return": signature.return_annotation,
     }
     return train_start
 

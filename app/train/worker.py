@@ -1,4 +1,6 @@
-"""The training worker: `python -m app.train.worker --db URL --run-id N --data-dir DIR`.
+"""The training worker: `python -m app.train.worker --run-id N --data-dir DIR`, the database
+URL in `$DPO_STUDIO_WORKER_DB` (or `--db URL`; the app uses the environment, so a PostgreSQL
+password never shows on the command line, which `ps` shows to every user).
 
 Runs one queued training run in its own process, so a page refresh or an app restart does not
 stop it and a crash in training cannot take the app down. It reads the run's resolved config and
@@ -43,6 +45,8 @@ from storage.selection import VoteSelection
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 2.0
+# The environment variable the app passes the database URL in (not argv: `ps` shows argv).
+WORKER_DB_ENV = "DPO_STUDIO_WORKER_DB"
 
 
 def pid_file(data_dir: Path, run_id: int) -> Path:
@@ -226,7 +230,9 @@ def read_job(sm: sessionmaker[Session], run_id: int, config: dict[str, Any], dat
     with sm.begin() as s:  # the planned length, for the progress bar until the first step
         planned = planned_steps(len(pairs.train), train_config)
         planned += sft.planned_steps(len(examples), train_config)
-        runs.append_metrics(s, run_id, 0, {"total_steps": planned})
+        # and what the KL readout reads on, for the Train tab's note (app/train/status.py)
+        step0 = {"total_steps": planned, "kl_readout_prompts": len(kl_prompts)}
+        runs.append_metrics(s, run_id, 0, step0)
     out_dir = adapter_dir(sm, adapters_dir(data_dir), config["base_model"], run_id)
     return Job(config, pairs, out_dir, kl_prompts, examples)
 
@@ -290,7 +296,12 @@ def _discard(out_dir: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app.train.worker", description=__doc__)
-    p.add_argument("--db", required=True, help="SQLAlchemy URL of the studio database")
+    p.add_argument(
+        "--db",
+        default=None,
+        help=f"SQLAlchemy URL of the studio database (default ${WORKER_DB_ENV}; prefer the "
+        "environment: a password on the command line is visible in `ps`)",
+    )
     p.add_argument("--run-id", type=int, required=True, help="the queued training run to execute")
     p.add_argument("--data-dir", type=Path, required=True, help="holds adapters/")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -298,9 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    db_url = args.db or os.environ.get(WORKER_DB_ENV)
+    if not db_url:
+        parser.error(f"no database: set ${WORKER_DB_ENV} or pass --db")
     setup_logging(args.verbose, server=True)
-    sm = open_db(args.db)
+    sm = open_db(db_url)
     if not distributed.launched():
         return run_job(sm, args.run_id, args.data_dir)
     _, device = distributed.init_from_env(run_device(sm, args.run_id))

@@ -3,6 +3,8 @@ ranks train together and whose rank 0 registers the version."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,7 +54,7 @@ def test_a_two_device_run_trains_under_torchrun_and_registers_v1(
     request = TrainRequest(devices=2, epochs=1, lora_r=4, max_length=64, heldout_fraction=0.0)
     started = service.start(request)
     assert started.ok, started.message
-    assert service._procs[started.run_id].wait(timeout=600) == 0
+    assert service.workers.procs[started.run_id].wait(timeout=600) == 0
     log = (tmp_path / "runs" / f"run-{started.run_id}.log").read_text()
     with sm.begin() as s:
         run = runs.get_run(s, started.run_id)
@@ -75,3 +77,19 @@ def test_more_devices_than_gpus_is_refused_before_any_run(tmp_path, monkeypatch)
     assert result.message == "Invalid settings: devices is 3 but only 1 GPU(s) are visible"
     with sm.begin() as s:
         assert runs.list_runs(s) == []
+
+
+def test_importing_the_train_modules_does_not_ask_cuda():
+    """The `devices` default is counted when a request is made, not at import (asking CUDA at
+    import initialises it in every process that imports the module, the worker's ranks too)."""
+    code = (
+        "import torch\n"
+        "def asked(*a, **k):\n"
+        "    raise SystemExit('torch.cuda asked at import')\n"
+        "torch.cuda.device_count = torch.cuda.is_available = torch.cuda.init = asked\n"
+        "import app.train.request, app.train.service, app.train.tab\n"
+        "assert not torch.cuda.is_initialized()\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -162,3 +162,18 @@ def test_the_summary_says_what_the_chosen_votes_leave_out():
     text = summary_markdown({**info, "base_model": "m", "active_version": "base"})
     assert "2 answer pairs whose votes do not agree enough" in text
     assert "4 votes left out" in text
+
+
+def test_the_kl_note_of_a_run_without_held_out_pairs_says_what_it_reads_kl_on():
+    """A 6-pair run holds out none but reads KL on the queue's unlabeled prompts: the note
+    says so during the run and after, never "no prompts to read KL on"."""
+    ran = [{"step": 0, "total_steps": 6, "kl_readout_prompts": 46}, {"step": 1, "loss": 0.69}]
+    running = RunStatus(run_id=9, status="running", heldout_pairs=0, kl_prompts=8, metrics=ran)
+    running.readout_prompts = 46
+    note = kl_note(running)
+    assert "no prompts to read KL on" not in note
+    assert "46 prompts not trained on" in note and "first held-out evaluation" in note
+    ended = RunStatus(run_id=9, status="cancelled", heldout_pairs=0, kl_prompts=8, metrics=ran)
+    ended.readout_prompts = 46
+    assert "no prompts to read KL on" not in kl_note(ended)
+    assert "46 prompts not trained on" in kl_note(ended)

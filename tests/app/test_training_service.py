@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,89 @@ def test_steps_table_pivots_series_by_step():
         {"step": 1, "loss": 0.7},
         {"step": 2, "loss": 0.6, "rewards/margins": 0.1},
     ]
+
+
+@pytest.mark.slow
+def test_the_worker_gets_the_database_url_from_its_environment_not_its_command_line(
+    service, sm, tmp_path
+):
+    """`ps` shows every process's argv to every user: a PostgreSQL password in the URL would
+    be there. The worker still reaches the database (it marks the run started)."""
+    _vote(sm, "Name a planet.", "a")
+    started = service.start(TrainRequest(epochs=1))  # model "tiny" does not load: it fails
+    assert started.ok, started.message
+    proc = service.workers.procs[started.run_id]
+    url = f"sqlite:///{tmp_path / 'studio.db'}"
+    argv = [str(a) for a in proc.args]
+    assert not any(url in a or "studio.db" in a for a in argv), argv
+    assert "--db" not in argv
+    proc.wait()
+    with sm.begin() as s:
+        run = runs.get_run(s, started.run_id)
+        assert run.started_at is not None  # the worker's own write
+        assert run.status == "failed" and not run.error.startswith("the training worker")
+
+
+class _SlowToExit:
+    """A worker process that is still stopping: `wait` blocks until released."""
+
+    def __init__(self) -> None:
+        self.waiting = threading.Event()
+        self.release = threading.Event()
+        self.args = ["worker"]
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.waiting.set()
+        self.release.wait()
+        raise subprocess.TimeoutExpired(self.args, timeout or 0)
+
+    def poll(self) -> int | None:
+        return None
+
+
+def test_waiting_for_a_stopping_worker_does_not_hold_the_service_lock(service, sm):
+    """Train waits up to STOP_GRACE_S for the previous worker; the watcher and a version
+    switch must not wait with it."""
+    _vote(sm, "Name a planet.", "a")
+    stopping = _SlowToExit()
+    service.workers.procs[41] = stopping  # type: ignore[assignment]
+    results = []
+    starter = threading.Thread(target=lambda: results.append(service.start(TrainRequest())))
+    starter.start()
+    stopping.waiting.wait()
+    try:
+        assert not service._lock.locked()
+        assert service.check_workers() == []  # the watcher's check goes on meanwhile
+        assert "No version named 'v9'" in service.activate_version("v9").message  # takes the lock
+    finally:
+        stopping.release.set()
+        starter.join()
+    assert not results[0].ok and "Run #41's worker is still stopping" in results[0].message
+    assert _run_count(sm) == 0
+
+
+def test_a_run_without_held_out_pairs_reports_the_prompts_its_kl_readout_reads(
+    service, sm, tmp_path, monkeypatch
+):
+    """The KL note's number comes from the worker's own read (before it: the start's count by
+    the same rule, `app.train.run_inputs.kl_readout_prompts`)."""
+    from app.train import worker
+    from app.train.tab import kl_note
+
+    monkeypatch.setattr(service, "_launch", lambda run_id, devices=1: None)
+    for i in range(6):
+        _vote(sm, f"Name planet number {i}.", "a")
+    with sm.begin() as s:
+        for i in range(3):
+            repo.add_prompt(s, f"A prompt nobody labeled, {i}?")
+    run_id = service.start(TrainRequest(heldout_fraction=0.0)).run_id
+    status = service.status(run_id)
+    assert (status.heldout_pairs, status.readout_prompts) == (0, 3)
+    assert "3 prompts not trained on" in kl_note(status)
+    with sm.begin() as s:
+        repo.add_prompt(s, "A prompt added before the worker read, 4?")
+        config = runs.get_run(s, run_id).config
+    worker.read_job(sm, run_id, config, tmp_path)
+    status = service.status(run_id)
+    assert status.readout_prompts == 4  # what the worker read
+    assert "4 prompts not trained on" in kl_note(status)
