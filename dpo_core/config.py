@@ -82,7 +82,10 @@ class TrainConfig:
     lora_target_modules: tuple[str, ...] = _f(LORA_TARGETS, "modules that get LoRA", "lora")
     # evaluation and the over-optimisation guard (docs/defaults.md)
     eval_every: int = _f(
-        0, "evaluate held-out pairs every N steps (0: at the end of each epoch)", "eval"
+        0,
+        "evaluate held-out pairs every N steps (0: at the end of each epoch, and every 16 "
+        "steps within a longer epoch)",
+        "eval",
     )
     heldout_fraction: float = _f(
         0.15, "with no held-out pairs given, hold out this share of the prompts", "eval"

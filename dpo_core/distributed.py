@@ -107,16 +107,6 @@ class Comm:
         return torch.device(self.device) if self.device.startswith("cuda") else None
 
 
-_current = Comm()
-
-
-def current() -> Comm:
-    """The group this process joined with `init_from_env` (else a group of one), for callers
-    that do not hold the `Comm` it returned (`app/train/worker.py`, and `train` when that
-    caller does not pass its `comm`). New code passes the returned `Comm` down instead."""
-    return _current
-
-
 def launched() -> bool:
     """Whether a launcher (torchrun, accelerate) started this process as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -129,10 +119,10 @@ def timeout_s() -> float:
 def init_from_env(device: str | None) -> tuple[Comm, str | None]:
     """Join the group the launcher set up, if any. Returns the group and the device this rank
     trains on: `cuda:<LOCAL_RANK>` when `device` is CUDA or unset and CUDA is present (one
-    GPU per rank), else `device` unchanged."""
-    global _current
+    GPU per rank), else `device` unchanged. Not launched: a group of one. The caller passes
+    the group down (no module global holds it)."""
     if not launched():
-        return _current, device
+        return Comm(), device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
@@ -143,17 +133,14 @@ def init_from_env(device: str | None) -> tuple[Comm, str | None]:
         torch.distributed.init_process_group(
             backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s())
         )
-    _current = Comm(rank, world, device if cuda else "cpu")
     logger.info("rank %d of %d on %s", rank, world, device or "the default device")
-    return _current, device
+    return Comm(rank, world, device if cuda else "cpu"), device
 
 
 def close() -> None:
     """Leave the group (after the last collective)."""
-    global _current
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    _current = Comm()
 
 
 def visible_devices() -> int:

@@ -21,10 +21,16 @@ from dpo_core.metrics import reward_metrics
 from dpo_core.modeling import LoadedModel
 from dpo_core.objective import batch_losses
 
+# With eval_every 0, a long epoch is checked this often: a KTO round of 270 rows (68 steps an
+# epoch) was past the KL ceiling (16.9 nats) at its first end-of-epoch check (docs/loop.md).
+MAX_STEPS_BETWEEN_CHECKS = 16
+
 
 def is_eval_step(step: int, total_steps: int, dataset: Dataset, config: TrainConfig) -> bool:
-    """Every `eval_every` steps (0: at the end of each epoch), and after the last step."""
-    every = config.eval_every or steps_per_epoch(len(dataset.pairs), config)
+    """Every `eval_every` steps (0: at the end of each epoch, or every
+    `MAX_STEPS_BETWEEN_CHECKS` steps when an epoch is longer), and after the last step."""
+    epoch = steps_per_epoch(len(dataset.pairs), config)
+    every = config.eval_every or min(epoch, MAX_STEPS_BETWEEN_CHECKS)
     return step == total_steps or step % every == 0
 
 

@@ -107,8 +107,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def calibration_threshold(lm: Any, path: Path, scorer: str) -> Threshold:
     """The threshold from people's pairs on the version's own answers (chosen put first)."""
-    from dpo_core.self_label import calibrate, log_ratios, margins
     from dpo_core.pairs_file import load_pairs_jsonl
+    from dpo_core.self_label import calibrate, log_ratios, margins
 
     rows = load_pairs_jsonl(path, "calibration pairs")
     pairs = [AnswerPair(p.prompt, p.chosen, p.rejected) for p in parse_pairs(rows, str(path))]

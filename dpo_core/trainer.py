@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dpo_core import distributed, sft
+from dpo_core import sft
 from dpo_core.batches import (
     Dataset,
     forward_chunks,
@@ -158,7 +158,7 @@ def train(
     `on_eval` calls and writes the adapter, the others return without `adapter_dir` once it is.
     """
     out_dir = check_start(lm, Path(out_dir))
-    comm = comm if comm is not None else distributed.current()
+    comm = comm if comm is not None else Comm()  # one process
     config = resolved_config(config, lm)
     sft_set = prepare_sft(lm.tokenizer, sft_examples, config)
     train_set, eval_set = prepare_datasets(lm, pairs, heldout, kl_prompts, config)

@@ -37,6 +37,7 @@ from app.train.pairs import StoredPairs
 from app.train.run_inputs import kl_readout_prompts, sft_examples
 from common.cli import setup_logging
 from dpo_core import distributed
+from dpo_core.distributed import Comm
 from storage import runs
 from storage.db import open_db
 from storage.runs import RunStateError
@@ -143,12 +144,17 @@ class Job:
 
 
 def run_job(
-    sm: sessionmaker[Session], run_id: int, data_dir: Path, device: str | None = None
+    sm: sessionmaker[Session],
+    run_id: int,
+    data_dir: Path,
+    device: str | None = None,
+    comm: Comm | None = None,
 ) -> int:
     """Execute run `run_id` to its end; returns the process exit code (0 unless it failed).
-    Under torchrun this is rank 0; `device` is this rank's (default: the run's config)."""
+    Under torchrun this is rank 0 of `comm`; `device` is this rank's (default: the run's
+    config)."""
     write_pid(data_dir, run_id)
-    comm = distributed.current()
+    comm = comm or Comm()
     try:
         with sm.begin() as s:
             config = dict(runs.start_run(s, run_id).config)
@@ -159,7 +165,7 @@ def run_job(
     beat = Heartbeat(sm, run_id, HEARTBEAT_INTERVAL_S)
     beat.start()
     try:
-        outcome = train_and_register(sm, run_id, config, data_dir, device)
+        outcome = train_and_register(sm, run_id, config, data_dir, device, comm)
     except Exception as err:
         logger.exception("run %d failed", run_id)
         _fail(sm, run_id, f"{type(err).__name__}: {err}")
@@ -184,18 +190,25 @@ def train_and_register(
     config: dict[str, Any],
     data_dir: Path,
     device: str | None = None,
+    comm: Comm | None = None,
 ) -> str:
-    """Train on the stored pairs; register and activate the new version. Returns the outcome."""
-    job = distributed.current().broadcast(read_job(sm, run_id, config, data_dir))
-    result = train_job(job, device, RunCallbacks(sm, run_id))
+    """Train on the stored pairs; register the new version and make it active, unless no
+    evaluation was within the KL ceiling (the guard failed closed: the version is saved, its
+    run history says why, and an admin may activate it on purpose). Returns the outcome."""
+    comm = comm or Comm()
+    job = comm.broadcast(read_job(sm, run_id, config, data_dir))
+    result = train_job(job, device, comm, RunCallbacks(sm, run_id))
     if result.cancelled or result.adapter_dir is None:
         return "cancelled"
+    path, live = str(result.adapter_dir.resolve()), result.within_kl_ceiling
     try:
         with sm.begin() as s:
-            name = runs.finish_run(s, run_id, adapter_path=str(result.adapter_dir.resolve())).name
+            name = runs.finish_run(s, run_id, adapter_path=path, activate=live).name
     except RunStateError:  # cancelled while the adapter was being saved
         _discard(result.adapter_dir)
         return "cancelled"
+    if not live:
+        return f"succeeded: {name} at {result.adapter_dir}, not made active (above the KL ceiling)"
     return f"succeeded: {name} at {result.adapter_dir}"
 
 
@@ -237,7 +250,9 @@ def read_job(sm: sessionmaker[Session], run_id: int, config: dict[str, Any], dat
     return Job(config, pairs, out_dir, kl_prompts, examples)
 
 
-def train_job(job: Job, device: str | None, callbacks: RunCallbacks | None = None) -> Any:
+def train_job(
+    job: Job, device: str | None, comm: Comm, callbacks: RunCallbacks | None = None
+) -> Any:
     """Load the model and train this rank's part of the job (`callbacks`: rank 0's)."""
     from dpo_core.config import TrainConfig
     from dpo_core.modeling import load_model
@@ -260,16 +275,16 @@ def train_job(job: Job, device: str | None, callbacks: RunCallbacks | None = Non
         sft_examples=job.sft_examples or None,
         on_step=callbacks.on_step if callbacks else None,
         should_stop=callbacks.should_stop if callbacks else None,
+        comm=comm,
     )
 
 
-def follow_job() -> int:
+def follow_job(comm: Comm) -> int:
     """A rank other than 0: train on what rank 0 sends (nothing: the run did not start)."""
-    job = distributed.current().broadcast(None)
+    job = comm.broadcast(None)
     if job is None:
         return 0
-    device = distributed.current().device
-    train_job(job, device if device.startswith("cuda") else None)
+    train_job(job, comm.device if comm.device.startswith("cuda") else None, comm)
     return 0
 
 
@@ -318,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     sm = open_db(db_url)
     if not distributed.launched():
         return run_job(sm, args.run_id, args.data_dir)
-    _, device = distributed.init_from_env(run_device(sm, args.run_id))
+    comm, device = distributed.init_from_env(run_device(sm, args.run_id))
     try:
-        if distributed.current().is_main:
-            return run_job(sm, args.run_id, args.data_dir, device)
-        return follow_job()
+        if comm.is_main:
+            return run_job(sm, args.run_id, args.data_dir, device, comm)
+        return follow_job(comm)
     finally:
         distributed.close()
 

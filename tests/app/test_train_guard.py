@@ -102,6 +102,31 @@ def test_with_no_prompt_to_read_kl_on_the_stop_reason_says_what_to_do(service, s
     )
 
 
+def test_a_run_past_its_kl_ceiling_is_saved_but_not_made_active(sm, tmp_path, tiny_model_dir):
+    model = {"model": str(tiny_model_dir), "dtype": "fp32", "device": "cpu"}
+    svc = TrainingService(
+        sm,
+        db_url="sqlite://",
+        data_dir=tmp_path,
+        base_model="tiny",
+        model_settings=model | {"kl_ceiling": 1e-9},  # every reading is above it
+    )
+    svc._launch = lambda run_id, devices=1: None  # run in process
+    for topic in ("cats", "rain", "tea", "maps", "jazz"):
+        vote(sm, f"Tell me about {topic}.")
+    add_prompts(sm, "Sing about the sea.", "Name a river.")  # the KL readout's prompts
+    ran = run_in_process(svc, sm, tmp_path, learning_rate=5e-2)
+    kl = [m["eval/kl"] for m in ran["status"].metrics if m.get("eval/kl") is not None]
+    assert kl and min(kl) > 1e-9
+    saved = json.loads((tmp_path / "adapters" / "v1" / "metrics.json").read_text())
+    assert saved["within_kl_ceiling"] is False
+    assert "Every evaluation was above the KL ceiling" in ran["stop_reason"]
+    assert "not made active" in ran["stop_reason"]
+    with sm.begin() as s:
+        assert [v.name for v in runs.list_versions(s, "tiny") if v.is_active] == ["base"]
+    svc.close()
+
+
 def test_the_sft_examples_are_the_rewrites_the_run_trains_on(sm):
     vote(sm, "Tell me about cats.", "a", rewrite="Cats purr.")
     vote(sm, "Tell me about rain.", "tie", rewrite="Rain is water falling.")

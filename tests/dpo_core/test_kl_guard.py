@@ -247,6 +247,22 @@ def test_a_point_within_the_ceiling_wins_over_the_least_drifted_one():
     assert guard.within_ceiling and guard.kept.step == 2
 
 
+def test_a_long_epoch_is_checked_before_the_ceiling_can_be_passed():
+    from types import SimpleNamespace
+
+    from dpo_core.evaluation import MAX_STEPS_BETWEEN_CHECKS, is_eval_step
+
+    def checks(rows: int, **overrides) -> list[int]:
+        dataset, config = SimpleNamespace(pairs=[None] * rows), small_config(**overrides)
+        total = -(-rows // config.batch_size)  # one epoch
+        return [s for s in range(1, total + 1) if is_eval_step(s, total, dataset, config)]
+
+    assert checks(32) == [8]  # a short epoch: checked at its end, as before
+    assert checks(270) == [16, 32, 48, 64, 68]  # KTO's 68-step epoch: first check at step 16
+    assert checks(270, eval_every=50) == [50, 68]  # an explicit setting wins
+    assert MAX_STEPS_BETWEEN_CHECKS == 16
+
+
 def _kept(points: list[dict], ceiling: float) -> dict:
     """The guard's rule, restated: the latest point within the ceiling whose accuracy is
     within the tolerance of the best accuracy seen so far."""
