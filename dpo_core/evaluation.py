@@ -16,7 +16,7 @@ from dpo_core.batches import Dataset, eval_batches, make_batch, steps_per_epoch
 from dpo_core.config import TrainConfig
 from dpo_core.guard import EvalPoint, Guard, KLGuard
 from dpo_core.hooks import EvalHook
-from dpo_core.kl import kl_from_completions, sample_from_ids
+from dpo_core.kl import Reference, kl_from_completions, sample_from_ids
 from dpo_core.metrics import reward_metrics
 from dpo_core.modeling import LoadedModel
 from dpo_core.objective import batch_losses
@@ -48,14 +48,19 @@ def evaluate(model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig)
 
 
 def evaluate_point(
-    model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig, on_eval: EvalHook | None
+    model: Any,
+    dataset: Dataset,
+    lm: LoadedModel,
+    config: TrainConfig,
+    on_eval: EvalHook | None,
+    reference: Reference | None = None,
 ) -> dict[str, float]:
     """Everything measured at an evaluation point: held-out reward metrics, the KL readout
-    and the caller's own `on_eval` metrics. A set of readout prompts alone (no held-out
-    pairs) gives the KL readout and `on_eval` only."""
+    (from `reference`, default the base) and the caller's own `on_eval` metrics. A set of
+    readout prompts alone (no held-out pairs) gives the KL readout and `on_eval` only."""
     metrics = evaluate(model, dataset, lm, config) if dataset.pairs else {}
     if config.kl_prompts > 0:
-        metrics.update(kl_readout(model, dataset, lm, config))
+        metrics.update(kl_readout(model, dataset, lm, config, reference))
     if on_eval is not None:
         model.eval()
         metrics.update(on_eval(model))
@@ -63,12 +68,20 @@ def evaluate_point(
     return metrics
 
 
-def kl_readout(model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfig) -> dict:
-    """Monte Carlo KL(policy || base) per answer over `kl_prompts` answers, sampled from the
-    held-out prompts (or `dataset.readout_prompts`): each in turn, so a few distinct prompts
-    still give that many answers, or evenly spaced ones when there are more (`eval/kl`, its
-    standard error `eval/kl_stderr`); the same seed at every point. Against the base model
-    (adapter disabled), also after an SFT stage: the guard bounds the drift from the base."""
+def kl_readout(
+    model: Any,
+    dataset: Dataset,
+    lm: LoadedModel,
+    config: TrainConfig,
+    reference: Reference | None = None,
+) -> dict:
+    """Monte Carlo KL(policy || reference) per answer over `kl_prompts` answers, sampled from
+    the held-out prompts (or `dataset.readout_prompts`): each in turn, so a few distinct
+    prompts still give that many answers, or evenly spaced ones when there are more
+    (`eval/kl`, its standard error `eval/kl_stderr`); the same seed at every point. The
+    reference is the base model (adapter disabled), or after an SFT stage the SFT'd model,
+    DPO's own reference: the guard bounds the drift DPO adds, so SFT's sharpening alone
+    does not stop DPO at its first check (docs/loop.md)."""
     own = dataset.readout_prompts or [p.prompt_ids for p in dataset.pairs]
     prompts = spread(list(dict.fromkeys(tuple(p) for p in own)), config.kl_prompts)
     completions = sample_from_ids(
@@ -79,7 +92,7 @@ def kl_readout(model: Any, dataset: Dataset, lm: LoadedModel, config: TrainConfi
         seed=config.seed,
         batch_size=config.batch_size * 4,
     )
-    estimate = kl_from_completions(lm, model, completions)
+    estimate = kl_from_completions(lm, model, completions, reference)
     return {"eval/kl": estimate.kl, "eval/kl_stderr": estimate.stderr}
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ from dpo_core.evaluation import (
 from dpo_core.guard import Guard, KLGuard, few_pairs_warning
 from dpo_core.guard import summary as guard_summary
 from dpo_core.hooks import EvalHook, Hooks, StepCallback, StopCheck, TrainingCancelled
+from dpo_core.kl import Reference
 from dpo_core.metrics import REWARD_METRICS, final_metrics, reward_metrics, sft_metrics
 from dpo_core.modeling import LoadedModel
 from dpo_core.objective import batch_losses, fill_reference_logps, kto_class_weights
@@ -224,6 +227,7 @@ class Run:
     config: TrainConfig
     hooks: Hooks
     sft_set: sft.SFTSet | None = None
+    sft_weights: list[Tensor] | None = None  # the policy after its SFT stage: DPO's reference
     guard: Guard | KLGuard | None = None
     why_off: str | None = None  # why there is no guard
 
@@ -303,6 +307,27 @@ def run_sft(run: Run, progress: Progress) -> None:
             logger.info("SFT step %d/%d loss %.4f", step, run.sft_steps, metrics["sft/loss"])
         if run.hooks.on_step is not None and comm.is_main:
             run.hooks.on_step(dict(metrics))
+    run.sft_weights = snapshot(run.policy)
+
+
+def kl_reference(run: Run) -> Reference | None:
+    """After an SFT stage, the KL readout's reference is the SFT'd policy (DPO's reference):
+    its weights are put in place for the reference pass, the current ones back after it.
+    None: the base (adapter disabled)."""
+    if run.sft_weights is None:
+        return None
+    sft_weights = run.sft_weights
+
+    @contextmanager
+    def sft_policy() -> Iterator[None]:
+        current = snapshot(run.policy)
+        restore(run.policy, sft_weights)
+        try:
+            yield
+        finally:
+            restore(run.policy, current)
+
+    return sft_policy
 
 
 def fill_references(run: Run) -> None:
@@ -334,8 +359,8 @@ def run_step(
     if run.eval_set is not None and is_eval_step(step, run.total_steps, run.train_set, config):
         stop = None
         if comm.is_main:  # rank 0 evaluates and decides; the others follow its decision
-            model, on_eval = run.policy.model, run.hooks.on_eval
-            metrics.update(evaluate_point(model, run.eval_set, lm, config, on_eval))
+            model, on_eval, ref = run.policy.model, run.hooks.on_eval, kl_reference(run)
+            metrics.update(evaluate_point(model, run.eval_set, lm, config, on_eval, ref))
             stop = observe(run, progress, at, metrics)
         progress.stop = comm.broadcast(stop)
     progress.history.append(metrics)

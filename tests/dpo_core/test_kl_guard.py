@@ -302,6 +302,22 @@ def test_a_run_stops_early_at_the_kl_ceiling_and_keeps_the_best_checkpoint(sharp
     assert saved["stop_reason"] == result.stop_reason
 
 
+def test_after_an_sft_stage_the_kl_readout_measures_from_the_sft_model(sharp_lm, tmp_path):
+    chosen = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in PAIRS]
+    # SFT moves the policy; DPO barely does (a learning rate of 1e-9)
+    config = small_config(epochs=1, sft_epochs=2, learning_rate=1e-9, sft_learning_rate=2e-2,
+                          heldout_fraction=0.0, kl_prompts=4)  # fmt: skip
+    steps: list[dict] = []
+    fresh = ["Sing about the sea.", "Name a river.", "What is a kite?", "Count to five."]
+    result = trainer.train(sharp_lm, PAIRS, config, tmp_path / "v1", kl_prompts=fresh,
+                           sft_examples=chosen, on_step=steps.append)  # fmt: skip
+    readout = [s["eval/kl"] for s in steps if "eval/kl" in s]
+    assert readout and max(readout) < 1e-3  # DPO added no drift to its own reference
+    sharp_lm.model = PeftModel.from_pretrained(sharp_lm.model, str(result.adapter_dir))
+    from_base = kl.estimate_kl(sharp_lm, sharp_lm.model, fresh, max_new_tokens=24)
+    assert from_base.kl > 100 * max(readout[0], 1e-4)  # what a readout from the base would say
+
+
 def test_enough_pairs_turn_the_guard_on_by_holding_out_prompts(tiny_lm, tmp_path):
     pairs = [
         {"prompt": f"Tell me fact number {i}.", "chosen": f"Fact {i} is true.", "rejected": "No."}

@@ -168,6 +168,33 @@ def test_rpo_adds_the_chosen_nll_and_raises_the_chosen_likelihood(tiny_lm, tmp_p
     assert rpo[-1]["logps/chosen"] > plain[-1]["logps/chosen"] + 0.25
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_the_rpo_term_adds_alpha_times_the_gradient_of_the_chosen_nll(tiny_model_dir):
+    from dpo_core.logprobs import completion_logps
+
+    common = {"max_grad_norm": 1e9, "epochs": 1, "batch_size": 4}
+    dpo = _step_gradients(tiny_model_dir, small_config(**common))
+    rpo = _step_gradients(tiny_model_dir, small_config(rpo_alpha=0.5, **common))
+    # the NLL term alone, by hand: mean over the 4 pairs of the chosen answer's per-token NLL
+    config = small_config(**common)
+    lm = load_model(str(tiny_model_dir), dtype="fp32", device="cpu")
+    dataset = trainer.prepare_dataset(lm.tokenizer, PAIRS[:4], config, "training")
+    torch.manual_seed(0)
+    policy = trainer.prepare_policy(lm, config, total_steps=1)
+    torch.manual_seed(1)
+    for name, p in policy.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    batch = trainer.make_batch(dataset, list(range(4)), lm, config)
+    logps, lengths = completion_logps(policy.model, batch)
+    chosen, chosen_lengths = logps.chunk(2)[0], lengths.chunk(2)[0]
+    (-(chosen / chosen_lengths).sum() / 4).backward()
+    nll = [p.grad for p in policy.masters.params]
+    assert any(g.abs().sum() > 0 for g in nll)
+    for r, d, n in zip(rpo, dpo, nll, strict=True):
+        torch.testing.assert_close(r - d, 0.5 * n, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_input_is_a_clear_error(tiny_lm, tmp_path):
     with pytest.raises(ValueError, match="no preference pairs"):
         trainer.train(tiny_lm, [], small_config(), tmp_path / "v1")
