@@ -91,8 +91,16 @@ def test_a_schema_1_database_is_upgraded_in_place_and_keeps_its_votes(db_url: st
         record_preference(session, response_a_id=y, response_b_id=x, choice="b", annotator="old")
     sm.kw["bind"].dispose()
     engine = create_engine(db_url)
-    with engine.begin() as conn:  # back to schema 1: drop what schemas 2 and 3 added
-        for column in ("left_response_id", "suggested_choice", "suggested_by", "ranking_id"):
+    with engine.begin() as conn:  # back to schema 1: drop what schemas 2, 3 and 4 added
+        for column in (
+            "left_response_id",
+            "suggested_choice",
+            "suggested_by",
+            "ranking_id",
+            "weight",
+            "scorer",
+            "margin",
+        ):
             conn.execute(text(f"ALTER TABLE preferences DROP COLUMN {column}"))
         conn.execute(update(SchemaInfo).values(version=1))
     engine.dispose()

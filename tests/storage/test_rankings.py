@@ -145,14 +145,15 @@ def test_a_schema_2_database_gains_the_ranking_column_and_keeps_its_votes(db_url
         record_preference(s, response_a_id=x, response_b_id=y, choice="a", annotator="old")
     sm.kw["bind"].dispose()
     engine = create_engine(db_url)
-    with engine.begin() as conn:  # back to schema 2: drop what schema 3 added
-        conn.execute(text("ALTER TABLE preferences DROP COLUMN ranking_id"))
+    with engine.begin() as conn:  # back to schema 2: drop what schemas 3 and 4 added
+        for column in ("ranking_id", "weight", "scorer", "margin"):
+            conn.execute(text(f"ALTER TABLE preferences DROP COLUMN {column}"))
         conn.execute(text("DROP TABLE rankings"))
         conn.execute(update(SchemaInfo).values(version=2))
     engine.dispose()
     sm = open_db(db_url)
     with sm.begin() as s:
-        assert s.get_one(SchemaInfo, 1).version == SCHEMA_VERSION == 3
+        assert s.get_one(SchemaInfo, 1).version == SCHEMA_VERSION == 4
         [old] = s.scalars(select(Preference)).all()
         assert (old.annotator, old.choice, old.ranking_id) == ("old", "a", None)
         recorded = record_ranking(s, response_ids=[z, x, y], annotator="new")
