@@ -17,14 +17,17 @@ Functions take a session and never commit (the caller owns the transaction).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import and_, exists, select
 from sqlalchemy.orm import Session, aliased
 
-from storage.annotators import SELF_PREFIX, person_filter, self_annotator
+from storage.annotators import SELF_PREFIX, is_self, person_filter, self_annotator
 from storage.models import ModelVersion, Preference, Response, now_utc, text_hash
 from storage.repo import CHUNK, add_prompts, check_storable, insert_ignore
 from storage.rounds import find_version
@@ -52,6 +55,77 @@ class AddedSelfLabels:
     annotator: str  # `self:<version>`
     added: int
     already: int
+
+
+@dataclass(frozen=True)
+class SelfLabelFile:
+    """The labels of a `python -m dpo_core self-label` output file, and whose they are."""
+
+    version: str | None  # None: no rows and no version given
+    labels: list[SelfLabel]
+
+
+def read_self_labels(path: str | Path, version: str | None = None) -> SelfLabelFile:
+    """Read a JSONL file of self-labels: `prompt`, `chosen`, `rejected` (strings), `margin`,
+    `scorer`, `weight` (default 1) and `annotator` (`self:<version>`, optional when `version`
+    is given). ValueError naming the file and line for anything else."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the self-labels: {err}") from err
+    labels: list[SelfLabel] = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            where = f"{path}, line {number}"
+            row = _json_object(line, where)
+            version = _row_version(row, version, where)
+            labels.append(_self_label(row, where))
+    return SelfLabelFile(version, labels)
+
+
+def _json_object(line: str, where: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not JSON ({err.msg})") from err
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with prompt, chosen, rejected, ...")
+    return row
+
+
+def _row_version(row: dict[str, Any], version: str | None, where: str) -> str:
+    """The version a row is by: its `annotator` (`self:<version>`), which must match `version`
+    when that is known; `version` when the row names none."""
+    annotator = row.get("annotator")
+    if annotator is None:
+        if version is None:
+            raise ValueError(f"{where}: no annotator (self:<version>); give the version")
+        return version
+    if not isinstance(annotator, str) or not is_self(annotator):
+        raise ValueError(f"{where}: annotator {annotator!r} is not a version (self:<version>)")
+    named = annotator[len(SELF_PREFIX) :]
+    if version is not None and named != version:
+        raise ValueError(f"{where}: a label by {named}, not by {version}: one version per file")
+    return named
+
+
+def _self_label(row: dict[str, Any], where: str) -> SelfLabel:
+    for key in ("prompt", "chosen", "rejected", "scorer"):
+        if not isinstance(row.get(key), str):
+            raise ValueError(f"{where}: {key!r} must be a string (TRL's standard format)")
+    for key in ("margin", "weight"):
+        value = row.get(key, 1.0 if key == "weight" else None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: {key!r} must be a number, got {value!r}")
+    return SelfLabel(
+        row["prompt"],
+        row["chosen"],
+        row["rejected"],
+        margin=float(row["margin"]),
+        scorer=row["scorer"],
+        weight=float(row.get("weight", 1.0)),
+    )
 
 
 def check_self_label(label: SelfLabel, where: str) -> None:

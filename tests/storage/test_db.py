@@ -195,3 +195,33 @@ def test_an_adapter_version_needs_its_directory(session: Session):
     session.add(ModelVersion(base_model="m", name="v1", kind="adapter", adapter_path=None))
     with pytest.raises(IntegrityError):
         session.flush()
+
+
+def test_a_schema_3_database_gains_the_self_label_columns_and_keeps_its_votes(db_url: str):
+    """A database from before self-labels (schema 3) opens, gains `preferences.weight`,
+    `scorer` and `margin` (NULL on the votes it had), and takes a version's own labels."""
+    from storage.runs import register_adapter_version
+    from storage.self_labels import SelfLabel, add_self_labels
+
+    sm = open_db(db_url)
+    with sm.begin() as session:
+        x, y = answers(session, "Name a planet.", "Mars.", "A banana.")
+        record_preference(session, response_a_id=x, response_b_id=y, choice="a", annotator="old")
+    sm.kw["bind"].dispose()
+    engine = create_engine(db_url)
+    with engine.begin() as conn:  # back to schema 3: drop what schema 4 added
+        for column in ("weight", "scorer", "margin"):
+            conn.execute(text(f"ALTER TABLE preferences DROP COLUMN {column}"))
+        conn.execute(update(SchemaInfo).values(version=3))
+    engine.dispose()
+    sm = open_db(db_url)
+    with sm.begin() as session:
+        assert session.get_one(SchemaInfo, 1).version == SCHEMA_VERSION == 4
+        [old] = session.scalars(select(Preference)).all()
+        assert (old.annotator, old.weight, old.scorer, old.margin) == ("old", None, None, None)
+        register_adapter_version(session, base_model="m", adapter_path="/a/v1")
+        label = SelfLabel("Name a planet.", "Mars.", "A banana.", 1.0, "implicit", weight=0.5)
+        assert add_self_labels(session, "v1", [label]).added == 1
+    with pytest.raises(IntegrityError), sm.begin() as session:  # the weight's check came too
+        session.execute(update(Preference).values(weight=0.0))
+    sm.kw["bind"].dispose()
