@@ -60,9 +60,9 @@ class DataService:
         self.export_dir = Path(export_dir)
 
     def stats(self) -> dict[str, Any]:
-        """Prompts per split, responses, and votes overall and per annotator (by choice, with
-        the usable training pairs among them, each vote on its own), and the pairs a run trains
-        on by default (the majority of human votes per pair of answers)."""
+        """Prompts per split, responses, and votes overall, by people and per annotator (by
+        choice, with the usable training pairs among them, each vote on its own), and the pairs
+        a run trains on by default (the majority of human votes per pair of answers)."""
         with self.sm.begin() as s:
             stats = store_stats(s)
             trained = len(preference_pairs(s, split=None).pairs)
@@ -71,6 +71,7 @@ class DataService:
             "prompts": dict(stats.prompts),
             "responses": stats.responses,
             "votes": asdict(stats.overall),
+            "people_votes": asdict(stats.people),  # not models' (AI judges, own labels)
             "by_annotator": {name: asdict(c) for name, c in stats.by_annotator.items()},
         }
 
@@ -109,12 +110,15 @@ class DataService:
         votes: str = DEFAULT_VOTES,
         leave_out: Sequence[str] = (),
         include_judges: bool = False,
+        include_self: bool = False,
     ) -> Path:
         """Write the usable preference pairs to a new file; returns its path. `votes`,
-        `leave_out`, `include_judges`: which votes make pairs, as in training
+        `leave_out`, `include_judges`, `include_self`: which votes make pairs, as in training
         (storage/selection.py); a left-out name with no votes is logged and changes nothing."""
         votes = _checked(votes, VOTE_MODES, "votes mode")
-        selection = VoteSelection(votes, tuple(leave_out), include_judges=include_judges)
+        selection = VoteSelection(
+            votes, tuple(leave_out), include_judges=include_judges, include_self=include_self
+        )
         fmt = _checked(fmt, EXPORT_FORMATS, "export format")
         file_type = _checked(file_type, EXPORT_FILE_TYPES, "file type")
         split = _checked(split, EXPORT_SPLITS, "split")

@@ -47,6 +47,7 @@ class DataTab:
     export_votes: gr.Radio
     export_leave_out: gr.Dropdown
     export_judges: gr.Checkbox
+    export_self: gr.Checkbox
     export_btn: gr.Button
     export_file: gr.File
     export_message: gr.Markdown
@@ -64,11 +65,17 @@ def summary_markdown(stats: dict[str, Any]) -> str:
             f"**Prompts:** {sum(prompts.values())} "
             f"({', '.join(f'{n} {split}' for split, n in prompts.items())})",
             f"**Answers generated:** {stats['responses']}",
-            f"**Votes:** {votes['votes']} ({choices})",
+            f"**Votes:** {votes['votes']} ({choices})" + _models_note(stats),
             f"**Usable training pairs:** {votes['usable_pairs']} (each vote its own pair); "
             f"{stats['default_pairs']} by the majority of human votes, as Train uses by default",
         ]
     )
+
+
+def _models_note(stats: dict[str, Any]) -> str:
+    """`; 12 by people, 40 by models` when AI judges or versions' own labels voted too."""
+    people, votes = stats["people_votes"]["votes"], stats["votes"]["votes"]
+    return "" if people == votes else f"; {people} by people, {votes - people} by models"
 
 
 def annotator_frame(stats: dict[str, Any]) -> pd.DataFrame:
@@ -156,9 +163,15 @@ class DataHandlers:
         votes: str = DEFAULT_VOTES,
         leave_out: list[str] | None = None,
         include_judges: bool = False,
+        include_self: bool = False,
     ) -> dict[Any, Any]:
         require_role(request, ADMIN, "export data")
-        chosen = {"votes": votes, "leave_out": leave_out or (), "include_judges": include_judges}
+        chosen = {
+            "votes": votes,
+            "leave_out": leave_out or (),
+            "include_judges": include_judges,
+            "include_self": include_self,
+        }
         try:
             path = self.service.export(fmt=fmt, file_type=file_type, split=split, **chosen)
         except DataError as err:
@@ -206,12 +219,14 @@ def register_api(service: DataService) -> None:
         votes: str = DEFAULT_VOTES,
         leave_out: list[str] | None = None,
         include_judges: bool = False,
+        include_self: bool = False,
         request: gr.Request = None,  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """The usable preference pairs as a file (`standard` or `conversational` TRL format,
         .jsonl or .parquet; split all, train or heldout); the client downloads it. `votes`:
         for answers judged by several annotators, majority (default), unanimous or every;
-        `leave_out`: annotators whose votes are ignored; `include_judges`: AI judges' votes."""
+        `leave_out`: annotators whose votes are ignored; `include_judges`: AI judges' votes;
+        `include_self`: versions' labels of their own answers, with a `weight` column."""
         require_role(request, ADMIN, "export data")
         path = _user_errors(
             service.export,
@@ -221,6 +236,7 @@ def register_api(service: DataService) -> None:
             votes=votes,
             leave_out=leave_out or (),
             include_judges=include_judges,
+            include_self=include_self,
         )
         return {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
 
@@ -307,6 +323,13 @@ def _export_area(annotators: list[str]) -> dict[str, Any]:
             info="annotators named judge:<name>; off: human votes only",
             elem_id="data-export-judges",
         )
+        export_self = gr.Checkbox(
+            value=False,
+            label="Include the model's own labels",
+            info="annotators named self:<version>, with their weight; a person's vote on the "
+            "same answers replaces them",
+            elem_id="data-export-self",
+        )
     return {
         "export_format": export_format,
         "export_type": export_type,
@@ -314,6 +337,7 @@ def _export_area(annotators: list[str]) -> dict[str, Any]:
         "export_votes": export_votes,
         "export_leave_out": export_leave_out,
         "export_judges": export_judges,
+        "export_self": export_self,
         "export_btn": gr.Button("Export", elem_id="data-export"),
         "export_message": gr.Markdown(elem_id="data-export-message"),
         "export_file": gr.File(label="Download", interactive=False, elem_id="data-export-file"),
@@ -359,6 +383,7 @@ def build_data_tab(
             tab.export_votes,
             tab.export_leave_out,
             tab.export_judges,
+            tab.export_self,
         ],
         outputs=[tab.export_message, tab.export_file],
         **private,
