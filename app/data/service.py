@@ -60,9 +60,9 @@ class DataService:
         self.export_dir = Path(export_dir)
 
     def stats(self) -> dict[str, Any]:
-        """Prompts per split, responses, and votes overall, by people and per annotator (by
-        choice, with the usable training pairs among them, each vote on its own), and the pairs
-        a run trains on by default (the majority of human votes per pair of answers)."""
+        """Prompts per split, responses, and votes overall and per annotator (by choice, with
+        the usable training pairs among them, each vote on its own), and the pairs a run trains
+        on by default (the majority of human votes per pair of answers)."""
         with self.sm.begin() as s:
             stats = store_stats(s)
             trained = len(preference_pairs(s, split=None).pairs)
@@ -71,7 +71,6 @@ class DataService:
             "prompts": dict(stats.prompts),
             "responses": stats.responses,
             "votes": asdict(stats.overall),
-            "people_votes": asdict(stats.people),  # not models' (AI judges, own labels)
             "by_annotator": {name: asdict(c) for name, c in stats.by_annotator.items()},
         }
 

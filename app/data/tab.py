@@ -17,6 +17,7 @@ from gradio.utils import get_upload_folder, is_in_or_equal
 
 from app.auth.users import ADMIN, request_role, require_role
 from app.data.service import EXPORT_FILE_TYPES, EXPORT_SPLITS, DataError, DataService
+from storage.annotators import is_person
 from storage.io import EXPORT_FORMATS
 from storage.models import CHOICES, SPLITS
 from storage.selection import DEFAULT_VOTES, VOTE_MODES
@@ -74,7 +75,9 @@ def summary_markdown(stats: dict[str, Any]) -> str:
 
 def _models_note(stats: dict[str, Any]) -> str:
     """`; 12 by people, 40 by models` when AI judges or versions' own labels voted too."""
-    people, votes = stats["people_votes"]["votes"], stats["votes"]["votes"]
+    by = stats["by_annotator"]
+    people = sum(counts["votes"] for name, counts in by.items() if is_person(name))
+    votes = stats["votes"]["votes"]
     return "" if people == votes else f"; {people} by people, {votes - people} by models"
 
 

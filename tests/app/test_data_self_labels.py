@@ -73,7 +73,7 @@ def test_no_self_label_sentence_without_self_labels(tmp_path: Path):
 
 def test_counts_keep_peoples_votes_apart_and_export_takes_self_labels_when_asked(data):
     stats = data.stats()
-    assert (stats["votes"]["votes"], stats["people_votes"]["votes"]) == (6, 3)
+    assert (stats["votes"]["votes"], stats["by_annotator"]["self:v2"]["votes"]) == (6, 3)
     assert stats["default_pairs"] == 2  # Q0 (ann), Q1 (ann and bob agree): people's only
     with gr.Blocks():
         tab = layout(data)
