@@ -206,33 +206,8 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", default=None, help="SQLAlchemy URL (default: %(default)s)")
-    parser = argparse.ArgumentParser(prog="python -m storage", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("init", parents=[common], help="create the database").set_defaults(func=cmd_init)
-    p = sub.add_parser("import-prompts", parents=[common], help="add prompts from a file")
-    p.add_argument("file", help=".txt (one per line), .jsonl/.json/.csv/.parquet, or a directory")
-    p.add_argument("--split", choices=SPLITS, default="train")
-    p.set_defaults(func=cmd_import_prompts)
-    p = sub.add_parser("import-pairs", parents=[common], help="add TRL-format preference pairs")
-    p.add_argument("file", help="prompt/chosen/rejected, standard or conversational")
-    p.add_argument("--annotator", default="import", help="recorded as the pairs' annotator")
-    p.add_argument("--split", choices=SPLITS, default="train")
-    p.set_defaults(func=cmd_import_pairs)
-    p = sub.add_parser(
-        "import-self-labels",
-        parents=[common],
-        help="add a version's labels of its own answers (`python -m dpo_core self-label`'s file)",
-    )
-    p.add_argument("file", help=".jsonl: prompt, chosen, rejected, margin, scorer, weight")
-    p.add_argument(
-        "--version", help="the version whose answers they are (default: the rows' annotator)"
-    )
-    p.add_argument("--base-model", help="the base model meant, when several have that version")
-    p.set_defaults(func=cmd_import_self_labels)
+def add_export_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`export`: the pairs (or KTO rows) of the votes chosen, for TRL / datasets."""
     p = sub.add_parser("export", parents=[common], help="write preferences for TRL / datasets")
     p.add_argument("file", help=".jsonl, .json, .parquet, or a new directory (save_to_disk)")
     p.add_argument(
@@ -272,6 +247,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_round_args(p)
     p.set_defaults(func=cmd_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=None, help="SQLAlchemy URL (default: %(default)s)")
+    parser = argparse.ArgumentParser(prog="python -m storage", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("init", parents=[common], help="create the database").set_defaults(func=cmd_init)
+    p = sub.add_parser("import-prompts", parents=[common], help="add prompts from a file")
+    p.add_argument("file", help=".txt (one per line), .jsonl/.json/.csv/.parquet, or a directory")
+    p.add_argument("--split", choices=SPLITS, default="train")
+    p.set_defaults(func=cmd_import_prompts)
+    p = sub.add_parser("import-pairs", parents=[common], help="add TRL-format preference pairs")
+    p.add_argument("file", help="prompt/chosen/rejected, standard or conversational")
+    p.add_argument("--annotator", default="import", help="recorded as the pairs' annotator")
+    p.add_argument("--split", choices=SPLITS, default="train")
+    p.set_defaults(func=cmd_import_pairs)
+    p = sub.add_parser(
+        "import-self-labels",
+        parents=[common],
+        help="add a version's labels of its own answers (`python -m dpo_core self-label`'s file)",
+    )
+    p.add_argument("file", help=".jsonl: prompt, chosen, rejected, margin, scorer, weight")
+    p.add_argument(
+        "--version", help="the version whose answers they are (default: the rows' annotator)"
+    )
+    p.add_argument("--base-model", help="the base model meant, when several have that version")
+    p.set_defaults(func=cmd_import_self_labels)
+    add_export_parser(sub, common)
     sub.add_parser(
         "stats", parents=[common], help="counts per split, choice, annotator"
     ).set_defaults(func=cmd_stats)

@@ -7,6 +7,7 @@ Handlers first (thin: check the role, call the data service, return named update
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,15 @@ def register_api(service: DataService) -> None:
         path, name = _user_errors(uploaded_path, file)
         return _user_errors(service.import_pairs, path, split=split, name=name).to_dict()
 
+    gr.api(data_stats, api_name="data_stats")
+    gr.api(import_prompts_api, api_name="import_prompts")
+    gr.api(import_pairs_api, api_name="import_pairs")
+    gr.api(_export_api(service), api_name="export_preferences")
+
+
+def _export_api(service: DataService) -> Callable[..., dict[str, Any]]:
+    """/export_preferences (admins only), named as the endpoint's function for its docs."""
+
     def export_preferences_api(
         format: str = "standard",
         file_type: str = ".jsonl",
@@ -243,10 +253,7 @@ def register_api(service: DataService) -> None:
         )
         return {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
 
-    gr.api(data_stats, api_name="data_stats")
-    gr.api(import_prompts_api, api_name="import_prompts")
-    gr.api(import_pairs_api, api_name="import_pairs")
-    gr.api(export_preferences_api, api_name="export_preferences")
+    return export_preferences_api
 
 
 # --- layout ----------------------------------------------------------------------------------

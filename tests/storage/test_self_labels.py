@@ -278,12 +278,11 @@ def test_the_cli_imports_self_labels_exports_them_when_chosen_and_reports_agreem
     with sm.begin() as s:
         v1(s)
     sm.kw["bind"].dispose()
+    made = {"margin": 2.0, "weight": 0.5, "scorer": "implicit", "annotator": "self:v1"}
     rows = [
-        {"prompt": "Name a planet.", "chosen": "Mars.", "rejected": "A banana.", "margin": 2.0,
-         "weight": 0.5, "scorer": "implicit", "annotator": "self:v1"},
-        {"prompt": "Name a fruit.", "chosen": "A pear.", "rejected": "Mars.", "margin": 0.5,
-         "weight": 0.5, "scorer": "implicit", "annotator": "self:v1"},
-    ]  # fmt: skip
+        {"prompt": "Name a planet.", "chosen": "Mars.", "rejected": "A banana."} | made,
+        {"prompt": "Name a fruit.", "chosen": "A pear.", "rejected": "Mars."} | made,
+    ]
     labels = tmp_path / "self.jsonl"
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     for _ in range(2):
@@ -327,24 +326,26 @@ def test_cli_stats_agreement_counts_people_only(
     assert "  ann: 1 votes" in out and "  judge:qwen: 1 votes" not in out
 
 
+LABEL_ROW = {"annotator": "self:v1", "prompt": "p", "chosen": "a", "rejected": "b", "scorer": "s"}
+
+
 @pytest.mark.parametrize(
-    ("line", "version", "message"),
+    ("row", "version", "message"),
     [
         ("not json", None, "line 1: not JSON"),
-        ("[1, 2]", None, "line 1: expected a JSON object"),
-        ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1, "scorer": "s"}', None,
-         "line 1: no annotator"),
-        ('{"annotator": "ann"}', None, "annotator 'ann' is not a version"),
-        ('{"annotator": "self:v2"}', "v1", "a label by v2, not by v1: one version per file"),
-        ('{"annotator": "self:v1", "prompt": ["x"]}', None, "'prompt' must be a string"),
-        ('{"annotator": "self:v1", "prompt": "p", "chosen": "a", "rejected": "b", "scorer": "s",'
-         ' "margin": "high"}', None, "'margin' must be a number, got 'high'"),
+        ([1, 2], None, "line 1: expected a JSON object"),
+        (LABEL_ROW | {"annotator": None, "margin": 1}, None, "line 1: no annotator"),
+        ({"annotator": "ann"}, None, "annotator 'ann' is not a version"),
+        ({"annotator": "self:v2"}, "v1", "a label by v2, not by v1: one version per file"),
+        (LABEL_ROW | {"prompt": ["x"]}, None, "'prompt' must be a string"),
+        (LABEL_ROW | {"margin": "high"}, None, "'margin' must be a number, got 'high'"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_self_label_file_is_refused_naming_the_line(
-    tmp_path: Path, line: str, version: str | None, message: str
+    tmp_path: Path, row: object, version: str | None, message: str
 ):
     path = tmp_path / "self.jsonl"
+    line = row if isinstance(row, str) else json.dumps(row)
     path.write_text(line + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=message):
         read_self_labels(path, version)
