@@ -1,4 +1,5 @@
-"""`python -m storage`: create the database, import prompts and preference pairs, export, stats.
+"""`python -m storage`: create the database, import prompts, preference pairs and a version's
+labels of its own answers, export, stats.
 
 Every command takes `--db URL` (default: sqlite in $DPO_STUDIO_DATA, else ./data).
 """
@@ -32,6 +33,7 @@ from storage.rankings import LabelingRate, labeling_rates
 from storage.repo import store_stats, unknown_annotators
 from storage.rounds import find_version
 from storage.selection import DEFAULT_TRAIN_ON, DEFAULT_VOTES, TRAIN_ON, VOTE_MODES, VoteSelection
+from storage.self_labels import add_self_labels, read_self_labels, self_label_agreement
 from storage.verdicts import kto_rows, verdict_counts
 
 
@@ -62,6 +64,20 @@ def cmd_import_pairs(db: sessionmaker[Session], args: argparse.Namespace) -> int
     return 0
 
 
+def cmd_import_self_labels(db: sessionmaker[Session], args: argparse.Namespace) -> int:
+    file = read_self_labels(args.file, args.version)
+    if file.version is None:
+        print(f"{args.file}: no labels; nothing added")
+        return 0
+    with db.begin() as session:
+        result = add_self_labels(session, file.version, file.labels, base_model=args.base_model)
+    print(
+        f"{args.file}: {len(file.labels)} labels read, {result.added} new votes by "
+        f"{result.annotator}, {result.already} already there"
+    )
+    return 0
+
+
 def cmd_export(db: sessionmaker[Session], args: argparse.Namespace) -> int:
     split = None if args.split == "all" else args.split
     with db.begin() as session:
@@ -70,6 +86,7 @@ def cmd_export(db: sessionmaker[Session], args: argparse.Namespace) -> int:
         votes=args.votes,
         leave_out=tuple(args.leave_out),
         include_judges=args.include_judges,
+        include_self=args.include_self,
         train_on=train_on,
         parent_id=parent_id,
     )
@@ -115,7 +132,11 @@ def cmd_stats(db: sessionmaker[Session], args: argparse.Namespace) -> int:
     prompts = ", ".join(f"{n} {split}" for split, n in stats.prompts.items())
     print(f"prompts:   {sum(stats.prompts.values())} ({prompts})")
     print(f"responses: {stats.responses}")
-    for who, counts in [("all", stats.overall), *stats.by_annotator.items()]:
+    for who, counts in [
+        ("all", stats.overall),
+        ("by people", stats.people),
+        *stats.by_annotator.items(),
+    ]:
         choices = ", ".join(f"{c} {n}" for c, n in counts.by_choice.items())
         print(
             f"votes {who}: {counts.votes} ({choices}); usable training pairs {counts.usable_pairs}"
@@ -126,6 +147,8 @@ def cmd_stats(db: sessionmaker[Session], args: argparse.Namespace) -> int:
         print(f"verdicts on single answers: {verdicts}; KTO rows (human votes) {len(kto.rows)}")
         events = label_event_counts(session)
         print_agreement(agreement_report(load_judgements(session), events=events))
+        for row in self_label_agreement(session):
+            print(row.sentence())
         print_rates(labeling_rates(session))
     return 0
 
@@ -183,22 +206,8 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", default=None, help="SQLAlchemy URL (default: %(default)s)")
-    parser = argparse.ArgumentParser(prog="python -m storage", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("init", parents=[common], help="create the database").set_defaults(func=cmd_init)
-    p = sub.add_parser("import-prompts", parents=[common], help="add prompts from a file")
-    p.add_argument("file", help=".txt (one per line), .jsonl/.json/.csv/.parquet, or a directory")
-    p.add_argument("--split", choices=SPLITS, default="train")
-    p.set_defaults(func=cmd_import_prompts)
-    p = sub.add_parser("import-pairs", parents=[common], help="add TRL-format preference pairs")
-    p.add_argument("file", help="prompt/chosen/rejected, standard or conversational")
-    p.add_argument("--annotator", default="import", help="recorded as the pairs' annotator")
-    p.add_argument("--split", choices=SPLITS, default="train")
-    p.set_defaults(func=cmd_import_pairs)
+def add_export_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`export`: the pairs (or KTO rows) of the votes chosen, for TRL / datasets."""
     p = sub.add_parser("export", parents=[common], help="write preferences for TRL / datasets")
     p.add_argument("file", help=".jsonl, .json, .parquet, or a new directory (save_to_disk)")
     p.add_argument(
@@ -229,8 +238,45 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also use votes by AI judges (annotators named judge:<name>); off by default",
     )
+    p.add_argument(
+        "--include-self",
+        action="store_true",
+        help="also use versions' labels of their own answers (annotators named self:<version>), "
+        "each with its weight (a weight column); a person's vote on the same answers overrides "
+        "them; off by default",
+    )
     add_round_args(p)
     p.set_defaults(func=cmd_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=None, help="SQLAlchemy URL (default: %(default)s)")
+    parser = argparse.ArgumentParser(prog="python -m storage", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("init", parents=[common], help="create the database").set_defaults(func=cmd_init)
+    p = sub.add_parser("import-prompts", parents=[common], help="add prompts from a file")
+    p.add_argument("file", help=".txt (one per line), .jsonl/.json/.csv/.parquet, or a directory")
+    p.add_argument("--split", choices=SPLITS, default="train")
+    p.set_defaults(func=cmd_import_prompts)
+    p = sub.add_parser("import-pairs", parents=[common], help="add TRL-format preference pairs")
+    p.add_argument("file", help="prompt/chosen/rejected, standard or conversational")
+    p.add_argument("--annotator", default="import", help="recorded as the pairs' annotator")
+    p.add_argument("--split", choices=SPLITS, default="train")
+    p.set_defaults(func=cmd_import_pairs)
+    p = sub.add_parser(
+        "import-self-labels",
+        parents=[common],
+        help="add a version's labels of its own answers (`python -m dpo_core self-label`'s file)",
+    )
+    p.add_argument("file", help=".jsonl: prompt, chosen, rejected, margin, scorer, weight")
+    p.add_argument(
+        "--version", help="the version whose answers they are (default: the rows' annotator)"
+    )
+    p.add_argument("--base-model", help="the base model meant, when several have that version")
+    p.set_defaults(func=cmd_import_self_labels)
+    add_export_parser(sub, common)
     sub.add_parser(
         "stats", parents=[common], help="counts per split, choice, annotator"
     ).set_defaults(func=cmd_stats)

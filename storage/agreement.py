@@ -26,8 +26,8 @@ from scipy.stats import binomtest
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from storage.annotators import person_filter
 from storage.models import LABEL_EVENTS, LabelEvent, Preference
-from storage.overlap import JUDGE_PREFIX
 
 VALUES = ("first", "second", "tie", "both_bad")  # a vote per answer, not per side
 BIAS_P_VALUE = 0.01  # flag a side preference when a fair coin gives it less often than this
@@ -112,11 +112,12 @@ def label_event_counts(session: Session) -> dict[str, dict[str, int]]:
     return dict(counts)
 
 
-def load_judgements(session: Session, *, exclude_prefix: str | None = None) -> list[Judgement]:
-    """Every stored vote as a Judgement, oldest first (`exclude_prefix`: e.g. `judge:`)."""
+def load_judgements(session: Session, *, people_only: bool = True) -> list[Judgement]:
+    """Every stored vote as a Judgement, oldest first. `people_only` (default): people's votes
+    alone, as agreement statistics take them (models' votes: storage/annotators.py)."""
     query = select(Preference).order_by(Preference.id)
-    if exclude_prefix:
-        query = query.where(~Preference.annotator.startswith(exclude_prefix))
+    if people_only:
+        query = query.where(person_filter(Preference.annotator))
     return [as_judgement(p) for p in session.scalars(query)]
 
 
@@ -249,7 +250,7 @@ def judge_followed(session: Session) -> list[JudgeFollowed]:
     rows = session.execute(
         select(Preference.suggested_by, func.count(), followed)
         .where(Preference.suggested_choice.is_not(None))
-        .where(~Preference.annotator.startswith(JUDGE_PREFIX))  # the judge's own votes
+        .where(person_filter(Preference.annotator))  # not the judges' own votes
         .group_by(Preference.suggested_by)
         .order_by(Preference.suggested_by)
     )

@@ -206,6 +206,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE preferences ADD COLUMN suggested_by VARCHAR(200)",
     ),
     2: ("ALTER TABLE preferences ADD COLUMN ranking_id INTEGER",),
+    3: (
+        "ALTER TABLE preferences ADD COLUMN weight FLOAT "
+        "CONSTRAINT ck_preferences_weight_positive CHECK (weight > 0)",
+        "ALTER TABLE preferences ADD COLUMN scorer VARCHAR(64)",
+        "ALTER TABLE preferences ADD COLUMN margin FLOAT",
+    ),
 }
 
 

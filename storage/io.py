@@ -100,7 +100,8 @@ def export_preferences(
     (any other name). Returns the number of rows. The file appears whole or not at all.
     `selection`: which votes make pairs (default: the majority of human votes), as in training,
     and which round (`train_on`: only the pairs on a version's answers, or all weighted toward
-    the newest, with an `answers_version` column and, for newest, a `weight` column).
+    the newest, with an `answers_version` column and, for newest, a `weight` column); with
+    `include_self`, a `weight` column too (a version's own labels weigh what they were stored with).
     `fmt="kto"`: KTO's unpaired rows instead (`storage.verdicts.kto_rows`).
     """
     if fmt not in EXPORT_FORMATS:
@@ -132,7 +133,7 @@ def _pair_rows(
             "annotator": r.pair.annotator,
             "chosen_model_version": r.pair.chosen_model_version,
             "rejected_model_version": r.pair.rejected_model_version,
-            **_round_columns(r, selection.train_on),
+            **_round_columns(r, selection),
         }
         for r in kept
     ]
@@ -159,13 +160,13 @@ def _kto_rows(
     ]
 
 
-def _round_columns(kept: RoundPair, train_on: str) -> dict[str, Any]:
+def _round_columns(kept: RoundPair, selection: VoteSelection) -> dict[str, Any]:
     """A round's export (train on parent or newest) says which version's answers each pair
-    compares; `newest` adds the pair's `weight` (dpo_core's loss reads it)."""
-    if train_on == DEFAULT_TRAIN_ON:
-        return {}
-    out: dict[str, Any] = {"answers_version": kept.version}
-    if train_on == "newest":
+    compares; `newest` and `include_self` add the pair's `weight` (dpo_core's loss reads it)."""
+    out: dict[str, Any] = {}
+    if selection.train_on != DEFAULT_TRAIN_ON:
+        out["answers_version"] = kept.version
+    if selection.train_on == "newest" or selection.include_self:
         out["weight"] = kept.weight
     return out
 

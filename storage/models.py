@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 3  # storage/db.py MIGRATIONS upgrades older databases in place
+SCHEMA_VERSION = 4  # storage/db.py MIGRATIONS upgrades older databases in place
 
 SPLITS = ("train", "heldout")
 VERSION_KINDS = ("base", "adapter")
@@ -181,7 +181,8 @@ class Response(Base):
 
 
 class Preference(Base):
-    """One person's vote on two answers to one prompt. The same vote twice is one row."""
+    """One annotator's vote on two answers to one prompt: a person's, or a model's (an AI
+    judge's, a version's own label: storage/annotators.py). The same vote twice is one row."""
 
     __tablename__ = "preferences"
     __table_args__ = (
@@ -209,6 +210,14 @@ class Preference(Base):
     # vote cast on two answers. No FK: older databases gain it by ALTER TABLE, before the
     # rankings table exists.
     ranking_id: Mapped[int | None]
+    # Schema 4. A version's label of its own answers (`self:<version>`, storage/self_labels.py):
+    # how much the pair weighs in the loss, the scorer that chose, and its margin. NULL for a
+    # person's or a judge's vote (weight 1).
+    weight: Mapped[float | None] = mapped_column(
+        Float, CheckConstraint("weight > 0", name="weight_positive")
+    )
+    scorer: Mapped[str | None] = mapped_column(String(64))
+    margin: Mapped[float | None] = mapped_column(Float)
 
     prompt: Mapped[Prompt] = relationship()
     response_a: Mapped[Response] = relationship(foreign_keys=[response_a_id])

@@ -3,8 +3,9 @@
 With k > 1 an annotator's queue first offers pairs that others already judged and that still
 have fewer than k votes (the pair closest to k first), then new prompts. Handing a pair out
 records a claim: until the person votes (or the claim is older than `CLAIM_TTL`), it counts as
-a pending vote, so a pair with k - 1 votes is not handed to two people at once. Votes by AI
-judges (`judge:` annotators) neither count towards k nor start a shared pair.
+a pending vote, so a pair with k - 1 votes is not handed to two people at once. Votes by models
+(AI judges, a version's own labels: storage/annotators.py) neither count towards k nor start a
+shared pair.
 
 k is a team-wide setting in the database (`settings` table), so every app replica uses it.
 """
@@ -17,10 +18,11 @@ from datetime import timedelta
 from sqlalchemy import and_, case, exists, func, select
 from sqlalchemy.orm import Session
 
+from storage.annotators import JUDGE_PREFIX as JUDGE_PREFIX  # app/label/service.py's import
+from storage.annotators import person_filter
 from storage.models import PairClaim, Preference, Prompt, Response, Setting, now_utc
 
 OVERLAP_KEY = "overlap_k"
-JUDGE_PREFIX = "judge:"
 CLAIM_TTL = timedelta(minutes=15)  # a claim left by someone who walked away expires
 
 
@@ -77,7 +79,7 @@ def next_shared_pair(session: Session, annotator: str, k: int) -> SharedPair | N
     votes = func.count()
     query = (
         select(pref.response_a_id, pref.response_b_id, votes.label("votes"))
-        .where(~pref.annotator.startswith(JUDGE_PREFIX))
+        .where(person_filter(pref.annotator))
         .outerjoin(
             pending,
             and_(

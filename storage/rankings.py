@@ -32,8 +32,8 @@ from itertools import combinations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from storage.annotators import person_filter
 from storage.models import Preference, Ranking, Response, now_utc
-from storage.overlap import JUDGE_PREFIX
 from storage.repo import _usable_pairs, insert_ignore
 
 MIN_ANSWERS, MAX_ANSWERS = 3, 4
@@ -163,8 +163,8 @@ def _store_pairs(session: Session, ranking: Ranking) -> int:
 
 def labeling_rates(session: Session) -> list[LabelingRate]:
     """Pairs per minute of annotator time on the 2-answer screen and in rankings, from people's
-    timed votes (AI judges and imported votes have no time and are left out)."""
-    people = ~Preference.annotator.startswith(JUDGE_PREFIX)
+    timed votes (models' votes and imported ones are left out)."""
+    people = person_filter(Preference.annotator)
     votes = session.execute(
         select(func.count(), func.sum(_usable_pairs()), func.sum(Preference.seconds_spent)).where(
             people, Preference.ranking_id.is_(None), Preference.seconds_spent.is_not(None)
@@ -172,7 +172,7 @@ def labeling_rates(session: Session) -> list[LabelingRate]:
     ).one()
     ranked = session.execute(
         select(func.count(), func.sum(Ranking.seconds_spent)).where(
-            ~Ranking.annotator.startswith(JUDGE_PREFIX), Ranking.seconds_spent.is_not(None)
+            person_filter(Ranking.annotator), Ranking.seconds_spent.is_not(None)
         )
     ).one()
     implied = session.scalar(

@@ -16,6 +16,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
 from common.pair_format import Pair
+from storage.annotators import is_person
 from storage.models import (
     CHOICES,
     SPLITS,
@@ -29,7 +30,7 @@ from storage.models import (
     now_utc,
     text_hash,
 )
-from storage.selection import VoteSelection, agreed_outcome
+from storage.selection import VoteSelection, agreed_outcome, read_votes
 from storage.vote_rows import VotedAnswer, VoteRow, vote_rows
 
 CHUNK = 500  # values per IN (...): well under SQLite's limit on bound parameters
@@ -54,6 +55,7 @@ class PreferencePair:
     chosen_model_version: str | None  # None: a human rewrite or an imported answer
     rejected_model_version: str | None
     preference_id: int
+    weight: float = 1.0  # a version's own label's weight (storage/self_labels.py); else 1
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class PairSet:
     excluded_ties: int
     excluded_both_bad: int
     undecided: int = 0  # pairs of answers whose votes do not agree enough
-    left_out: int = 0  # votes not read: left-out annotators, AI judges unless included
+    left_out: int = 0  # votes not read: left-out annotators, models' votes unless included
+    overridden: int = 0  # versions' own labels not read: a person voted on the same answers
 
 
 @dataclass
@@ -80,8 +83,9 @@ class VoteCounts:
 class StoreStats:
     prompts: dict[str, int]  # per split
     responses: int
-    overall: VoteCounts
+    overall: VoteCounts  # every vote, models' too
     by_annotator: dict[str, VoteCounts]
+    people: VoteCounts = field(default_factory=VoteCounts)  # people's votes only
 
 
 class RecordedVote(NamedTuple):
@@ -411,21 +415,16 @@ def preference_pairs(
     read and how several votes on the same two answers decide (storage/selection.py). One vote
     gives: `a`/`b`: the winner is chosen, the other rejected; with a rewrite, the rewrite is
     chosen against the loser. `tie`/`both_bad`: nothing (counted), unless the annotator wrote a
-    better answer: then it is chosen against each of the two.
+    better answer: then it is chosen against each of the two. A version's own label trains
+    with its weight (`PreferencePair.weight`).
     """
     selection = selection or VoteSelection()
-    read: list[VoteRow] = []
-    left_out = 0
-    for vote in vote_rows(session, split):
-        if selection.reads(vote.annotator):
-            read.append(vote)
-        else:
-            left_out += 1
+    votes = read_votes(vote_rows(session, split), selection)
     if selection.votes == "every":
-        pair_set = _pairs_of_votes(read)
+        pair_set = _pairs_of_votes(votes.read)
     else:
-        pair_set = _pairs_by_agreement(read, selection.votes)
-    return replace(pair_set, left_out=left_out)
+        pair_set = _pairs_by_agreement(votes.read, selection.votes)
+    return replace(pair_set, left_out=votes.left_out, overridden=votes.overridden)
 
 
 def _pairs_of_votes(votes: Sequence[VoteRow]) -> PairSet:
@@ -443,8 +442,9 @@ def _pairs_of_votes(votes: Sequence[VoteRow]) -> PairSet:
 
 def _pairs_by_agreement(votes: Sequence[VoteRow], mode: str) -> PairSet:
     """`majority`/`unanimous`: per pair of answers, the votes of the agreed outcome train
-    (identical pairs once, credited to every annotator who gave them); answer pairs with no
-    agreement, or an agreed tie / both-bad with no rewrite, are counted."""
+    (identical pairs once, credited to every annotator who gave them, with the largest of
+    their weights); answer pairs with no agreement, or an agreed tie / both-bad with no
+    rewrite, are counted."""
     units: dict[tuple[int, int], list[VoteRow]] = {}
     for vote in votes:
         units.setdefault((vote.response_a_id, vote.response_b_id), []).append(vote)
@@ -460,7 +460,11 @@ def _pairs_by_agreement(votes: Sequence[VoteRow], mode: str) -> PairSet:
             ties += outcome == "tie"
             both_bad += outcome == "both_bad"
     pairs = [
-        replace(same[0], annotator=", ".join(dict.fromkeys(p.annotator for p in same)))
+        replace(
+            same[0],
+            annotator=", ".join(dict.fromkeys(p.annotator for p in same)),
+            weight=max(p.weight for p in same),
+        )
         for same in found.values()
     ]
     pairs.sort(key=lambda p: p.preference_id)
@@ -487,6 +491,7 @@ def _vote_pairs(vote: VoteRow) -> list[PreferencePair]:
             chosen_model_version=chosen.version,
             rejected_model_version=lost.version,
             preference_id=vote.id,
+            weight=vote.weight,
         )
         for lost in losers
     ]
@@ -525,14 +530,15 @@ def store_stats(session: Session) -> StoreStats:
             Preference.annotator, Preference.choice, func.count(), func.sum(_usable_pairs())
         ).group_by(Preference.annotator, Preference.choice)
     )
-    overall = VoteCounts()
+    overall, people = VoteCounts(), VoteCounts()
     by_annotator: dict[str, VoteCounts] = {}
     for annotator, choice, votes, usable in rows:
-        for counts in (overall, by_annotator.setdefault(annotator, VoteCounts())):
+        mine = by_annotator.setdefault(annotator, VoteCounts())
+        for counts in (overall, mine, people) if is_person(annotator) else (overall, mine):
             counts.votes += votes
             counts.by_choice[choice] += votes
             counts.usable_pairs += int(usable or 0)
-    return StoreStats(prompts, responses, overall, dict(sorted(by_annotator.items())))
+    return StoreStats(prompts, responses, overall, dict(sorted(by_annotator.items())), people)
 
 
 def record_comparison_vote(

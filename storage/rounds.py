@@ -87,7 +87,7 @@ class RoundPair:
     pair: PreferencePair
     version_id: int | None  # None: imported answers
     version: str  # that version's name, or IMPORTED
-    weight: float  # 1.0 unless `newest`
+    weight: float  # the round's (1.0 unless `newest`) times the vote's (a `self:` label's)
 
 
 def answer_versions(session: Session, preference_ids: Iterable[int]) -> dict[int, int | None]:
@@ -150,8 +150,9 @@ class RoundRule:
 def select_round(
     session: Session, pairs: Sequence[PreferencePair], selection: VoteSelection
 ) -> list[RoundPair]:
-    """The pairs `selection.train_on` keeps, in their order, each with its version and weight.
-    ValueError when `parent` or `newest` has no parent version to count from."""
+    """The pairs `selection.train_on` keeps, in their order, each with its version and weight
+    (the round's times the pair's own). ValueError when `parent` or `newest` has no parent
+    version to count from."""
     rule = RoundRule.load(session, selection)
     versions = answer_versions(session, [p.preference_id for p in pairs])
     kept = []
@@ -159,7 +160,8 @@ def select_round(
         version_id = versions.get(pair.preference_id)
         weight = rule.weight(version_id)
         if weight is not None:
-            kept.append(RoundPair(pair, version_id, rule.name(version_id), weight))
+            name = rule.name(version_id)
+            kept.append(RoundPair(pair, version_id, name, weight * pair.weight))
     return kept
 
 

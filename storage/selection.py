@@ -18,8 +18,12 @@ not train, since the others rejected the judgement it rests on. With one vote pe
 three modes give the same pairs.
 
 Votes by AI judges (annotators named `judge:<name>`) are read only when `include_judges` is
-set; then they count as votes like any other. `leave_out` names annotators whose votes are
-not read at all (e.g. those the agreement panel flags for position bias).
+set, and a version's labels of its own answers (`self:<version>`, storage/self_labels.py) only
+when `include_self` is; then they count as votes like any other. A person's vote overrides a
+version's own label: on a pair of answers with a vote by a person whose votes are read, the
+`self:` votes are not read at all, under every votes mode (counted as `overridden`).
+`leave_out` names annotators whose votes are not read at all (e.g. those the agreement panel
+flags for position bias); a left-out person's vote overrides nothing.
 
 Rounds (storage/rounds.py): `train_on` picks pairs by the model version whose answers they
 compare. `all` (default): every pair; `parent`: only the pairs on the answers of `parent_id`,
@@ -31,9 +35,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
-from storage.overlap import JUDGE_PREFIX
+from storage.annotators import is_judge, is_person, is_self
 
 VOTE_MODES = ("majority", "unanimous", "every")
 DEFAULT_VOTES = "majority"
@@ -48,6 +52,7 @@ class VoteSelection:
     votes: str = DEFAULT_VOTES  # one of VOTE_MODES
     leave_out: tuple[str, ...] = ()  # annotators whose votes are ignored
     include_judges: bool = False  # read `judge:` annotators' votes too
+    include_self: bool = False  # read versions' labels of their own answers (`self:`) too
     train_on: str = DEFAULT_TRAIN_ON  # one of TRAIN_ON: pairs by the version of their answers
     parent_id: int | None = None  # the version `parent` and `newest` count from (its id)
 
@@ -66,7 +71,9 @@ class VoteSelection:
         """Whether this annotator's votes are read."""
         if annotator in self.leave_out:
             return False
-        return self.include_judges or not annotator.startswith(JUDGE_PREFIX)
+        if is_judge(annotator):
+            return self.include_judges
+        return self.include_self or not is_self(annotator)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, as a run's config records it (`from_dict` inverts it). The round keys
@@ -76,6 +83,8 @@ class VoteSelection:
             "leave_out": list(self.leave_out),
             "include_judges": self.include_judges,
         }
+        if self.include_self:  # only when chosen, as the round keys
+            out["include_self"] = True
         if self.train_on != DEFAULT_TRAIN_ON or self.parent_id is not None:
             out.update(train_on=self.train_on, parent_id=self.parent_id)
         return out
@@ -88,6 +97,7 @@ class VoteSelection:
             votes=values.get("votes", DEFAULT_VOTES),
             leave_out=tuple(values.get("leave_out", ())),
             include_judges=bool(values.get("include_judges", False)),
+            include_self=bool(values.get("include_self", False)),
             train_on=values.get("train_on", DEFAULT_TRAIN_ON),
             parent_id=values.get("parent_id"),
         )
@@ -105,3 +115,36 @@ def agreed_outcome(choices: Sequence[str], mode: str) -> str | None:
     if mode == "unanimous":
         return choice if count == len(choices) else None
     raise ValueError(f"no agreed outcome for votes mode {mode!r}")
+
+
+class UnitVote(Protocol):
+    """A vote on one pair of answers (stored order: response_a_id < response_b_id)."""
+
+    annotator: str
+    response_a_id: int
+    response_b_id: int
+
+
+V = TypeVar("V", bound=UnitVote)
+
+
+@dataclass(frozen=True)
+class ReadVotes(Generic[V]):
+    """The votes a selection reads, and how many it does not."""
+
+    read: list[V]
+    left_out: int  # left-out annotators, and models' votes not chosen
+    overridden: int  # `self:` votes on a pair of answers a person voted on
+
+
+def read_votes(votes: Sequence[V], selection: VoteSelection) -> ReadVotes[V]:
+    """The votes `selection` reads, in their order; a `self:` vote on a pair of answers that
+    has a read vote by a person is not read (the person overrides the model)."""
+    read = [v for v in votes if selection.reads(v.annotator)]
+    people = {(v.response_a_id, v.response_b_id) for v in read if is_person(v.annotator)}
+    kept = [
+        v
+        for v in read
+        if not (is_self(v.annotator) and (v.response_a_id, v.response_b_id) in people)
+    ]
+    return ReadVotes(kept, len(votes) - len(read), len(read) - len(kept))

@@ -15,8 +15,10 @@ rows (`kto_rows`):
 
 Each vote counts on its own: KTO labels answers, not pairs of answers, so the DPO choice of
 `majority`/`unanimous` does not apply; annotators who disagree give the same answer both labels.
-The other two choices of `VoteSelection` do: `leave_out` annotators are not read, AI judges
-(`judge:<name>`) only with `include_judges`. An answer with no text cannot train; counted too.
+The other choices of `VoteSelection` do: `leave_out` annotators are not read, AI judges
+(`judge:<name>`) only with `include_judges`, versions' own labels (`self:<version>`) only with
+`include_self`, unless a person voted on the same answers, and with their weight. An answer with
+no text cannot train; counted too.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class KtoRow:
     # the version whose answers it is on, for rounds (storage/rounds.py): a verdict's answer's,
     # a vote's (the newer of its two answers', also for its rewrite); None: imported answers
     round_version_id: int | None = None
-    weight: float = 1.0  # train on newest: 0.5 per generation back from the parent
+    weight: float = 1.0  # train on newest: 0.5 per generation back; times a `self:` label's
 
     def trl(self) -> dict[str, Any]:
         """TRL's unpaired row, as `dpo_core`'s KTO reads it (with its weight unless 1)."""
@@ -186,7 +188,7 @@ def kto_rows(
     (`train_on`, as for pairs: storage/rounds.py; ValueError without the parent it needs)."""
     selection = selection or VoteSelection()
     rule = RoundRule.load(session, selection)
-    every = VoteSelection("every", selection.leave_out, include_judges=selection.include_judges)
+    every = replace(selection, votes="every", train_on="all", parent_id=None)
     pairs = preference_pairs(session, split=split, selection=every)
     rows, left_out = _verdict_rows(session, split, selection)
     on = answer_versions(session, [p.preference_id for p in pairs.pairs])
@@ -195,7 +197,7 @@ def kto_rows(
     usable = [row for row in rows if row.completion.strip()]
     weighted = [(row, rule.weight(row.round_version_id)) for row in usable]
     return KtoSet(
-        rows=[replace(row, weight=w) for row, w in weighted if w is not None],
+        rows=[replace(row, weight=row.weight * w) for row, w in weighted if w is not None],
         ties=pairs.excluded_ties,
         empty=len(rows) - len(usable),
         left_out=left_out + pairs.left_out,  # both-bad votes not read are in pairs.left_out
@@ -244,7 +246,7 @@ def _pair_rows(pairs: list[PreferencePair], versions: dict[int, int | None]) -> 
             (p.chosen, p.chosen_model_version, True),
             (p.rejected, p.rejected_model_version, False),
         ):
-            row = KtoRow(p.prompt, text, label, p.annotator, version, "vote", on)
+            row = KtoRow(p.prompt, text, label, p.annotator, version, "vote", on, p.weight)
             rows.setdefault((p.preference_id, text, label), row)
     return list(rows.values())
 

@@ -37,6 +37,7 @@ class VoteRow:
     annotator: str
     a: VotedAnswer
     b: VotedAnswer
+    weight: float = 1.0  # a version's own label's weight (storage/self_labels.py); else 1
 
 
 def vote_rows(session: Session, split: str | None, *where: ColumnElement[bool]) -> list[VoteRow]:
@@ -59,6 +60,7 @@ def vote_rows(session: Session, split: str | None, *where: ColumnElement[bool]) 
             resp_b.text.label("b_text"),
             ver_b.name.label("b_version"),
             resp_b.model_version_id.label("b_version_id"),
+            Preference.weight,
         )
         .join(Prompt, Prompt.id == Preference.prompt_id)
         .join(resp_a, resp_a.id == Preference.response_a_id)
@@ -81,6 +83,7 @@ def vote_rows(session: Session, split: str | None, *where: ColumnElement[bool]) 
             annotator=row.annotator,
             a=VotedAnswer(row.a_text, row.a_version, row.a_version_id),
             b=VotedAnswer(row.b_text, row.b_version, row.b_version_id),
+            weight=1.0 if row.weight is None else row.weight,
         )
         for row in session.execute(query)
     ]

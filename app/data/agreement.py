@@ -1,7 +1,10 @@
 """The Data tab's agreement panel: how much annotators agree, how each one votes, the most
-contested pairs, how often people follow the AI judge, and the overlap setting (admins).
+contested pairs, how often people follow the AI judge and agree with a version's own labels,
+and the overlap setting (admins).
 
-The statistics are `storage.agreement`'s; the overlap rule is `storage.overlap`'s. This module
+The statistics are `storage.agreement`'s (people's votes only: models' votes are no
+annotator's, storage/annotators.py) and `storage.self_labels`'; the overlap rule is
+`storage.overlap`'s. This module
 turns them into tables and messages, and gives them endpoints (`/agreement`, `/set_overlap`).
 """
 
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,8 @@ from storage.agreement import (
     label_event_counts,
     load_judgements,
 )
-from storage.overlap import JUDGE_PREFIX, overlap_k, set_overlap_k
+from storage.overlap import overlap_k, set_overlap_k
+from storage.self_labels import SelfLabelAgreement, self_label_agreement
 
 ANNOTATOR_COLUMNS = [
     "annotator",
@@ -56,6 +60,7 @@ class AgreementView:
     report: AgreementReport
     judges: list[JudgeFollowed]
     overlap_k: int
+    self_labels: list[SelfLabelAgreement] = field(default_factory=list)
 
     def summary(self) -> str:
         r = self.report
@@ -70,6 +75,7 @@ class AgreementView:
             f"**{j.judge}:** followed on {j.followed} of {j.shown} votes ({_pct(j.rate)})"
             for j in self.judges
         ]
+        lines += [row.sentence() for row in self.self_labels]
         return "  \n".join(lines)
 
     def annotator_frame(self) -> pd.DataFrame:
@@ -104,6 +110,7 @@ class AgreementView:
             "overlap_k": self.overlap_k,
             **asdict(self.report),
             "judges": [asdict(j) | {"rate": j.rate} for j in self.judges],
+            "self_labels": [asdict(r) | {"rate": r.rate} for r in self.self_labels],
         }
 
 
@@ -132,9 +139,8 @@ class AgreementService:
 
     def view(self) -> AgreementView:
         with self.sm.begin() as s:
-            judgements = load_judgements(s, exclude_prefix=JUDGE_PREFIX)
-            report = agreement_report(judgements, events=label_event_counts(s))
-            return AgreementView(report, judge_followed(s), overlap_k(s))
+            report = agreement_report(load_judgements(s), events=label_event_counts(s))
+            return AgreementView(report, judge_followed(s), overlap_k(s), self_label_agreement(s))
 
     def set_overlap(self, k: Any) -> str:
         """Set k; a message for the admin. Raises ValueError for a bad k."""
@@ -287,7 +293,8 @@ def register_api(service: AgreementService) -> None:
     """/agreement (anyone signed in) and /set_overlap (admins)."""
 
     def agreement() -> dict[str, Any]:
-        """Alpha, AC1, per-annotator quality, contested pairs, judges followed, overlap k."""
+        """Alpha, AC1, per-annotator quality, contested pairs, judges followed, people's
+        agreement with each version's own labels, overlap k."""
         return service.view().to_dict()
 
     def set_overlap_api(k: int, request: gr.Request = None) -> str:  # type: ignore[assignment]

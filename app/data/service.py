@@ -109,12 +109,15 @@ class DataService:
         votes: str = DEFAULT_VOTES,
         leave_out: Sequence[str] = (),
         include_judges: bool = False,
+        include_self: bool = False,
     ) -> Path:
         """Write the usable preference pairs to a new file; returns its path. `votes`,
-        `leave_out`, `include_judges`: which votes make pairs, as in training
+        `leave_out`, `include_judges`, `include_self`: which votes make pairs, as in training
         (storage/selection.py); a left-out name with no votes is logged and changes nothing."""
         votes = _checked(votes, VOTE_MODES, "votes mode")
-        selection = VoteSelection(votes, tuple(leave_out), include_judges=include_judges)
+        selection = VoteSelection(
+            votes, tuple(leave_out), include_judges=include_judges, include_self=include_self
+        )
         fmt = _checked(fmt, EXPORT_FORMATS, "export format")
         file_type = _checked(file_type, EXPORT_FILE_TYPES, "file type")
         split = _checked(split, EXPORT_SPLITS, "split")

@@ -7,6 +7,7 @@ Handlers first (thin: check the role, call the data service, return named update
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from gradio.utils import get_upload_folder, is_in_or_equal
 
 from app.auth.users import ADMIN, request_role, require_role
 from app.data.service import EXPORT_FILE_TYPES, EXPORT_SPLITS, DataError, DataService
+from storage.annotators import is_person
 from storage.io import EXPORT_FORMATS
 from storage.models import CHOICES, SPLITS
 from storage.selection import DEFAULT_VOTES, VOTE_MODES
@@ -47,6 +49,7 @@ class DataTab:
     export_votes: gr.Radio
     export_leave_out: gr.Dropdown
     export_judges: gr.Checkbox
+    export_self: gr.Checkbox
     export_btn: gr.Button
     export_file: gr.File
     export_message: gr.Markdown
@@ -64,11 +67,19 @@ def summary_markdown(stats: dict[str, Any]) -> str:
             f"**Prompts:** {sum(prompts.values())} "
             f"({', '.join(f'{n} {split}' for split, n in prompts.items())})",
             f"**Answers generated:** {stats['responses']}",
-            f"**Votes:** {votes['votes']} ({choices})",
+            f"**Votes:** {votes['votes']} ({choices})" + _models_note(stats),
             f"**Usable training pairs:** {votes['usable_pairs']} (each vote its own pair); "
             f"{stats['default_pairs']} by the majority of human votes, as Train uses by default",
         ]
     )
+
+
+def _models_note(stats: dict[str, Any]) -> str:
+    """`; 12 by people, 40 by models` when AI judges or versions' own labels voted too."""
+    by = stats["by_annotator"]
+    people = sum(counts["votes"] for name, counts in by.items() if is_person(name))
+    votes = stats["votes"]["votes"]
+    return "" if people == votes else f"; {people} by people, {votes - people} by models"
 
 
 def annotator_frame(stats: dict[str, Any]) -> pd.DataFrame:
@@ -156,9 +167,15 @@ class DataHandlers:
         votes: str = DEFAULT_VOTES,
         leave_out: list[str] | None = None,
         include_judges: bool = False,
+        include_self: bool = False,
     ) -> dict[Any, Any]:
         require_role(request, ADMIN, "export data")
-        chosen = {"votes": votes, "leave_out": leave_out or (), "include_judges": include_judges}
+        chosen = {
+            "votes": votes,
+            "leave_out": leave_out or (),
+            "include_judges": include_judges,
+            "include_self": include_self,
+        }
         try:
             path = self.service.export(fmt=fmt, file_type=file_type, split=split, **chosen)
         except DataError as err:
@@ -199,6 +216,15 @@ def register_api(service: DataService) -> None:
         path, name = _user_errors(uploaded_path, file)
         return _user_errors(service.import_pairs, path, split=split, name=name).to_dict()
 
+    gr.api(data_stats, api_name="data_stats")
+    gr.api(import_prompts_api, api_name="import_prompts")
+    gr.api(import_pairs_api, api_name="import_pairs")
+    gr.api(_export_api(service), api_name="export_preferences")
+
+
+def _export_api(service: DataService) -> Callable[..., dict[str, Any]]:
+    """/export_preferences (admins only), named as the endpoint's function for its docs."""
+
     def export_preferences_api(
         format: str = "standard",
         file_type: str = ".jsonl",
@@ -206,12 +232,14 @@ def register_api(service: DataService) -> None:
         votes: str = DEFAULT_VOTES,
         leave_out: list[str] | None = None,
         include_judges: bool = False,
+        include_self: bool = False,
         request: gr.Request = None,  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """The usable preference pairs as a file (`standard` or `conversational` TRL format,
         .jsonl or .parquet; split all, train or heldout); the client downloads it. `votes`:
         for answers judged by several annotators, majority (default), unanimous or every;
-        `leave_out`: annotators whose votes are ignored; `include_judges`: AI judges' votes."""
+        `leave_out`: annotators whose votes are ignored; `include_judges`: AI judges' votes;
+        `include_self`: versions' labels of their own answers, with a `weight` column."""
         require_role(request, ADMIN, "export data")
         path = _user_errors(
             service.export,
@@ -221,13 +249,11 @@ def register_api(service: DataService) -> None:
             votes=votes,
             leave_out=leave_out or (),
             include_judges=include_judges,
+            include_self=include_self,
         )
         return {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
 
-    gr.api(data_stats, api_name="data_stats")
-    gr.api(import_prompts_api, api_name="import_prompts")
-    gr.api(import_pairs_api, api_name="import_pairs")
-    gr.api(export_preferences_api, api_name="export_preferences")
+    return export_preferences_api
 
 
 # --- layout ----------------------------------------------------------------------------------
@@ -307,6 +333,13 @@ def _export_area(annotators: list[str]) -> dict[str, Any]:
             info="annotators named judge:<name>; off: human votes only",
             elem_id="data-export-judges",
         )
+        export_self = gr.Checkbox(
+            value=False,
+            label="Include the model's own labels",
+            info="annotators named self:<version>, with their weight; a person's vote on the "
+            "same answers replaces them",
+            elem_id="data-export-self",
+        )
     return {
         "export_format": export_format,
         "export_type": export_type,
@@ -314,6 +347,7 @@ def _export_area(annotators: list[str]) -> dict[str, Any]:
         "export_votes": export_votes,
         "export_leave_out": export_leave_out,
         "export_judges": export_judges,
+        "export_self": export_self,
         "export_btn": gr.Button("Export", elem_id="data-export"),
         "export_message": gr.Markdown(elem_id="data-export-message"),
         "export_file": gr.File(label="Download", interactive=False, elem_id="data-export-file"),
@@ -359,6 +393,7 @@ def build_data_tab(
             tab.export_votes,
             tab.export_leave_out,
             tab.export_judges,
+            tab.export_self,
         ],
         outputs=[tab.export_message, tab.export_file],
         **private,

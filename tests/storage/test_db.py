@@ -82,6 +82,28 @@ def test_other_schema_version_is_refused_with_a_clear_message(db_url: str, found
     assert f"schema version {found}" in str(err.value)
 
 
+# What each schema added to `preferences` (tables need no entry: they are created on open).
+ADDED_COLUMNS = {
+    2: ("left_response_id", "suggested_choice", "suggested_by"),
+    3: ("ranking_id",),
+    4: ("weight", "scorer", "margin"),
+}
+
+
+def downgrade(db_url: str, version: int, *, drop_tables: tuple[str, ...] = ()) -> None:
+    """Make the database at `db_url` look written by schema `version`: drop the columns the
+    later schemas added to `preferences` (and `drop_tables`), and record that version."""
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        for later in range(version + 1, SCHEMA_VERSION + 1):
+            for column in ADDED_COLUMNS[later]:
+                conn.execute(text(f"ALTER TABLE preferences DROP COLUMN {column}"))
+        for table in drop_tables:
+            conn.execute(text(f"DROP TABLE {table}"))
+        conn.execute(update(SchemaInfo).values(version=version))
+    engine.dispose()
+
+
 def test_a_schema_1_database_is_upgraded_in_place_and_keeps_its_votes(db_url: str):
     """A team's database from before schema 2 (no side, no judge columns) opens, gains the
     columns, and keeps every vote; new votes record their side."""
@@ -90,12 +112,7 @@ def test_a_schema_1_database_is_upgraded_in_place_and_keeps_its_votes(db_url: st
         x, y = answers(session, "Name a planet.", "Mars.", "A banana.")
         record_preference(session, response_a_id=y, response_b_id=x, choice="b", annotator="old")
     sm.kw["bind"].dispose()
-    engine = create_engine(db_url)
-    with engine.begin() as conn:  # back to schema 1: drop what schemas 2 and 3 added
-        for column in ("left_response_id", "suggested_choice", "suggested_by", "ranking_id"):
-            conn.execute(text(f"ALTER TABLE preferences DROP COLUMN {column}"))
-        conn.execute(update(SchemaInfo).values(version=1))
-    engine.dispose()
+    downgrade(db_url, 1)  # back to schema 1: drop what schemas 2, 3 and 4 added
     sm = open_db(db_url)
     with sm.begin() as session:
         assert session.get_one(SchemaInfo, 1).version == SCHEMA_VERSION
@@ -187,3 +204,28 @@ def test_an_adapter_version_needs_its_directory(session: Session):
     session.add(ModelVersion(base_model="m", name="v1", kind="adapter", adapter_path=None))
     with pytest.raises(IntegrityError):
         session.flush()
+
+
+def test_a_schema_3_database_gains_the_self_label_columns_and_keeps_its_votes(db_url: str):
+    """A database from before self-labels (schema 3) opens, gains `preferences.weight`,
+    `scorer` and `margin` (NULL on the votes it had), and takes a version's own labels."""
+    from storage.runs import register_adapter_version
+    from storage.self_labels import SelfLabel, add_self_labels
+
+    sm = open_db(db_url)
+    with sm.begin() as session:
+        x, y = answers(session, "Name a planet.", "Mars.", "A banana.")
+        record_preference(session, response_a_id=x, response_b_id=y, choice="a", annotator="old")
+    sm.kw["bind"].dispose()
+    downgrade(db_url, 3)  # back to schema 3: drop what schema 4 added
+    sm = open_db(db_url)
+    with sm.begin() as session:
+        assert session.get_one(SchemaInfo, 1).version == SCHEMA_VERSION == 4
+        [old] = session.scalars(select(Preference)).all()
+        assert (old.annotator, old.weight, old.scorer, old.margin) == ("old", None, None, None)
+        register_adapter_version(session, base_model="m", adapter_path="/a/v1")
+        label = SelfLabel("Name a planet.", "Mars.", "A banana.", 1.0, "implicit", weight=0.5)
+        assert add_self_labels(session, "v1", [label]).added == 1
+    with pytest.raises(IntegrityError), sm.begin() as session:  # the weight's check came too
+        session.execute(update(Preference).values(weight=0.0))
+    sm.kw["bind"].dispose()

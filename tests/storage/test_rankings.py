@@ -5,7 +5,7 @@ pairs per minute in `python -m storage stats`."""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.__main__ import main
@@ -21,6 +21,7 @@ from storage.rankings import (
 )
 from storage.repo import preference_pairs, record_preference
 from storage.selection import VoteSelection
+from tests.storage.test_db import downgrade
 from tests.storage.test_repo import answers
 
 
@@ -144,15 +145,10 @@ def test_a_schema_2_database_gains_the_ranking_column_and_keeps_its_votes(db_url
         x, y, z = answers(s, "Name a planet.", "Mars.", "A banana.", "Venus.")
         record_preference(s, response_a_id=x, response_b_id=y, choice="a", annotator="old")
     sm.kw["bind"].dispose()
-    engine = create_engine(db_url)
-    with engine.begin() as conn:  # back to schema 2: drop what schema 3 added
-        conn.execute(text("ALTER TABLE preferences DROP COLUMN ranking_id"))
-        conn.execute(text("DROP TABLE rankings"))
-        conn.execute(update(SchemaInfo).values(version=2))
-    engine.dispose()
+    downgrade(db_url, 2, drop_tables=("rankings",))  # back to schema 2
     sm = open_db(db_url)
     with sm.begin() as s:
-        assert s.get_one(SchemaInfo, 1).version == SCHEMA_VERSION == 3
+        assert s.get_one(SchemaInfo, 1).version == SCHEMA_VERSION == 4
         [old] = s.scalars(select(Preference)).all()
         assert (old.annotator, old.choice, old.ranking_id) == ("old", "a", None)
         recorded = record_ranking(s, response_ids=[z, x, y], annotator="new")
