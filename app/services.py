@@ -38,9 +38,7 @@ class Services:
         self.self_labels.close()
 
 
-def serve_and_label(
-    models: VersionedModel, job: SelfLabelJob
-) -> Callable[[str, str | None], None]:
+def serve_and_label(models: VersionedModel, job: SelfLabelJob) -> Callable[[str, str | None], None]:
     """What a change of the active version does: serve it, then (when the setting is on) let
     it label pairs of its own answers in the background."""
 
