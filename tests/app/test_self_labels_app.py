@@ -281,3 +281,29 @@ def test_a_models_annotator_notes_no_skips_and_gets_no_prefetch(sm, served):
     with sm.begin() as s:
         assert s.scalar(select(func.count()).select_from(LabelEvent)) == 0
     assert label._prefetched == {}
+
+
+# --- the Train tab's controls ------------------------------------------------------------------
+
+
+def test_the_train_tab_stores_the_setting_and_says_why_the_base_cannot_label(training, sm):
+    import gradio as gr
+
+    from app.train.tab import TrainHandlers, layout
+
+    job = SelfLabelJob(sm, SimpleNamespace(active="base"), "tiny")  # type: ignore[arg-type]
+    with gr.Blocks():
+        tab = layout(training, job)
+    assert tab.settings["self_labels"].value == "off"  # the default: no experiment says more
+    h = TrainHandlers(training, tab, job)
+    assert h.choose_self_labels("4x", None)[tab.message] == "Add the model's own labels: **4x**."
+    assert job.choice() == "4x"
+    with gr.Blocks():
+        assert layout(training, job).settings["self_labels"].value == "4x"  # the team's setting
+    said = h.label_now(None)[tab.message]
+    assert said == "The base model has no labels of its own: train a version first."
+    assert h.self_labels({})[tab.self_label_status] == "Self-labels: none made by this app yet."
+    with pytest.raises(gr.Error, match="must be one of off, 2x, 4x, 8x"):
+        h.choose_self_labels("3x", None)
+    h.choose_self_labels("off", None)
+    assert "is off: choose 2x, 4x, 8x first" in job.start("v1")
