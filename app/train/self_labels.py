@@ -27,18 +27,20 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.label.service import SEED_RANGE, LabelSettings
+from app.label.uncertainty import SCORING
 from app.serving.versions import BASE, VersionedModel
 from app.train.request import SELF_LABEL_CHOICES, SELF_LABELS_OFF, self_label_multiplier_of
 from app.train.run_inputs import unlabeled_prompts
 from dpo_core import self_label as scoring
-from dpo_core.engine import PREFETCH, Ticket
+from dpo_core.engine import Ticket
 from dpo_core.generation import AnswerSpec
 from storage import self_labels as stored
 from storage.rounds import find_version
 
 logger = logging.getLogger(__name__)
 
-SELF_LABEL_PRIORITY = PREFETCH + 1  # behind every labeler's request, their prefetches too
+# Behind every labeler's request, their prefetches too: the queue's background scoring's place.
+SELF_LABEL_PRIORITY = SCORING
 SCORE_CHUNK = 8  # pairs scored per hold of the model lock
 DEFAULT_SCORER = "margin"
 DEFAULT_WEIGHT = 1.0  # a self-label's weight in the loss: no experiment has set another yet

@@ -186,20 +186,19 @@ def test_too_few_peoples_labels_of_the_versions_own_answers_store_nothing_and_sa
     )
 
 
-def agreeing_calibration(sm, served) -> None:
+def agreeing_calibration(sm, served, agree: bool = True) -> None:
     """Ten people's votes on pairs of v1's own answers, each for the answer v1's margin
-    prefers: the scorer agrees with people on all of them."""
+    prefers: the scorer agrees with people on all of them (`agree=False`: on none)."""
     texts = [(f"Calibrate {i}?", f"Short {i}.", f"A longer answer number {i}!") for i in range(9)]
     texts.append(("Calibrate nine?", "ok", "ok."))  # a small margin: a low threshold
     pairs = [scoring.AnswerPair(*t) for t in texts]
     signed = scoring.margins(scoring.log_ratios(served.versions.lm, pairs), "margin").tolist()
+    votes = [
+        (p.prompt, p.first, p.second) if (m > 0) == agree else (p.prompt, p.second, p.first)
+        for p, m in zip(pairs, signed, strict=True)
+    ]
     with sm.begin() as s:
-        person_votes(
-            s,
-            served.v1,
-            [(p.prompt, p.first, p.second) if m > 0 else (p.prompt, p.second, p.first)
-             for p, m in zip(pairs, signed, strict=True)],
-        )  # fmt: skip
+        person_votes(s, served.v1, votes)
 
 
 def test_with_enough_agreeing_labels_it_stores_self_votes_above_the_threshold(sm, served):
@@ -221,6 +220,18 @@ def test_with_enough_agreeing_labels_it_stores_self_votes_above_the_threshold(sm
         assert people == 10
     assert job.start()  # nothing left to add: it says so
     assert "none added: " in job.wait().text()
+
+
+def test_no_margin_where_people_agree_stores_nothing_and_says_why(sm, served):
+    agreeing_calibration(sm, served, agree=False)
+    with sm.begin() as s:
+        repo.add_prompts(s, ["Unlabeled"], source="t")
+    job = SelfLabelJob(sm, served.versions, "tiny", settings=SHORT)
+    job.start()
+    done = job.wait()
+    assert done.state == "declined" and self_votes(sm) == []
+    assert "no margin where it agrees with people 90% of the time" in done.text()
+    assert "(overall 0% of 10): no self-labels" in done.text()
 
 
 def test_the_label_tab_stays_responsive_while_the_job_runs(sm, served):
