@@ -18,7 +18,14 @@ import gradio as gr
 import pandas as pd
 
 from app.auth.users import ADMIN, require_role
-from app.train.request import NAMES, SETTINGS, Setting, TrainRequest, config_default
+from app.train.request import (
+    NAMES,
+    SELF_LABEL_CHOICES,
+    SETTINGS,
+    Setting,
+    TrainRequest,
+    config_default,
+)
 from app.train.round_text import next_round_text
 from app.train.self_labels import SelfLabelJob
 from app.train.service import TrainingService
@@ -82,6 +89,7 @@ class TrainTab:
     def refresh_outputs(self) -> list[Any]:
         return [
             self.settings["leave_out"],
+            self.settings["self_labels"],
             self.progress,
             self.train_btn,
             self.cancel_btn,
@@ -386,15 +394,24 @@ class TrainHandlers:
         return out
 
     def self_labels(self, seen: dict[str, Any]) -> dict[Any, Any]:
-        """The self-labeling job's line when it changed since `seen` (which it updates)."""
-        text = self.job.progress().text() if self.job is not None else ""
-        if seen.get("self_labels") == text:
+        """The self-labeling job's line when it changed since `seen` (which it updates), and
+        on a page's first poll the team's setting (an admin may have changed it since the
+        page was built)."""
+        if self.job is None:
             return {}
+        out: dict[Any, Any] = {}
+        if not seen:
+            out[self.tab.settings["self_labels"]] = gr.Dropdown(
+                list(SELF_LABEL_CHOICES), value=self.job.choice()
+            )
+        text = self.job.progress().text()
+        if seen.get("self_labels") != text:
+            out[self.tab.self_label_status] = text
         seen["self_labels"] = text
-        return {self.tab.self_label_status: text}
+        return out
 
     def choose_self_labels(self, choice: str, request: gr.Request) -> dict[Any, Any]:
-        """ "Add the model's own labels" changed: the team's setting (admin), which the
+        """When an admin changes "Add the model's own labels": the team's setting, which the
         self-labeling job follows; the next run trains with the labels when on."""
         if self.job is None:
             return {}
@@ -406,7 +423,7 @@ class TrainHandlers:
         return {self.tab.message: f"Add the model's own labels: **{chosen}**."}
 
     def label_now(self, request: gr.Request) -> dict[Any, Any]:
-        """ "Label with the model now": start the self-labeling job with the active version."""
+        """The button "Label with the model now": the self-labeling job, active version."""
         require_role(request, ADMIN, "start the model's labeling")
         if self.job is None:
             return {self.tab.message: "⚠️ This app has no self-labeling job."}

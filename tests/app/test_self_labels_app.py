@@ -313,7 +313,10 @@ def test_the_train_tab_stores_the_setting_and_says_why_the_base_cannot_label(tra
         assert layout(training, job).settings["self_labels"].value == "4x"  # the team's setting
     said = h.label_now(None)[tab.message]
     assert said == "The base model has no labels of its own: train a version first."
-    assert h.self_labels({})[tab.self_label_status] == "Self-labels: none made by this app yet."
+    shown = h.self_labels({})  # a page's first poll: the line, and the team's setting
+    assert shown[tab.self_label_status] == "Self-labels: none made by this app yet."
+    assert shown[tab.settings["self_labels"]].value == "4x"
+    assert h.self_labels({"self_labels": "Self-labels: none made by this app yet."}) == {}
     with pytest.raises(gr.Error, match="must be one of off, 2x, 4x, 8x"):
         h.choose_self_labels("3x", None)
     h.choose_self_labels("off", None)
