@@ -177,7 +177,9 @@ def test_too_few_peoples_labels_of_the_versions_own_answers_store_nothing_and_sa
         person_votes(s, served.v1, [(f"C{i}?", f"one {i}", f"two {i}") for i in range(3)])
         repo.add_prompts(s, ["Unlabeled one", "Unlabeled two"], source="t")
     job = SelfLabelJob(sm, served.versions, "tiny", settings=SHORT)
-    assert "labeling" in job.start()
+    job.version_activated("base")  # the base has no labels of its own: nothing starts
+    assert job.progress().state == "idle"
+    job.version_activated("v1")  # a version became active with the setting on: it starts
     done = job.wait()
     assert done.state == "declined" and self_votes(sm) == []
     assert done.text() == (
