@@ -323,3 +323,15 @@ def test_the_train_tab_stores_the_setting_and_says_why_the_base_cannot_label(tra
         h.choose_self_labels("3x", None)
     h.choose_self_labels("off", None)
     assert "is off: choose 2x, 4x, 8x first" in job.start("v1")
+
+
+def test_a_version_whose_adapter_is_gone_fails_the_job_with_a_message(sm, tiny_lm, tmp_path):
+    with sm.begin() as s:
+        runs.register_adapter_version(s, base_model="tiny", adapter_path=str(tmp_path / "gone"))
+        set_self_label_multiplier(s, 4)
+    job = SelfLabelJob(sm, VersionedModel(tiny_lm), "tiny", settings=SHORT)
+    job.start("v1")
+    done = job.wait()
+    assert done.state == "failed" and self_votes(sm) == []
+    assert done.text().startswith("Self-labels for v1: failed: version v1: its adapter directory")
+    assert "is missing or incomplete" in done.text()
