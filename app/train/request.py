@@ -140,11 +140,10 @@ class TrainRequest:
         metadata={
             "label": "Add the model's own labels",
             "row": 4,
-            "help": "off / 2x / 4x / 8x the human labels: between rounds the active version "
-            "labels pairs of its own answers, only above the margin where it agrees with "
-            "people's labels of its answers 90 % of the time; on, a run trains on them with "
-            "their weight (a person's vote on the same pair overrides). Default off: no "
-            "experiment has shown yet that they help",
+            "help": "off / 2x / 4x / 8x the human labels: the active version labels pairs of "
+            "its own answers where it agrees with people's labels of them 90 % of the time; "
+            "runs train on them with their weight (a person's vote overrides). Default off: "
+            "no experiment has shown yet that they help",
             "choices": SELF_LABEL_CHOICES,
         },
     )

@@ -572,6 +572,7 @@ def layout(service: TrainingService, job: SelfLabelJob | None = None) -> TrainTa
         self_label_btn = gr.Button(
             "Label with the model now",
             size="sm",
+            scale=0,
             visible=job is not None,
             elem_id="self-label-button",
         )
