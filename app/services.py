@@ -1,9 +1,11 @@
 """The app's long-lived services, made once in `main()` from the config and the loaded model:
-the database sessionmaker, the served model with its versions, training and comparison."""
+the database sessionmaker, the served model with its versions, training, comparison and the
+self-labeling job (`app.train.self_labels`), which starts when a version becomes active."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -11,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.compare.service import CompareService
 from app.config import AppConfig
 from app.serving.versions import VersionedModel
+from app.train.self_labels import SelfLabelJob
 from app.train.service import TrainingService
 from dpo_core.modeling import LoadedModel
 from storage import runs
@@ -25,11 +28,25 @@ class Services:
     models: VersionedModel
     training: TrainingService
     compare: CompareService
+    self_labels: SelfLabelJob
 
     def close(self) -> None:
-        """The app's shutdown: stop the training watcher and wait for it, so no weights are
-        loading when the interpreter exits. Training workers keep running. Idempotent."""
+        """The app's shutdown: stop the training watcher and the self-labeling job and wait
+        for them, so no weights are loading when the interpreter exits. Training workers keep
+        running. Idempotent."""
         self.training.close()
+        self.self_labels.close()
+
+
+def serve_and_label(models: VersionedModel, job: SelfLabelJob) -> Callable[[str, str | None], None]:
+    """What a change of the active version does: serve it, then (when the setting is on) let
+    it label pairs of its own answers in the background."""
+
+    def on_version_change(name: str, adapter_path: str | None) -> None:
+        models.activate(name, adapter_path)
+        job.version_activated(name, adapter_path)
+
+    return on_version_change
 
 
 def open_services(config: AppConfig, lm: LoadedModel) -> Services:
@@ -43,6 +60,7 @@ def open_services(config: AppConfig, lm: LoadedModel) -> Services:
     with sm.begin() as s:
         runs.ensure_base_version(s, base_model)
     models = VersionedModel(lm)
+    job = SelfLabelJob(sm, models, base_model)
     training = TrainingService(
         sm,
         db_url=db_url,
@@ -54,8 +72,8 @@ def open_services(config: AppConfig, lm: LoadedModel) -> Services:
             "load_in_4bit": config.load_in_4bit,
             "device": config.device,
         },
-        on_version_change=models.activate,
+        on_version_change=serve_and_label(models, job),
     )
     training.recover()
     training.start_watcher()  # loads the active version before the first request
-    return Services(sm, models, training, CompareService(sm, models, base_model))
+    return Services(sm, models, training, CompareService(sm, models, base_model), job)

@@ -53,7 +53,7 @@ def build_ui(state: Any, label: LabelService | None = None) -> gr.Blocks:
         with gr.Tab("Label"):
             build_label_tab(service=label, demo=demo)
         with gr.Tab("Train") as train_tab:
-            build_train_tab(service=training, tab_block=train_tab)
+            build_train_tab(training, train_tab, state.services.self_labels)
             build_version_panel(service=training, demo=demo, tab_block=train_tab)
             build_export_panel(training, demo, train_tab)
         with gr.Tab("Compare") as compare_tab:

@@ -19,16 +19,24 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, exists, select
+from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from storage.annotators import SELF_PREFIX, is_self, person_filter, self_annotator
-from storage.models import ModelVersion, Preference, Response, now_utc, text_hash
+from storage.models import (
+    ModelVersion,
+    Preference,
+    Prompt,
+    Response,
+    Setting,
+    now_utc,
+    text_hash,
+)
 from storage.repo import CHUNK, add_prompts, check_storable, insert_ignore
 from storage.rounds import find_version
 from storage.selection import agreed_outcome
@@ -307,3 +315,115 @@ def _people_on_self_labels(session: Session) -> dict[tuple[int, int], list[str]]
     for a, b, choice in rows:
         found.setdefault((a, b), []).append(choice)
     return found
+
+
+# --- the app's self-labeling job (app/train/self_labels.py) ------------------------------------
+
+SELF_LABELS_KEY = "self_labels"  # the Setting row: how many self-labels per human label
+MULTIPLIERS = (0, 2, 4, 8)  # 0: off; else the self-labels per human label of the round
+
+
+def self_label_multiplier(session: Session) -> int:
+    """How many self-labels per human label of a round the app adds (0: off, the default)."""
+    setting = session.get(Setting, SELF_LABELS_KEY)
+    value = setting.value if setting is not None else 0
+    return value if value in MULTIPLIERS else 0
+
+
+def set_self_label_multiplier(session: Session, multiplier: int) -> None:
+    """Set it for the team (every replica). ValueError for a value not in MULTIPLIERS."""
+    if multiplier not in MULTIPLIERS:
+        raise ValueError(
+            f"self-labels must be off or {', '.join(f'{m}x' for m in MULTIPLIERS[1:])} "
+            f"the human labels, got {multiplier!r}"
+        )
+    setting = session.get(Setting, SELF_LABELS_KEY) or Setting(key=SELF_LABELS_KEY)
+    setting.value, setting.updated_at = multiplier, now_utc()
+    session.add(setting)
+
+
+@dataclass(frozen=True)
+class OwnAnswerVote:
+    """A person's A/B vote on two answers both written by one version: the evidence a scorer
+    is calibrated on (the answer the person chose, and the other)."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def own_answer_votes(session: Session, version_id: int) -> list[OwnAnswerVote]:
+    """People's A/B votes on pairs whose two answers are both by `version_id`, oldest first
+    (ties and both-bad votes say nothing about which answer is better)."""
+    resp_a, resp_b = aliased(Response), aliased(Response)
+    rows = session.execute(
+        select(Prompt.text, Preference.choice, resp_a.text, resp_b.text)
+        .join(Prompt, Prompt.id == Preference.prompt_id)
+        .join(resp_a, resp_a.id == Preference.response_a_id)
+        .join(resp_b, resp_b.id == Preference.response_b_id)
+        .where(person_filter(Preference.annotator), Preference.choice.in_(("a", "b")))
+        .where(resp_a.model_version_id == version_id, resp_b.model_version_id == version_id)
+        .order_by(Preference.id)
+    )
+    return [
+        OwnAnswerVote(prompt, a, b) if choice == "a" else OwnAnswerVote(prompt, b, a)
+        for prompt, choice, a, b in rows
+    ]
+
+
+def round_labels(session: Session, version_id: int) -> int:
+    """People's votes on pairs with an answer by `version_id`: the human labels of its round."""
+    resp_a, resp_b = aliased(Response), aliased(Response)
+    query = (
+        select(func.count())
+        .select_from(Preference)
+        .join(resp_a, resp_a.id == Preference.response_a_id)
+        .join(resp_b, resp_b.id == Preference.response_b_id)
+        .where(person_filter(Preference.annotator))
+        .where(or_(resp_a.model_version_id == version_id, resp_b.model_version_id == version_id))
+    )
+    return int(session.scalar(query) or 0)
+
+
+def self_label_count(session: Session, version_name: str) -> int:
+    """The labels stored by `self:<version_name>`."""
+    query = select(func.count()).where(Preference.annotator == self_annotator(version_name))
+    return int(session.scalar(query) or 0)
+
+
+@dataclass(frozen=True)
+class UnjudgedSelfLabel:
+    """A pair a version labeled that no person has judged yet (stored order: a < b)."""
+
+    prompt_id: int
+    prompt: str
+    version: str
+    response_ids: tuple[int, int]
+
+
+def next_unjudged_self_label(
+    session: Session, exclude_prompts: Collection[int] = ()
+) -> UnjudgedSelfLabel | None:
+    """A random self-labeled pair without a person's vote (prompts in `exclude_prompts`
+    passed over), for people to check the model's labels; None when there is none."""
+    person = aliased(Preference)
+    judged = exists().where(
+        person.response_a_id == Preference.response_a_id,
+        person.response_b_id == Preference.response_b_id,
+        person_filter(person.annotator),
+    )
+    query = (
+        select(Preference.prompt_id, Prompt.text, Preference.annotator)
+        .add_columns(Preference.response_a_id, Preference.response_b_id)
+        .join(Prompt, Prompt.id == Preference.prompt_id)
+        .where(Preference.annotator.startswith(SELF_PREFIX), ~judged)
+        .order_by(func.random())
+        .limit(1)
+    )
+    if exclude_prompts:
+        query = query.where(Preference.prompt_id.not_in(list(exclude_prompts)))
+    row = session.execute(query).first()
+    if row is None:
+        return None
+    prompt_id, prompt, annotator, a, b = row
+    return UnjudgedSelfLabel(prompt_id, prompt, annotator[len(SELF_PREFIX) :], (a, b))

@@ -138,6 +138,7 @@ class LabelHandlers:
                 skipped=skipped or [],
                 settings=settings,
                 prompt_id=req.get("prompt_id"),
+                check=mode.check,
             )
         )
         for i, progress in enumerate(stream):

@@ -6,7 +6,10 @@ the answers and what a verdict records (`app.label.record`):
 - 1 answer: 👍 Good (key U) or 👎 Bad (key D), a KTO verdict (`app.label.single`);
 - 2 answers: A is better, B is better, Tie, Both bad (keys 1-4), a vote (`app.label.service`);
 - 3 or 4 answers: their letters best first (keys A-D, Backspace undoes), a ranking
-  (`app.label.ranking`), recorded once k-1 letters are placed.
+  (`app.label.ranking`), recorded once k-1 letters are placed;
+- "Check the model's labels": the pair screen on pairs a version labeled itself (self-labels)
+  that no person has judged, sides shuffled and the model's choice hidden; the vote is a
+  normal vote and overrides the model's label (`LabelService.generate(check=True)`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Mode:
     value: str  # the radio's value (scripts and tests choose by it)
     label: str
     k: int  # answers per prompt
+    check: bool = False  # pairs the model labeled itself, not new answers (k = 2)
 
     @property
     def buttons(self) -> str:
@@ -54,10 +58,11 @@ MODES = (
     Mode("2", "2 (pick the better)", 2),
     Mode("3 (rank)", "3 (rank)", 3),
     Mode("4 (rank)", "4 (rank)", 4),
+    Mode("check", "Check the model's labels", 2, check=True),
 )
 DEFAULT_MODE = MODES[1]  # the pair screen
 BY_VALUE = {mode.value: mode for mode in MODES}
-BY_K = {mode.k: mode for mode in MODES}
+BY_K = {mode.k: mode for mode in MODES if not mode.check}  # what k answers on screen record
 
 
 def mode_of(value: str | None) -> Mode:

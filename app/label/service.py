@@ -37,10 +37,12 @@ from dpo_core.generation import AnswerSpec, GenerationUpdate, SamplingParams
 from dpo_core.judge import Judge, Suggestion
 from storage import repo, runs, verdicts
 from storage.agreement import record_label_event
+from storage.annotators import is_person
 from storage.db import transaction
-from storage.models import Prompt
+from storage.models import Prompt, Response
 from storage.overlap import JUDGE_PREFIX
 from storage.rankings import MAX_ANSWERS, MIN_ANSWERS
+from storage.self_labels import next_unjudged_self_label
 from storage.uncertainty import set_queue_order
 
 logger = logging.getLogger(__name__)
@@ -125,6 +127,7 @@ class PairProgress:
     ready_at: float | None = None  # time.time() when both answers were complete
     suggestion: Suggestion | None = None  # an AI judge's, once the pair is complete
     shared: str | None = None  # "judged by 1 of 3": a pair others judged (overlap)
+    checking: str | None = None  # the version whose own label this pair is (check mode)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -267,10 +270,13 @@ class LabelService:
         skipped: Collection[int] = (),
         settings: LabelSettings | None = None,
         prompt_id: int | None = None,
+        check: bool = False,
     ) -> Iterator[PairProgress]:
         """Stream k answers (1: judged alone, 2: a pair, 3-4: ranked) for `annotator`; the last
         PairProgress is done and stored. Skips and regenerations are noted in every mode. Only
-        a pair is shared with a team, prefetched and shown to a judge.
+        a pair is shared with a team, prefetched and shown to a judge. `check` (a pair, from
+        the queue): a pair the model labeled itself that no person has judged ("Check the
+        model's labels"), ValueError when there is none.
 
         Raises ValueError (before anything is yielded) for a k other than 1 to 4, an empty
         prompt, an empty queue or invalid settings; errors of the model come out of the
@@ -280,6 +286,8 @@ class LabelService:
         settings = settings or self.settings
         params = answer_params(settings, k, self.rng)
         self._note_events(annotator, skipped, prompt_id)
+        if k == PAIR and check and typed is None and prompt_id is None:
+            return iter([self._self_labeled_pair(skipped)])
         if k == PAIR:
             return self._generate_pair(annotator, typed, skipped, settings, prompt_id)
         prompt_id, prompt = self.pick_prompt(annotator, typed, skipped, prompt_id, k=k)
@@ -327,12 +335,26 @@ class LabelService:
             annotator, self._pairs(stream, pair, specs, annotator, settings)
         )
 
+    def _self_labeled_pair(self, skipped: Collection[int]) -> PairProgress:
+        """A self-labeled pair nobody has judged, its sides drawn afresh (skipped prompts
+        passed over unless only they are left); ValueError when there is none."""
+        with self.sm.begin() as s:
+            found = next_unjudged_self_label(s, skipped) or next_unjudged_self_label(s)
+            if found is None:
+                raise ValueError(NO_SELF_LABELS)
+            answers = [s.get_one(Response, i) for i in found.response_ids]
+            self.rng.shuffle(answers)
+            shared = SharedPair(
+                found.prompt_id, found.prompt, found.version, (answers[0], answers[1]), 0, 1
+            )
+            return replace(shared_progress(shared), shared=None, checking=found.version)
+
     def _note_events(
         self, annotator: str, skipped: Collection[int], regenerated: int | None
     ) -> None:
         """Skips (once per prompt) and regenerations, for the agreement view. Best effort: a
         refused write is logged, never in the way of the next pair."""
-        if not annotator.strip() or annotator.startswith(JUDGE_PREFIX):
+        if not annotator.strip() or not is_person(annotator):
             return
         try:
             with self.sm.begin() as s:
@@ -394,7 +416,7 @@ class LabelService:
 
     def _start_prefetch(self, annotator: str, settings: LabelSettings, shown: int) -> None:
         """Start `annotator`'s next queue pair at low priority (nothing is stored yet)."""
-        if not self.prefetch or not annotator.strip() or annotator.startswith(JUDGE_PREFIX):
+        if not self.prefetch or not annotator.strip() or not is_person(annotator):
             return
         version = self.models.active_version
         with self._prefetch_lock:
@@ -622,6 +644,10 @@ def open_label_service(
     return service
 
 
+NO_SELF_LABELS = (
+    "No labels of the model's to check: every pair it labeled has a person's vote, or it has "
+    "labeled none yet (Train tab: Add the model's own labels)."
+)
 EMPTY_QUEUE = (
     "The prompt queue is empty: type a prompt, or import some with "
     "`python -m storage import-prompts FILE`."

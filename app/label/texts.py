@@ -48,6 +48,11 @@ def ready_text(answers: PairProgress, mode: Mode) -> str:
         )
     if mode.buttons == PAIR:
         shared = f" A pair others judged ({answers.shared})." if answers.shared else ""
+        if answers.checking:
+            shared = (
+                f" One of {answers.checking}'s own labels: which answer is better? Its choice "
+                "is hidden; your vote overrides it."
+            )
         return (
             f"Both answers are ready {version}.{shared} Vote with the buttons or the keys 1–4; "
             "S skips, R regenerates."

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from dpo_core.heldout import split_pairs
 from storage import repo
+from storage.annotators import is_self
 from storage.rounds import RoundPair, counts_by_version, has_text, select_round
 from storage.selection import VoteSelection
 
@@ -31,6 +32,8 @@ class StoredPairs:
     # usable pairs per version whose answers they compare (storage/rounds.py), the most first
     by_version: dict[str, int] = field(default_factory=dict)
     other_versions: int = 0  # pairs `train_on="parent"` leaves out: on other versions' answers
+    self_labels: int = 0  # usable pairs from versions' own labels (`include_self`)
+    overridden: int = 0  # versions' own labels not read: a person voted on the same answers
 
 
 def stored_pairs(
@@ -70,14 +73,17 @@ def stored_pairs(
         readout_prompts=list(dict.fromkeys([*(p["prompt"] for p in heldout), *split_prompts])),
         by_version=counts_by_version(kept),
         other_versions=read - len(train_round) - len(heldout_round),
+        self_labels=sum(is_self(r.pair.annotator) for r in kept),
+        overridden=train_set.overridden + heldout_set.overridden,
     )
 
 
 def as_pair(round_pair: RoundPair, weighted: bool = False) -> dict[str, Any]:
-    """A training pair dict; with `weighted` (train on newest) its `weight` too, which
-    dpo_core's loss multiplies the pair's term by."""
+    """A training pair dict with its `weight` (the round's times a version's own label's:
+    storage/rounds.py), which dpo_core's loss multiplies the pair's term by: always with
+    `weighted` (train on newest), else when it is not 1 (a self-label's weight)."""
     pair = round_pair.pair
     out: dict[str, Any] = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
-    if weighted:
+    if weighted or round_pair.weight != 1.0:
         out["weight"] = round_pair.weight
     return out

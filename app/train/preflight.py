@@ -120,6 +120,9 @@ def summary_counts(
         "both_bad": counts["both_bad"],
         "undecided": counts["undecided"],
         "left_out": counts["left_out"],
+        "include_self": selection.include_self,
+        "self_labels": counts["self_labels"],
+        "overridden": counts["overridden"],
         "active_version": active.name,
         "train_on": selection.train_on,
         "round_parent": parent.name,
@@ -155,6 +158,8 @@ def counts_of(pairs: StoredPairs) -> dict[str, Any]:
         "undecided": pairs.undecided,
         "left_out": pairs.left_out,
         "by_version": pairs.by_version,
+        "self_labels": pairs.self_labels,
+        "overridden": pairs.overridden,
     }
 
 

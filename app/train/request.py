@@ -15,8 +15,22 @@ from typing import Any, get_type_hints
 from dpo_core.heldout import MAX_HELDOUT_FRACTION
 from dpo_core.losses import LOSS_TYPES
 from storage.selection import DEFAULT_TRAIN_ON, DEFAULT_VOTES, TRAIN_ON, VOTE_MODES, VoteSelection
+from storage.self_labels import MULTIPLIERS
 
 NAMES = tuple[str, ...]  # the kind of a setting that lists names (annotators to leave out)
+SELF_LABELS_OFF = "off"
+# "Add the model's own labels": off, or so many self-labels per human label of the round
+SELF_LABEL_CHOICES = (SELF_LABELS_OFF, *(f"{m}x" for m in MULTIPLIERS if m))
+
+
+def self_label_multiplier_of(choice: str) -> int:
+    """0 for `off`, 2 for `2x`, ...; ValueError naming the choices for anything else."""
+    if choice not in SELF_LABEL_CHOICES:
+        raise ValueError(
+            f"add the model's own labels must be one of {', '.join(SELF_LABEL_CHOICES)}, "
+            f"got {choice!r}"
+        )
+    return 0 if choice == SELF_LABELS_OFF else int(choice.removesuffix("x"))
 
 
 def _visible_devices() -> int:
@@ -121,6 +135,18 @@ class TrainRequest:
             "help": "votes by annotators named judge:<name> (AI feedback); off: human votes only",
         },
     )
+    self_labels: str = field(
+        default=SELF_LABELS_OFF,
+        metadata={
+            "label": "Add the model's own labels",
+            "row": 4,
+            "help": "off / 2x / 4x / 8x the human labels: the active version labels pairs of "
+            "its own answers where it agrees with people's labels of them 90 % of the time; "
+            "runs train on them with their weight (a person's vote overrides). Default off: "
+            "no experiment has shown yet that they help",
+            "choices": SELF_LABEL_CHOICES,
+        },
+    )
     sft_on_rewrites: bool = field(
         default=False,
         metadata={
@@ -156,6 +182,7 @@ class TrainRequest:
             self.votes,
             self.leave_out,
             include_judges=self.include_judge_votes,
+            include_self=self.self_labels != SELF_LABELS_OFF,
             train_on=self.train_on,
             parent_id=parent_id,
         )
@@ -164,6 +191,7 @@ class TrainRequest:
         """Raise ValueError naming the setting for a value no run could use (TrainConfig checks
         the rest when the run's config is built)."""
         self.selection()
+        self_label_multiplier_of(self.self_labels)
         for setting in SETTINGS:
             value = getattr(self, setting.name)
             if setting.kind is int and (not isinstance(value, int) or value < 1):

@@ -18,8 +18,16 @@ import gradio as gr
 import pandas as pd
 
 from app.auth.users import ADMIN, require_role
-from app.train.request import NAMES, SETTINGS, Setting, TrainRequest, config_default
+from app.train.request import (
+    NAMES,
+    SELF_LABEL_CHOICES,
+    SETTINGS,
+    Setting,
+    TrainRequest,
+    config_default,
+)
 from app.train.round_text import next_round_text
+from app.train.self_labels import SelfLabelJob
 from app.train.service import TrainingService
 from app.train.status import ACTIVE_STATES, RunStatus, StartResult, format_duration
 from dpo_core.guard import few_pairs_warning
@@ -71,6 +79,8 @@ class TrainTab:
     history: gr.Dataframe
     seen: gr.State
     timer: gr.Timer
+    self_label_status: gr.Markdown  # the self-labeling job's progress, or why it made none
+    self_label_btn: gr.Button  # "Label with the model now" (admin)
 
     def selection_inputs(self) -> list[Any]:
         """The fields of SELECTION_SETTINGS, in that order."""
@@ -79,6 +89,7 @@ class TrainTab:
     def refresh_outputs(self) -> list[Any]:
         return [
             self.settings["leave_out"],
+            self.settings["self_labels"],
             self.progress,
             self.train_btn,
             self.cancel_btn,
@@ -87,6 +98,7 @@ class TrainTab:
             self.seen,
             *self.plots.values(),
             self.kl_note,
+            self.self_label_status,
         ]
 
 
@@ -178,6 +190,8 @@ def summary_markdown(info: dict[str, Any]) -> str:
     ]
     if info.get("kto_rows") is not None:
         lines.insert(1, kto_line(info["kto_rows"], info.get("kto_desirable", 0)))
+    if info.get("include_self"):
+        lines.insert(1, self_labels_line(info.get("self_labels", 0), info.get("overridden", 0)))
     lines += rounds_lines(info)
     if info.get("version_error"):
         lines.append(f"⚠️ {html.escape(info['version_error'])}")
@@ -185,6 +199,16 @@ def summary_markdown(info: dict[str, Any]) -> str:
     if warning:
         lines.append(f"⚠️ {warning}")
     return "  \n".join(lines)
+
+
+def self_labels_line(added: int, overridden: int) -> str:
+    """What "Add the model's own labels" adds to a run: `**12** of them are the model's own
+    labels (3 more were overridden by people's votes on the same answers).`"""
+    line = f"**{added}** of them {'is' if added == 1 else 'are'} the model's own labels"
+    if overridden:
+        line += f" ({overridden} more {'was' if overridden == 1 else 'were'} overridden by "
+        line += "people's votes on the same answers)"
+    return line + "."
 
 
 def kto_line(rows: int, desirable: int) -> str:
@@ -286,6 +310,7 @@ SELECTION_SETTINGS = (
     "votes",
     "leave_out",
     "include_judge_votes",
+    "self_labels",
     "train_on",
     "continue_from_active",
 )
@@ -312,14 +337,18 @@ def request_from_values(values: dict[str, Any]) -> TrainRequest:
     return TrainRequest.from_values(values)
 
 
-def setting_component(setting: Setting, names: list[str] | None = None) -> gr.components.Component:
+def setting_component(
+    setting: Setting, names: list[str] | None = None, values: dict[str, Any] | None = None
+) -> gr.components.Component:
     """The form field for one setting; its help text is dpo_core's TrainConfig help. `names`:
-    what a list-of-names setting offers (the annotators)."""
+    what a list-of-names setting offers (the annotators); `values`: starting values other than
+    the defaults, by setting name."""
     common = {"label": setting.label, "info": setting.help, "elem_id": f"setting-{setting.name}"}
     if setting.kind == NAMES:
         return gr.Dropdown(names or [], value=[], multiselect=True, **common)
     if setting.choices:
-        return gr.Dropdown(list(setting.choices), value=setting.default, **common)
+        value = (values or {}).get(setting.name, setting.default)
+        return gr.Dropdown(list(setting.choices), value=value, **common)
     if setting.kind is bool:
         return gr.Checkbox(value=setting.default, **common)
     if setting.maximum is not None:
@@ -336,19 +365,22 @@ class TrainHandlers:
 
     service: TrainingService
     tab: TrainTab
+    job: SelfLabelJob | None = None
 
     def refresh(self, seen: dict[str, Any] | None, *selection: Any) -> dict[Any, Any]:
         """Poll: the live (else latest) run's progress, curves and history, sending only what
         changed since `seen`; the pair count follows the form's `selection` of votes."""
         seen = dict(seen or {})
+        jobs = self.self_labels(seen)
         run_id, state = self.service.head()
         if seen.get("run") == [run_id, state] and state not in ACTIVE_STATES:
-            return {self.tab.seen: seen}  # a finished run shown already: nothing else to send
+            return {**jobs, self.tab.seen: seen}  # a finished run shown already
         status = self.service.status()
         out: dict[Any, Any] = {
             self.tab.progress: progress_html(status),
             self.tab.train_btn: gr.Button(interactive=not status.active),
             self.tab.cancel_btn: gr.Button(interactive=status.active),
+            **jobs,
         }
         key = [status.run_id, status.status, len(status.metrics)]
         if seen.get("metrics") != key:
@@ -360,6 +392,45 @@ class TrainHandlers:
         seen.update(metrics=key, run=[status.run_id, status.status])
         out[self.tab.seen] = seen
         return out
+
+    def self_labels(self, seen: dict[str, Any]) -> dict[Any, Any]:
+        """The self-labeling job's line when it changed since `seen` (which it updates), and
+        on a page's first poll the team's setting (an admin may have changed it since the
+        page was built)."""
+        if self.job is None:
+            return {}
+        out: dict[Any, Any] = {}
+        if not seen:
+            out[self.tab.settings["self_labels"]] = gr.Dropdown(
+                list(SELF_LABEL_CHOICES), value=self.job.choice()
+            )
+        text = self.job.progress().text()
+        if seen.get("self_labels") != text:
+            out[self.tab.self_label_status] = text
+        seen["self_labels"] = text
+        return out
+
+    def choose_self_labels(self, choice: str, request: gr.Request) -> dict[Any, Any]:
+        """When an admin changes "Add the model's own labels": the team's setting, which the
+        self-labeling job follows; the next run trains with the labels when on."""
+        if self.job is None:
+            return {}
+        require_role(request, ADMIN, "change whether the model labels its own answers")
+        try:
+            chosen = self.job.set_choice(choice)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        return {self.tab.message: f"Add the model's own labels: **{chosen}**."}
+
+    def label_now(self, request: gr.Request) -> dict[Any, Any]:
+        """The button "Label with the model now": the self-labeling job, active version."""
+        require_role(request, ADMIN, "start the model's labeling")
+        if self.job is None:
+            return {self.tab.message: "⚠️ This app has no self-labeling job."}
+        return {
+            self.tab.message: self.job.start(),
+            self.tab.self_label_status: self.job.progress().text(),
+        }
 
     def recount(self, *selection: Any) -> dict[Any, Any]:
         """The summary's pair count for the votes and round the form selects (a round counts
@@ -483,15 +554,28 @@ def register_api(service: TrainingService) -> None:
 # --- layout ----------------------------------------------------------------------------------
 
 
-def layout(service: TrainingService) -> TrainTab:
-    """Declare the tab's components (inside the open `gr.Tab`); no events."""
+def layout(service: TrainingService, job: SelfLabelJob | None = None) -> TrainTab:
+    """Declare the tab's components (inside the open `gr.Tab`); no events. `job`: the
+    self-labeling job, whose setting the form shows."""
     summary = gr.Markdown(summary_markdown(service.summary()), elem_id="train-summary")
     with gr.Row():
         train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
         cancel_btn = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel-button")
     message = gr.Markdown(elem_id="train-message")
     with gr.Accordion("Advanced", open=False):
-        settings = _settings_form(service.annotators())
+        chosen = {"self_labels": job.choice()} if job is not None else {}
+        settings = _settings_form(service.annotators(), chosen)
+    with gr.Row():
+        self_label_status = gr.Markdown(
+            job.progress().text() if job is not None else "", elem_id="self-label-status"
+        )
+        self_label_btn = gr.Button(
+            "Label with the model now",
+            size="sm",
+            scale=0,
+            visible=job is not None,
+            elem_id="self-label-button",
+        )
     progress = gr.HTML(elem_id="train-progress")
     plots, note = _plots()
     history = gr.Dataframe(
@@ -514,15 +598,20 @@ def layout(service: TrainingService) -> TrainTab:
         history=history,
         seen=gr.State({}),
         timer=gr.Timer(POLL_S),
+        self_label_status=self_label_status,
+        self_label_btn=self_label_btn,
     )
 
 
-def _settings_form(annotators: list[str]) -> dict[str, gr.components.Component]:
-    """One field per setting, in the rows the settings name."""
+def _settings_form(
+    annotators: list[str], values: dict[str, Any]
+) -> dict[str, gr.components.Component]:
+    """One field per setting, in the rows the settings name; `values`: starting values other
+    than the defaults (a team setting stored in the database)."""
     fields: dict[str, gr.components.Component] = {}
     for _, row in groupby(SETTINGS, key=lambda s: s.row):
         with gr.Row():
-            fields.update({s.name: setting_component(s, annotators) for s in row})
+            fields.update({s.name: setting_component(s, annotators, values) for s in row})
     return fields
 
 
@@ -550,10 +639,13 @@ def _plots() -> tuple[dict[str, gr.LinePlot], gr.Markdown]:
     return plots, note
 
 
-def build_train_tab(service: TrainingService, tab_block: gr.Tab | None = None) -> TrainTab:
-    """Declare the Train tab (inside the open `tab_block`) and wire its events."""
-    tab = layout(service)
-    h = TrainHandlers(service, tab)
+def build_train_tab(
+    service: TrainingService, tab_block: gr.Tab | None = None, job: SelfLabelJob | None = None
+) -> TrainTab:
+    """Declare the Train tab (inside the open `tab_block`) and wire its events; `job`: the
+    self-labeling job ("Add the model's own labels", "Label with the model now")."""
+    tab = layout(service, job)
+    h = TrainHandlers(service, tab, job)
     outputs = tab.refresh_outputs()
     poll = {"show_progress": "hidden", "queue": False, "api_visibility": "private"}
     chosen = tab.selection_inputs()
@@ -569,6 +661,12 @@ def build_train_tab(service: TrainingService, tab_block: gr.Tab | None = None) -
         api_visibility="private",
     ).then(h.refresh, inputs=[tab.seen, *chosen], outputs=outputs, **poll)
     tab.cancel_btn.click(h.cancel, outputs=tab.message, api_visibility="private")
+    tab.settings["self_labels"].input(
+        h.choose_self_labels, inputs=tab.settings["self_labels"], outputs=tab.message, **poll
+    )
+    tab.self_label_btn.click(
+        h.label_now, outputs=[tab.message, tab.self_label_status], api_visibility="private"
+    )
     return tab
 
 
