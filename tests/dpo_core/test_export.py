@@ -192,13 +192,16 @@ def test_non_llama_base_is_refused_for_gguf(tmp_path):
     assert not out.exists() and list(tmp_path.glob(".out-*")) == []
 
 
-def test_rope_scaling_is_refused_for_gguf():
+def test_rope_scaling_other_than_llama3_is_refused_for_gguf():
+    """Llama 3.1/3.2's scaling is written (tests/dpo_core/test_gguf_llama3.py); others are not."""
     from transformers import LlamaConfig
 
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
     scaling |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
-    with pytest.raises(GgufExportError, match=r"does not write rope scaling \('llama3'\)"):
-        check_llama(LlamaConfig(rope_scaling=scaling))
+    check_llama(LlamaConfig(rope_scaling=scaling))
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    with pytest.raises(GgufExportError, match=r"rope scaling is 'yarn'"):
+        check_llama(LlamaConfig(rope_scaling=yarn))
     check_llama(LlamaConfig())  # plain rotary: fine
 
 
