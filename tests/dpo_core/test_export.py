@@ -51,10 +51,14 @@ def bpe_tokenizer():
 
 @pytest.fixture(scope="module")
 def bpe_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("bpe-llama")
     tokenizer = bpe_tokenizer()
     model = build_tiny_model(len(tokenizer), seed=1)
-    with torch.no_grad():  # sharper next-token choices than a random init's near-ties
+    return save_sharpened(model, tokenizer, tmp_path_factory.mktemp("bpe-llama"))
+
+
+def save_sharpened(model, tokenizer, path: Path) -> Path:
+    """Save a random model with its head scaled up, so next-token choices are not near-ties."""
+    with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -19,6 +19,7 @@ import torch
 
 from dpo_core.export import ExportRequest, export_version, merge
 from dpo_core.gguf_export import GgufExportError, check_llama, llama3_rope, llama3_rope_factors
+from tests.dpo_core.test_export import save_sharpened
 from tests.tiny import build_tiny_tokenizer, save_random_adapter
 
 ORIGINAL_CONTEXT = 256  # `original_max_position_embeddings`; 8192 in Llama 3.1
@@ -54,15 +55,10 @@ def llama31_config(vocab_size: int, rope: dict | None = None):
 def llama31_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("llama31")
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(3)
     model = LlamaForCausalLM(llama31_config(len(tokenizer)))
-    with torch.no_grad():  # sharper next-token choices than a random init's near-ties
-        model.lm_head.weight.mul_(20.0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_sharpened(model, tokenizer, tmp_path_factory.mktemp("llama31"))
 
 
 @pytest.fixture(scope="module")
