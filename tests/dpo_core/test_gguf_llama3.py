@@ -3,14 +3,15 @@
 where `llama_cpp` is installed, llama.cpp reading the file picks transformers' greedy tokens,
 past the original context too.
 
-The tiny model has Llama 3.1's shape (llama3 scaling, 4:1 GQA, untied head, rope_theta 5e5) but
-an original context of 256 positions instead of 8192, so the scaling matters in short inputs:
-with head_dim 32 the 16 rotary pairs fall 3 in the unscaled band (wavelength < 64), 2 in the
-blended one and 11 in the `factor`-slowed one (wavelength > 256).
+The tiny models have Llama 3.1's shape (llama3 scaling with factors 8 / 1 / 4, 4:1 GQA, untied
+head, rope_theta 5e5, a context 16 times the original one). One keeps Llama 3.1's original
+context of 8192; the other has 256, so the scaling matters in short inputs. With head_dim 32,
+each has rotary pairs in all three bands: unscaled, blended and slowed by `factor`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,19 +23,16 @@ from dpo_core.gguf_export import GgufExportError, check_llama, llama3_rope, llam
 from tests.dpo_core.test_export import save_sharpened
 from tests.tiny import build_tiny_tokenizer, save_random_adapter
 
-ORIGINAL_CONTEXT = 256  # `original_max_position_embeddings`; 8192 in Llama 3.1
-LLAMA31_ROPE = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": ORIGINAL_CONTEXT,
-}
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
+LLAMA31_ROPE |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# `original_max_position_embeddings` of the tiny models: a short one, and Llama 3.1's own.
+ORIGINAL_CONTEXTS = (256, 8192)
 
 
-def llama31_config(vocab_size: int, rope: dict | None = None):
+def llama31_config(vocab_size: int, original_context: int, rope: dict | None = None):
     from transformers import LlamaConfig
 
+    rope = rope or LLAMA31_ROPE | {"original_max_position_embeddings": original_context}
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=128,
@@ -42,8 +40,8 @@ def llama31_config(vocab_size: int, rope: dict | None = None):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=1,  # 4:1 grouped-query attention, as in Llama 3.1 8B
-        max_position_embeddings=4 * ORIGINAL_CONTEXT,
-        rope_parameters={"rope_theta": 500000.0, **(rope or LLAMA31_ROPE)},
+        max_position_embeddings=16 * original_context,  # 131072 = 16 * 8192 in Llama 3.1
+        rope_parameters={"rope_theta": 500000.0, **rope},
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
@@ -51,25 +49,28 @@ def llama31_config(vocab_size: int, rope: dict | None = None):
     )
 
 
-@pytest.fixture(scope="module")
-def llama31_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@dataclass(frozen=True)
+class Exported:
+    base: Path  # the tiny Llama 3.1 model directory
+    adapter: Path  # a random LoRA on it
+    gguf: Path  # base + adapter merged, as f32 GGUF
+    original_context: int
+
+
+@pytest.fixture(scope="module", params=ORIGINAL_CONTEXTS, ids=lambda n: f"original{n}")
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
     from transformers import LlamaForCausalLM
 
+    torch.set_num_threads(1)
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(3)
-    model = LlamaForCausalLM(llama31_config(len(tokenizer)))
-    return save_sharpened(model, tokenizer, tmp_path_factory.mktemp("llama31"))
-
-
-@pytest.fixture(scope="module")
-def exported(llama31_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(GGUF file, adapter directory): the tiny Llama 3.1 with a random LoRA, merged, as f32."""
-    torch.set_num_threads(1)
-    adapter = save_random_adapter(llama31_dir, tmp_path_factory.mktemp("ad") / "v1", seed=4)
+    model = LlamaForCausalLM(llama31_config(len(tokenizer), request.param))
+    base = save_sharpened(model, tokenizer, tmp_path_factory.mktemp("llama31"))
+    adapter = save_random_adapter(base, tmp_path_factory.mktemp("ad") / "v1", seed=4)
     out = tmp_path_factory.mktemp("export") / "gguf"
-    request = ExportRequest(str(llama31_dir), adapter, "gguf", out, gguf_type="f32", version="v1")
-    result = export_version(request)
-    return out / next(f for f in result.files if f.endswith(".gguf")), adapter
+    export = ExportRequest(str(base), adapter, "gguf", out, gguf_type="f32", version="v1")
+    gguf_name = next(f for f in export_version(export).files if f.endswith(".gguf"))
+    return Exported(base, adapter, out / gguf_name, request.param)
 
 
 def transformers_inv_freqs(config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,37 +83,34 @@ def transformers_inv_freqs(config) -> tuple[torch.Tensor, torch.Tensor]:
     return default, scaled
 
 
-def test_rope_freqs_are_transformers_llama3_scaling(exported, llama31_dir):
+def test_rope_freqs_are_transformers_llama3_scaling(exported: Exported):
     from gguf import GGMLQuantizationType, GGUFReader
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(llama31_dir)
-    reader = GGUFReader(exported[0])
+    reader = GGUFReader(exported.gguf)
     tensors = {t.name: t for t in reader.tensors}
     rope_freqs = tensors["rope_freqs.weight"]
     assert rope_freqs.tensor_type == GGMLQuantizationType.F32
-    default, scaled = transformers_inv_freqs(config)
-    # llama.cpp divides each pair's unscaled frequency by its factor.
-    expected = default / scaled
+    default, scaled = transformers_inv_freqs(AutoConfig.from_pretrained(exported.base))
+    expected = default / scaled  # llama.cpp divides each pair's frequency by its number
     assert torch.allclose(torch.from_numpy(rope_freqs.data.copy()), expected, rtol=1e-6)
-    assert expected[:3].tolist() == [1.0, 1.0, 1.0] and (expected[5:] == 8.0).all()
-    assert ((expected[3:5] > 1.0) & (expected[3:5] < 8.0)).all()  # the blended band
+    assert (expected == 1.0).any() and (expected == 8.0).any()
+    assert ((expected > 1.0) & (expected < 8.0)).any()  # the blended band
     fields = reader.fields
     assert fields["llama.rope.freq_base"].contents() == 500000.0
-    assert fields["llama.context_length"].contents() == 4 * ORIGINAL_CONTEXT
+    assert fields["llama.context_length"].contents() == 16 * exported.original_context
     assert fields["llama.rope.dimension_count"].contents() == 32
     assert fields["llama.attention.head_count"].contents() == 4
     assert fields["llama.attention.head_count_kv"].contents() == 1
-    assert not any(
-        key.startswith("llama.rope.scaling") for key in fields
-    )  # as llama.cpp's converter
+    scaling_keys = [key for key in fields if key.startswith("llama.rope.scaling")]
+    assert scaling_keys == []  # llama.cpp's converter writes none for llama3 either
     assert "output.weight" in tensors  # untied head
 
 
 def test_rope_factors_read_transformers_4_rope_scaling_too():
     """A transformers 4 config keeps the numbers in `rope_scaling` and `rope_theta` beside it."""
     v4 = SimpleNamespace(model_type="llama", rope_scaling=LLAMA31_ROPE, rope_theta=500000.0)
-    v5 = llama31_config(8)
+    v5 = llama31_config(8, 8192)
     assert llama3_rope(v4) == llama3_rope(v5)
     default, scaled = transformers_inv_freqs(v5)
     factors = llama3_rope_factors(llama3_rope(v4), 500000.0, 32)
@@ -142,36 +140,41 @@ def test_incomplete_llama3_scaling_is_refused():
     check_llama(SimpleNamespace(model_type="llama", rope_scaling=None))  # plain rotary: fine
 
 
+STEPS = 24  # greedy tokens compared
+
+
 def greedy(model, ids: list[int], steps: int) -> list[int]:
+    """The `steps` tokens of highest logit after `ids`, end-of-text included (as llama.cpp's
+    logits are read below), one forward per token with the KV cache."""
+    tokens, past, x = list(ids), None, torch.tensor([ids])
     with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]), max_new_tokens=steps, do_sample=False, min_new_tokens=steps
-        )
-    return out[0, len(ids) :].tolist()
+        for _ in range(steps):
+            out = model(x, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))
+            x = torch.tensor([tokens[-1:]])
+    return tokens[len(ids) :]
 
 
-def test_llama_cpp_picks_transformers_greedy_tokens(exported, llama31_dir):
-    """Past the original context (256) the scaled and the plain rope answer differently;
-    llama.cpp reading the file agrees with transformers on the merged model there."""
+def test_llama_cpp_picks_transformers_greedy_tokens(exported: Exported):
+    """256 positions past the original context, where the scaled and the plain rope answer
+    differently, llama.cpp reading the file agrees with transformers on the merged model."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    gguf_path, adapter = exported
-    merged = merge(str(llama31_dir), adapter).model.eval()
+    merged = merge(str(exported.base), exported.adapter).model.eval()
     generator = torch.Generator().manual_seed(5)
-    prompt = torch.randint(
-        4, merged.config.vocab_size, (2 * ORIGINAL_CONTEXT,), generator=generator
+    length = exported.original_context + 256
+    prompt = torch.randint(4, merged.config.vocab_size, (length,), generator=generator).tolist()
+    want = greedy(merged, prompt, STEPS)
+    llm = llama_cpp.Llama(
+        model_path=str(exported.gguf), n_ctx=length + STEPS, n_threads=1, verbose=False
     )
-    prompt = prompt.tolist()
-    want = greedy(merged, prompt, 24)
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=1, verbose=False)
     llm.eval(prompt)
     got = []
-    for _ in range(24):
-        token = int(llm.scores[llm.n_tokens - 1].argmax())
-        got.append(token)
-        llm.eval([token])
+    for _ in range(STEPS):
+        got.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        llm.eval(got[-1:])
     assert got == want
-    plain = rope_without_scaling(merged)
-    assert greedy(plain, prompt, 24) != want  # the scaling matters at these positions
+    assert greedy(rope_without_scaling(merged), prompt, STEPS) != want  # the scaling matters
 
 
 def rope_without_scaling(model):
