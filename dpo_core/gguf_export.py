@@ -123,11 +123,6 @@ def llama3_rope(config: Any) -> Llama3Rope | None:
     missing = [key for key in keys if params.get(key) is None]
     if missing:
         raise GgufExportError(f"'llama3' rope scaling without {', '.join(missing)} in its config")
-    if params["low_freq_factor"] >= params["high_freq_factor"]:
-        raise GgufExportError(
-            "'llama3' rope scaling needs low_freq_factor < high_freq_factor; this config has "
-            f"{params['low_freq_factor']} and {params['high_freq_factor']}"
-        )
     return Llama3Rope(
         factor=float(params["factor"]),
         low_freq_factor=float(params["low_freq_factor"]),
