@@ -122,7 +122,11 @@ def llama3_rope(config: Any) -> Llama3Rope | None:
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     missing = [key for key in keys if params.get(key) is None]
     if missing:
-        raise GgufExportError(f"'llama3' rope scaling without {', '.join(missing)} in its config")
+        raise GgufExportError(
+            f"'llama3' rope scaling without {', '.join(missing)} in its config: add them (Llama "
+            "3.1 has factor 8, low_freq_factor 1, high_freq_factor 4, "
+            "original_max_position_embeddings 8192) or export `merged`."
+        )
     return Llama3Rope(
         factor=float(params["factor"]),
         low_freq_factor=float(params["low_freq_factor"]),

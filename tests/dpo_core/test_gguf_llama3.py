@@ -125,6 +125,7 @@ def test_rope_factors_read_transformers_4_rope_scaling_too():
         {"rope_type": "dynamic", "factor": 2.0},
         {"type": "longrope", "short_factor": [1.0], "long_factor": [2.0]},
     ],
+    ids=["yarn", "linear", "dynamic", "longrope"],
 )
 def test_other_rope_scalings_are_refused_in_words(rope):
     config = SimpleNamespace(model_type="llama", rope_scaling=rope)
@@ -135,7 +136,9 @@ def test_other_rope_scalings_are_refused_in_words(rope):
 
 def test_incomplete_llama3_scaling_is_refused():
     rope = {k: v for k, v in LLAMA31_ROPE.items() if k != "original_max_position_embeddings"}
-    with pytest.raises(GgufExportError, match="without original_max_position_embeddings"):
+    with pytest.raises(
+        GgufExportError, match=r"without original_max_position_embeddings in its config: add them"
+    ):
         check_llama(SimpleNamespace(model_type="llama", rope_scaling=rope))
     check_llama(SimpleNamespace(model_type="llama", rope_scaling=None))  # plain rotary: fine
 
