@@ -262,11 +262,12 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> GgufVocab:
 
 
 def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
-    """llama.cpp's name (`tokenizer.ggml.pre`) for the text-splitting rule of a tokenizer.json."""
+    """llama.cpp's name (`tokenizer.ggml.pre`) for the text-splitting rule of a tokenizer.json.
+    llama.cpp refuses to load a file whose name it does not know (GPT-2's is `gpt-2`)."""
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
@@ -309,7 +310,7 @@ def write_gguf(
 
 def source_pre(gguf_path: Path) -> str | None:
     """`tokenizer.ggml.pre` of an existing GGUF file. The embedded model's tokenizer came out of
-    its GGUF through transformers, which splits text the GPT-2 way for `smollm`; writing `gpt2`
+    its GGUF through transformers, which splits text the GPT-2 way for `smollm`; writing `gpt-2`
     back would lose SmolLM2's one-digit-per-token rule in llama.cpp, so its name is kept."""
     from gguf import GGUFReader
 

@@ -209,6 +209,13 @@ def test_rope_scaling_other_than_llama3_is_refused_for_gguf():
     check_llama(LlamaConfig())  # plain rotary: fine
 
 
+def test_gpt2_split_is_named_as_llama_cpp_knows_it():
+    """llama.cpp calls GPT-2's split `gpt-2` and refuses to load a file that says `gpt2`
+    ("unknown pre-tokenizer type"); transformers' reader ignores the name."""
+    tokenizer = bpe_tokenizer()
+    assert gguf_vocab(tokenizer, len(tokenizer)).pre == "gpt-2"
+
+
 def test_tokenizers_gguf_cannot_describe_are_refused():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -20,8 +20,8 @@ import torch
 
 from dpo_core.export import ExportRequest, export_version, merge
 from dpo_core.gguf_export import GgufExportError, check_llama, llama3_rope, llama3_rope_factors
-from tests.dpo_core.test_export import save_sharpened
-from tests.tiny import build_tiny_tokenizer, save_random_adapter
+from tests.dpo_core.test_export import bpe_tokenizer, save_sharpened
+from tests.tiny import save_random_adapter
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
 LLAMA31_ROPE |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -62,7 +62,7 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(1)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = bpe_tokenizer()  # llama.cpp needs merges
     torch.manual_seed(3)
     model = LlamaForCausalLM(llama31_config(len(tokenizer), request.param))
     base = save_sharpened(model, tokenizer, tmp_path_factory.mktemp("llama31"))
@@ -169,7 +169,11 @@ def test_llama_cpp_picks_transformers_greedy_tokens(exported: Exported):
     prompt = torch.randint(4, merged.config.vocab_size, (length,), generator=generator).tolist()
     want = greedy(merged, prompt, STEPS)
     llm = llama_cpp.Llama(
-        model_path=str(exported.gguf), n_ctx=length + STEPS, n_threads=1, verbose=False
+        model_path=str(exported.gguf),
+        n_ctx=length + STEPS,
+        n_threads=1,
+        logits_all=True,  # keeps `scores` (one row of logits per position)
+        verbose=False,
     )
     llm.eval(prompt)
     got = []
