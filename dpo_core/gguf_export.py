@@ -119,6 +119,9 @@ def llama3_rope(config: Any) -> Llama3Rope | None:
             f"('llama3') only; this model's rope scaling is {rope_type!r}. Export `merged` and "
             "convert it with llama.cpp's convert_hf_to_gguf.py."
         )
+    # All four from the rope settings, where transformers reads them. (llama.cpp's converter takes
+    # `original_max_position_embeddings` from the top of config.json, else 8192: the same for
+    # Meta's checkpoints, wrong for a model trained with another original context.)
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     missing = [key for key in keys if params.get(key) is None]
     if missing:
