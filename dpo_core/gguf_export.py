@@ -5,14 +5,17 @@ needs: tensor names from gguf's own name map, the rotary permutation of the Q an
 (llama.cpp's rope kernel pairs neighbouring dimensions, Hugging Face pairs the two halves;
 transformers' GGUF reader undoes it with `LlamaTensorProcessor._reverse_permute_weights`), the
 hyperparameters under `llama.*`, and a byte-level BPE tokenizer (tokens, merges, token types,
-special ids, chat template) under `tokenizer.*`. Quantization uses the `gguf` package's own
-numpy quantizers, so only the types it can *write* are offered (not the k-quants).
+special ids, chat template) under `tokenizer.*`. Llama 3.1/3.2 rope scaling (`llama3`) becomes
+llama.cpp's `rope_freqs.weight` tensor, as the converter's `LlamaModel.generate_extra_tensors`
+writes it; other rope scalings are refused. Quantization uses the `gguf` package's own numpy
+quantizers, so only the types it can *write* are offered (not the k-quants).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -80,13 +83,80 @@ def check_llama(config: Any) -> None:
             f"GGUF export supports Llama-architecture models only; this base is {model_type!r}. "
             "Export `merged` instead and convert it with llama.cpp's convert_hf_to_gguf.py."
         )
-    scaling = getattr(config, "rope_scaling", None) or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in (None, "default"):
+    llama3_rope(config)  # refuses other rope scalings and incomplete llama3 ones
+
+
+@dataclass(frozen=True)
+class Llama3Rope:
+    """Llama 3.1/3.2 rope scaling (`rope_type: llama3`): rotary pairs whose wavelength is
+    longer than `original_context / low_freq_factor` turn `factor` times slower, those shorter
+    than `original_context / high_freq_factor` keep their speed, those between are blended."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_context: int  # `original_max_position_embeddings`: the pre-training context
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The rope settings: `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5,
+    which keeps `rope_theta` in there too). Empty for plain rotary embeddings."""
+    return dict(
+        getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    )
+
+
+def llama3_rope(config: Any) -> Llama3Rope | None:
+    """The `llama3` rope scaling of `config`; None for plain rotary embeddings. Any other
+    scaling, or a `llama3` one without its four numbers, is refused in words."""
+    params = rope_parameters(config)
+    rope_type = params.get("rope_type", params.get("type")) or "default"
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
         raise GgufExportError(
-            f"GGUF export does not write rope scaling ({rope_type!r}) yet. Export `merged` "
-            "and convert it with llama.cpp's convert_hf_to_gguf.py."
+            f"GGUF export writes plain rotary embeddings and Llama 3.1/3.2 rope scaling "
+            f"('llama3') only; this model's rope scaling is {rope_type!r}. Export `merged` and "
+            "convert it with llama.cpp's convert_hf_to_gguf.py."
         )
+    # All four from the rope settings, where transformers reads them. (llama.cpp's converter takes
+    # `original_max_position_embeddings` from the top of config.json, else 8192: the same for
+    # Meta's checkpoints, wrong for a model trained with another original context.)
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [key for key in keys if params.get(key) is None]
+    if missing:
+        raise GgufExportError(
+            f"'llama3' rope scaling without {', '.join(missing)} in its config: add them (Llama "
+            "3.1 has factor 8, low_freq_factor 1, high_freq_factor 4, "
+            "original_max_position_embeddings 8192) or export `merged`."
+        )
+    return Llama3Rope(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_context=int(params["original_max_position_embeddings"]),
+    )
+
+
+def llama3_rope_factors(rope: Llama3Rope, theta: float, head_dim: int) -> torch.Tensor:
+    """llama.cpp's `rope_freqs.weight`: for each rotary pair, the number llama.cpp divides that
+    pair's unscaled frequency `theta ** (-2i / head_dim)` by. Equals transformers' default
+    inverse frequencies over its `llama3` ones.
+
+    -> (head_dim // 2,) float32: 1 for short wavelengths, `factor` for long ones.
+    """
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    # Between the two bands the scaled frequency is inv_freq * ((1 - smooth) / factor + smooth).
+    smooth = (rope.original_context / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    factors = 1.0 / ((1.0 - smooth) / rope.factor + smooth)
+    factors = torch.where(wavelen < rope.original_context / rope.high_freq_factor, 1.0, factors)
+    factors = torch.where(
+        wavelen > rope.original_context / rope.low_freq_factor, rope.factor, factors
+    )
+    return factors.to(torch.float32)
 
 
 def check_gguf_source(source: str) -> None:
@@ -115,7 +185,7 @@ def permute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def gguf_tensors(model: Any) -> dict[str, torch.Tensor]:
     """The model's weights under llama.cpp's names, Q and K permuted, tied head dropped."""
-    from gguf import MODEL_ARCH, get_tensor_name_map
+    from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, get_tensor_name_map
 
     config = model.config
     name_map = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
@@ -131,6 +201,11 @@ def gguf_tensors(model: Any) -> dict[str, torch.Tensor]:
         elif name.endswith("attn_k.weight"):
             tensor = permute_rotary(tensor, config.num_key_value_heads)
         out[name] = tensor
+    rope = llama3_rope(config)
+    if rope is not None:  # one copy; llama.cpp shares it between layers
+        out[f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]}.weight"] = llama3_rope_factors(
+            rope, rope_theta(config), head_dim(config)
+        )
     return out
 
 
@@ -190,11 +265,12 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> GgufVocab:
 
 
 def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
-    """llama.cpp's name (`tokenizer.ggml.pre`) for the text-splitting rule of a tokenizer.json."""
+    """llama.cpp's name (`tokenizer.ggml.pre`) for the text-splitting rule of a tokenizer.json.
+    llama.cpp refuses to load a file whose name it does not know (GPT-2's is `gpt-2`)."""
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
@@ -237,7 +313,7 @@ def write_gguf(
 
 def source_pre(gguf_path: Path) -> str | None:
     """`tokenizer.ggml.pre` of an existing GGUF file. The embedded model's tokenizer came out of
-    its GGUF through transformers, which splits text the GPT-2 way for `smollm`; writing `gpt2`
+    its GGUF through transformers, which splits text the GPT-2 way for `smollm`; writing `gpt-2`
     back would lose SmolLM2's one-digit-per-token rule in llama.cpp, so its name is kept."""
     from gguf import GGUFReader
 
@@ -245,8 +321,14 @@ def source_pre(gguf_path: Path) -> str | None:
     return str(field.contents()) if field is not None else None
 
 
+def head_dim(config: Any) -> int:
+    """Width of one attention head (the rotary dimension: Llama rotates all of it)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _add_hparams(writer: Any, config: Any) -> None:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    # llama3 rope scaling has no key of its own: the factors travel as `rope_freqs.weight`.
+    dim = head_dim(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -255,18 +337,18 @@ def _add_hparams(writer: Any, config: Any) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(float(rope_theta(config)))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(dim)
     writer.add_vocab_size(config.vocab_size)
-    if head_dim != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    if dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(dim)
+        writer.add_value_length(dim)
 
 
 def rope_theta(config: Any) -> float:
     """The rotary base: `rope_theta`, or where transformers 5 keeps it (`rope_parameters`)."""
     theta = getattr(config, "rope_theta", None)
     if theta is None:
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        theta = rope_parameters(config).get("rope_theta", 10000.0)
     return float(theta)
 
 

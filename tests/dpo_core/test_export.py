@@ -51,10 +51,14 @@ def bpe_tokenizer():
 
 @pytest.fixture(scope="module")
 def bpe_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("bpe-llama")
     tokenizer = bpe_tokenizer()
     model = build_tiny_model(len(tokenizer), seed=1)
-    with torch.no_grad():  # sharper next-token choices than a random init's near-ties
+    return save_sharpened(model, tokenizer, tmp_path_factory.mktemp("bpe-llama"))
+
+
+def save_sharpened(model, tokenizer, path: Path) -> Path:
+    """Save a random model with its head scaled up, so next-token choices are not near-ties."""
+    with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -192,14 +196,24 @@ def test_non_llama_base_is_refused_for_gguf(tmp_path):
     assert not out.exists() and list(tmp_path.glob(".out-*")) == []
 
 
-def test_rope_scaling_is_refused_for_gguf():
+def test_rope_scaling_other_than_llama3_is_refused_for_gguf():
+    """Llama 3.1/3.2's scaling is written (tests/dpo_core/test_gguf_llama3.py); others are not."""
     from transformers import LlamaConfig
 
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
     scaling |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 1024}
-    with pytest.raises(GgufExportError, match=r"does not write rope scaling \('llama3'\)"):
-        check_llama(LlamaConfig(rope_scaling=scaling))
+    check_llama(LlamaConfig(rope_scaling=scaling))
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    with pytest.raises(GgufExportError, match=r"rope scaling is 'yarn'"):
+        check_llama(LlamaConfig(rope_scaling=yarn))
     check_llama(LlamaConfig())  # plain rotary: fine
+
+
+def test_gpt2_split_is_named_as_llama_cpp_knows_it():
+    """llama.cpp calls GPT-2's split `gpt-2` and refuses to load a file that says `gpt2`
+    ("unknown pre-tokenizer type"); transformers' reader ignores the name."""
+    tokenizer = bpe_tokenizer()
+    assert gguf_vocab(tokenizer, len(tokenizer)).pre == "gpt-2"
 
 
 def test_tokenizers_gguf_cannot_describe_are_refused():
