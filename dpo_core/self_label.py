@@ -172,14 +172,21 @@ def calibrate(agreeing: list[float], target: float = TARGET_AGREEMENT) -> Thresh
     return best
 
 
+def labelable(pair: AnswerPair) -> bool:
+    """Two different, non-empty answers: anything else carries no preference to label (a
+    model may end an answer at once, with no text)."""
+    first, second = pair.first.strip(), pair.second.strip()
+    return bool(first) and bool(second) and first != second
+
+
 def keep_labels(
     pairs: list[AnswerPair], signed: Tensor, threshold: float, weight: float
 ) -> list[SelfLabel]:
     """The pairs whose |margin| reaches `threshold`, as labels with the preferred answer
-    chosen; pairs with two identical answers are skipped (they carry no preference)."""
+    chosen; pairs that are not `labelable` are skipped."""
     kept = []
     for pair, margin in zip(pairs, signed.tolist(), strict=True):
-        if pair.first.strip() == pair.second.strip() or abs(margin) < threshold or margin == 0:
+        if not labelable(pair) or abs(margin) < threshold or margin == 0:
             continue
         chosen, rejected = (pair.first, pair.second) if margin > 0 else (pair.second, pair.first)
         kept.append(SelfLabel(pair.prompt, chosen, rejected, abs(margin), weight))

@@ -144,7 +144,7 @@ def write_rows(path: Path, labels: list[SelfLabel], scorer: str, version: str) -
 
 def cmd_self_label(args: argparse.Namespace) -> int:
     from dpo_core.modeling import load_model
-    from dpo_core.self_label import keep_labels, log_ratios, margins
+    from dpo_core.self_label import keep_labels, labelable, log_ratios, margins
 
     check_args(args)
     prompts = read_prompts(args.prompts, args.n)
@@ -156,12 +156,15 @@ def cmd_self_label(args: argparse.Namespace) -> int:
         if threshold.value is None:
             print(f"no pairs written to {args.out}", file=sys.stderr)
             return 1
-    pairs = own_answer_pairs(lm, prompts, args.max_new_tokens, args.seed)
-    signed = margins(log_ratios(lm, pairs), args.scorer)
-    labels = keep_labels(pairs, signed, threshold.value, args.weight)
+    answered = own_answer_pairs(lm, prompts, args.max_new_tokens, args.seed)
+    pairs = [p for p in answered if labelable(p)]
+    labels = []
+    if pairs:
+        signed = margins(log_ratios(lm, pairs), args.scorer)
+        labels = keep_labels(pairs, signed, threshold.value, args.weight)
     write_rows(args.out, labels, args.scorer, args.adapter.name)
     print(
-        f"wrote {len(labels)} of {len(pairs)} pairs to {args.out} "
+        f"wrote {len(labels)} of {len(answered)} pairs to {args.out} "
         f"(scorer {args.scorer}, margin >= {threshold.value:.3g})"
     )
     return 0

@@ -189,12 +189,15 @@ class SelfLabelJob:
             if self._stop.is_set():
                 self._update(state="done", message="stopped")
                 return
-            pairs = [self._answer(p, version) for p in prompts[start : start + SCORE_CHUNK]]
-            signed = scoring.margins(self._log_ratios(version, pairs), self.scorer)
-            kept = scoring.keep_labels(pairs, signed, threshold, self.weight)
-            self._store(version, kept)
+            answered = [self._answer(p, version) for p in prompts[start : start + SCORE_CHUNK]]
+            pairs = [p for p in answered if scoring.labelable(p)]  # an empty answer: no label
+            kept = []
+            if pairs:
+                signed = scoring.margins(self._log_ratios(version, pairs), self.scorer)
+                kept = scoring.keep_labels(pairs, signed, threshold, self.weight)
+                self._store(version, kept)
             done = self.progress()
-            self._update(answered=done.answered + len(pairs), kept=done.kept + len(kept))
+            self._update(answered=done.answered + len(answered), kept=done.kept + len(kept))
         self._update(state="done")
 
     def _plan(self, version: str) -> tuple[float, list[str]] | None:
@@ -228,6 +231,9 @@ class SelfLabelJob:
         if len(evidence) < scoring.MIN_CALIBRATION_PAIRS:  # too few: no need to score them
             return scoring.calibrate([0.0] * len(evidence))  # the reason, in words
         pairs = [scoring.AnswerPair(v.prompt, v.chosen, v.rejected) for v in evidence]
+        pairs = [p for p in pairs if scoring.labelable(p)]  # a vote on an empty answer
+        if len(pairs) < scoring.MIN_CALIBRATION_PAIRS:
+            return scoring.calibrate([0.0] * len(pairs))
         signed = scoring.margins(self._log_ratios(version, pairs), self.scorer)
         return scoring.calibrate(signed.tolist())
 

@@ -203,6 +203,21 @@ def agreeing_calibration(sm, served, agree: bool = True) -> None:
         person_votes(s, served.v1, votes)
 
 
+def test_an_answer_that_ended_at_once_is_no_label_and_no_failure(sm, served, monkeypatch):
+    # a model may end an answer at its first token: no text, nothing to prefer (seen in CI)
+    agreeing_calibration(sm, served)
+    with sm.begin() as s:
+        repo.add_prompts(s, [f"Unlabeled {i}" for i in range(3)], source="t")
+    monkeypatch.setattr(
+        SelfLabelJob, "_answer", lambda self, prompt, version: scoring.AnswerPair(prompt, "", "Hi")
+    )
+    job = SelfLabelJob(sm, served.versions, "tiny", settings=SHORT)
+    job.start()
+    done = job.wait()
+    assert done.state == "done", done.text()
+    assert (done.answered, done.kept) == (3, 0) and self_votes(sm) == []
+
+
 def test_with_enough_agreeing_labels_it_stores_self_votes_above_the_threshold(sm, served):
     agreeing_calibration(sm, served)
     with sm.begin() as s:

@@ -63,7 +63,8 @@ def test_a_scorer_that_disagrees_with_people_labels_nothing():
 
 def test_kept_pairs_put_the_preferred_answer_first_and_skip_identical_ones():
     pairs = [AnswerPair("p", "a", "b"), AnswerPair("q", "c", "d"), AnswerPair("r", "e", "e")]
-    kept = keep_labels(pairs, torch.tensor([-2.0, 0.5, 9.0]), threshold=1.0, weight=0.5)
+    pairs.append(AnswerPair("s", " ", "f"))  # an answer that ended at once: no label
+    kept = keep_labels(pairs, torch.tensor([-2.0, 0.5, 9.0, 9.0]), threshold=1.0, weight=0.5)
     assert [(k.prompt, k.chosen, k.rejected, k.margin) for k in kept] == [("p", "b", "a", 2.0)]
     assert kept[0].weight == 0.5
 
