@@ -33,21 +33,15 @@ conditions (round 1 is the same for every MODE) is computed once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import inspect
 import json
 import logging
 import math
-import random
-import re
 import shutil
-import statistics
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,98 +50,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import defaults_sweep as ds
-from dpo_core import kl, losses, trainer
+from bench.loop_base import (
+    KTO_KINDS,
+    LOOP_RULES,
+    MODES,
+    SAMPLE_BATCH,
+    Arm,
+    Bench,
+    Condition,
+    Lineage,
+    Screen,
+    default_conditions,
+    labels_of,
+    open_bench,
+    out_dir,
+    parse_condition,
+    sample_answers,
+    version,
+)
+from bench.loop_tables import print_tables, stderr
+from dpo_core import losses, trainer
 from dpo_core.config import TrainConfig
-from dpo_core.modeling import LoadedModel, load_adapter, load_model
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "out" / "loop"
-KINDS = ("rounds", "kto", "ktobal", "rank4", "uncertain", "sft")
-KTO_KINDS = ("kto", "ktobal")
-MODES = ("parent", "all", "newest")
 SAME_ROUND1 = ("kto", "ktobal", "sft")  # round 1 shows `rounds` round 1 (sibling_screens)
 MAX_PASSES = 8  # a round shows each of its prompts at most this many times (16 answers)
-RANKED = 4  # answers in a ranking
-RANKING_LABELS = 3  # a ranking of 4 costs the annotator time of 3 pair labels (see docs/loop.md)
-SAMPLE_BATCH = 32
 NEWEST_DECAY = 0.5  # `newest`: a pair labelled k rounds ago weighs 0.5^k
 
 logger = logging.getLogger("loop")
-
-
-# --- the hidden rules -----------------------------------------------------------------------
-
-LIST_NUMBER = re.compile(r"^\s*\d+[.)]\s", re.MULTILINE)
-FIGURE = re.compile(r"\d+(?:[.,:]\d+)*")
-
-
-def figures_score(text: str) -> float:
-    """Rule `figures` (content): how many distinct figures the answer gives (quantities,
-    times, temperatures, years); the numbers of a numbered list do not count."""
-    return float(len(set(FIGURE.findall(LIST_NUMBER.sub("", text)))))
-
-
-LOOP_RULES: dict[str, ds.Score] = {"list": ds.list_score, "figures": figures_score}
-
-
-# --- conditions -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Condition:
-    """R rounds of N labels each, labelled and trained the way `kind` and `mode` say."""
-
-    kind: str
-    rounds: int
-    per_round: int
-    mode: str = "parent"
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}:{self.rounds}x{self.per_round}:{self.mode}"
-
-    def lineage(self, round_no: int) -> str:
-        """The cache folder of a round: round 1 is the same whatever the mode."""
-        base = f"{self.kind}-{self.rounds}x{self.per_round}"
-        return base if round_no == 1 else f"{base}-{self.mode}"
-
-    @property
-    def labels_per_screen(self) -> int:
-        return RANKING_LABELS if self.kind == "rank4" else 1
-
-    @property
-    def answers_per_screen(self) -> int:
-        return RANKED if self.kind == "rank4" else 2
-
-
-def parse_condition(spec: str, budget: int) -> Condition:
-    """`KIND:RxN[:MODE]` or `KIND:R[:MODE]` (N = budget / R); a clear error otherwise."""
-    parts = spec.strip().split(":")
-    usage = f"condition {spec!r}: expected KIND:RxN[:MODE], e.g. rounds:2x64:parent"
-    if len(parts) not in (2, 3) or parts[0] not in KINDS:
-        raise ValueError(f"{usage}; KIND is one of {', '.join(KINDS)}")
-    mode = parts[2] if len(parts) == 3 else "parent"
-    if mode not in MODES:
-        raise ValueError(f"{usage}; MODE is one of {', '.join(MODES)}")
-    match = re.fullmatch(r"(\d+)(?:x(\d+))?", parts[1])
-    if not match or int(match[1]) < 1:
-        raise ValueError(f"{usage}; R and N are positive whole numbers")
-    rounds = int(match[1])
-    per_round = int(match[2]) if match[2] else budget // rounds
-    if per_round < 1:
-        raise ValueError(f"{usage}; a budget of {budget} labels leaves none per round")
-    cond = Condition(parts[0], rounds, per_round, mode)
-    if per_round < cond.labels_per_screen:
-        raise ValueError(f"{usage}; a {parts[0]} verdict costs {cond.labels_per_screen} labels")
-    return cond
-
-
-def default_conditions(budget: int) -> list[Condition]:
-    """Every condition of the issue for a budget of `budget` labels, most informative first."""
-    specs = ["rounds:1", "rounds:2:parent", "rounds:2:all", "rounds:2:newest"]
-    specs += [f"rounds:{r}:{m}" for r in (4, 8) for m in MODES]
-    specs += ["kto:2", "rank4:2", "uncertain:4", "sft:2"]
-    return [parse_condition(s, budget) for s in specs]
 
 
 def unavailable(cond: Condition) -> str | None:
@@ -172,169 +101,6 @@ def weights_supported() -> bool:
     from dpo_core import data
 
     return "weight" in {f.name for f in dataclasses.fields(data.TokenizedPair)}
-
-
-# --- what the annotator sees and says --------------------------------------------------------
-
-
-@dataclass
-class Screen:
-    """Answers to one prompt shown together (2, or 4 to rank) and the rule's score of each."""
-
-    round: int
-    prompt: str
-    answers: list[str]
-    scores: list[float]
-
-    @property
-    def decisive(self) -> bool:
-        return len(set(self.scores)) > 1
-
-    def pairs(self, rule: str) -> list[dict[str, Any]]:
-        """The preference pairs the verdict implies: for a ranking, every two answers it
-        orders (`defaults_sweep.rule_pairs`), for two answers the one pair, if not a tie."""
-        rows = [
-            {"split": "screen", "prompt": self.prompt, "index": i, "text": text}
-            for i, text in enumerate(self.answers)
-            if usable(text)
-        ]
-        return ds.rule_pairs(rule, rows, ("screen",), len(self.answers), rules=LOOP_RULES)
-
-    def unpaired(self) -> list[dict[str, Any]]:
-        """KTO rows, one per answer: the preferred answer(s) desirable, the other(s) not; on a
-        tie both are desirable when they follow the rule ("both good"), else neither ("both
-        bad")."""
-        best, decisive = max(self.scores), self.decisive
-        return [
-            {"prompt": self.prompt, "completion": text, "label": s == best and (s > 0 or decisive)}
-            for text, s in zip(self.answers, self.scores, strict=True)
-            if usable(text)
-        ]
-
-
-def usable(text: str) -> bool:
-    """Whether an answer can be trained on (`common.pair_format` refuses blank text and NUL
-    characters, which the tiny random model can produce)."""
-    return bool(text.strip()) and "\x00" not in text
-
-
-def labels_of(screens: list[Screen], cond: Condition) -> int:
-    """Labels spent: a decisive verdict costs one (a ranking three); a tie is free (it is
-    counted as a screen shown, see docs/loop.md)."""
-    return sum(cond.labels_per_screen for s in screens if s.decisive)
-
-
-# --- the bench ------------------------------------------------------------------------------
-
-
-@dataclass
-class Bench:
-    """The model, the prompts and the measuring kit shared by every condition."""
-
-    lm: LoadedModel
-    out: Path  # bench/out/loop/<model>
-    heldout: ds.Heldout
-    heldout_rows: list[dict[str, Any]]  # the held-out prompts' base answers
-    train_prompts: list[str]
-    max_new_tokens: int
-    measure_samples: int
-
-    def heldout_pairs(self, rule: str) -> list[dict[str, Any]]:
-        """Pairs of the held-out prompts' base answers, for the guard (never trained on)."""
-        pairs = ds.rule_pairs(rule, self.heldout_rows, ds.HELDOUT_SPLITS, rules=LOOP_RULES)
-        return [p for p in pairs if usable(p["chosen"]) and usable(p["rejected"])]
-
-
-def training_prompts() -> list[str]:
-    """128 training prompts: defaults_sweep's 64 and its 64 more, in a fixed shuffle."""
-    more = json.loads(ds.MORE_PROMPTS.read_text())
-    prompts = [e["prompt"] for e in ds.load_prompts()[0] + more]
-    random.Random(1).shuffle(prompts)
-    return prompts
-
-
-def out_dir(model: str, max_new_tokens: int) -> Path:
-    """The cache of one model (and answer length, when not the default 96 tokens)."""
-    name = Path(model).name or "model"
-    return OUT / (name if max_new_tokens == ds.MAX_NEW_TOKENS else f"{name}-{max_new_tokens}tok")
-
-
-def open_bench(model: str, max_new_tokens: int, measure_samples: int) -> Bench:
-    """Load the model, sample (or read back) the held-out base answers."""
-    if model == "tiny":
-        from bench import harness
-
-        lm = load_model(str(harness.tiny_model(OUT / "tiny-model")), dtype="fp32", device="cpu")
-    else:
-        lm = load_model(model, device="cpu")
-    out = out_dir(model, max_new_tokens)
-    samples = out / "heldout_samples.jsonl"
-    jobs = ds.heldout_jobs(ds.load_prompts()[1])
-    ds.sample_jobs(lm, jobs, samples, SAMPLE_BATCH, max_new_tokens)
-    rows = ds.read_jsonl(samples)
-    heldout = ds.load_heldout(lm, rows)
-    return Bench(lm, out, heldout, rows, training_prompts(), max_new_tokens, measure_samples)
-
-
-@contextlib.contextmanager
-def version(lm: LoadedModel, adapter: Path | None) -> Iterator[Any]:
-    """The model of a version: the base, or the base with `adapter` on (removed after)."""
-    if adapter is None:
-        yield lm.model
-        return
-    model = load_adapter(lm.model, adapter)
-    model.eval()
-    try:
-        yield model
-    finally:
-        lm.model = model.unload()
-        lm.model.eval()
-
-
-def sample_answers(
-    bench: Bench, model: Any, prompts: list[str], each: int, seed: int
-) -> list[list[str]]:
-    """`each` answers to every prompt, sampled as the Label tab samples."""
-    completions = kl.sample_completions(
-        bench.lm,
-        model,
-        [p for p in prompts for _ in range(each)],
-        max_new_tokens=bench.max_new_tokens,
-        seed=seed,
-        batch_size=SAMPLE_BATCH,
-        **ds.LABEL_SAMPLING,
-    )
-    texts = [c.text for c in completions]
-    return [texts[i * each : (i + 1) * each] for i in range(len(prompts))]
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One condition under one rule and seed: one line of versions, each trained on the last."""
-
-    cond: Condition
-    rule: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.cond.name} rule {self.rule} seed {self.seed}"
-
-    def folder(self, out: Path, round_no: int) -> Path:
-        lineage = self.cond.lineage(round_no)
-        return out / self.rule / f"seed{self.seed}" / lineage / f"round{round_no}"
-
-    def judge(self, round_no: int, prompt: str, answers: list[str]) -> Screen:
-        scores = [ds.rule_score(self.rule, a, LOOP_RULES) for a in answers]
-        return Screen(round_no, prompt, answers, scores)
-
-
-@dataclass
-class Lineage:
-    """What an arm has done so far: every verdict and the current version."""
-
-    screens: list[Screen] = field(default_factory=list)
-    adapter: Path | None = None
 
 
 def label_round(
@@ -529,10 +295,6 @@ def win_stderr(bench: Bench, rule: str, answers: list[tuple[str, str]]) -> float
     return stderr(per_answer)
 
 
-def stderr(values: list[float]) -> float:
-    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-
-
 # --- an arm, resumable ----------------------------------------------------------------------
 
 
@@ -577,63 +339,6 @@ def measure_base(bench: Bench, seed: int) -> None:
     record.pop("answers")
     line |= {"labels": 0, "screens": 0, "rows_trained": 0}
     note_result(bench, line | record | {"minutes": (time.perf_counter() - t0) / 60})
-
-
-# --- the tables -----------------------------------------------------------------------------
-
-TABLE_HEAD = (
-    "| condition | round | labels | screens | pairs trained | win vs base | follows rule "
-    "| relevance | vs base | fluency | KL (nats/answer) | minutes | seeds |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-)
-
-
-def cell(rows: list[dict[str, Any]], key: str, within: str | None = None, digits: int = 2) -> str:
-    """Mean over the seeds ± its standard error; with one seed, ± the run's own standard
-    error (`within`) when there is one."""
-    values = [float(r[key]) for r in rows]
-    mean = statistics.fmean(values)
-    if len(values) > 1:
-        return f"{mean:.{digits}f} ± {stderr(values):.{digits}f}"
-    if within is not None and within in rows[0]:
-        return f"{mean:.{digits}f} ± {float(rows[0][within]):.{digits}f}"
-    return f"{mean:.{digits}f}"
-
-
-def table(rule: str, results: list[dict[str, Any]]) -> str:
-    """One markdown table: the base, then every condition measured under `rule`, by round."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in results:
-        if r["rule"] in (rule, None):  # None: the base, measured once for every rule
-            groups.setdefault((r["condition"], r["round"]), []).append(r)
-    keys = sorted(groups, key=lambda key: order(*key))
-    return TABLE_HEAD + "\n".join(table_line(rule, *key, groups[key]) for key in keys)
-
-
-def table_line(rule: str, name: str, round_no: int, rows: list[dict[str, Any]]) -> str:
-    """A condition's round over its seeds (relevance also as a change from the base's
-    answers, which the goal bounds: within 5%)."""
-    change = statistics.fmean(
-        r["relevance"] / r["base_relevance"] - 1 if r["base_relevance"] else math.nan for r in rows
-    )
-    vs_base = "" if math.isnan(change) else f"{change:+.1%}"  # blank: the base never names it
-    return (
-        f"| {name} | {round_no} | {cell(rows, 'labels', digits=0)} "
-        f"| {cell(rows, 'screens', digits=0)} | {cell(rows, 'rows_trained', digits=0)} "
-        f"| {cell(rows, rule + '/win_rate', rule + '/win_stderr')} "
-        f"| {cell(rows, rule + '/share')} | {cell(rows, 'relevance')} | {vs_base} "
-        f"| {cell(rows, 'fluency')} | {cell(rows, 'kl', 'kl_stderr', digits=1)} "
-        f"| {cell(rows, 'minutes', digits=1)} | {len(rows)} |"
-    )
-
-
-def order(name: str, round_no: int) -> tuple[int, ...]:
-    """The base first, then the conditions in the order of `KINDS`, rounds, `MODES`, round."""
-    if name == "base":
-        return (-1,)
-    kind, schedule, mode = name.split(":")
-    rounds, per_round = (int(n) for n in schedule.split("x"))
-    return (KINDS.index(kind), rounds, per_round, MODES.index(mode), round_no)
 
 
 # --- the command line -----------------------------------------------------------------------
@@ -722,12 +427,6 @@ def run_command(args: argparse.Namespace) -> int:
     for name in failed:
         print(f"failed: {name} (the log above says why)")
     return 1 if failed else 0
-
-
-def print_tables(out: Path, rules: list[str]) -> None:
-    results = ds.read_jsonl(out / "results.jsonl")
-    for rule in rules:
-        print(f"### rule `{rule}`\n\n{table(rule, results)}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
