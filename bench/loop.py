@@ -68,11 +68,13 @@ from bench.loop_base import (
     sample_answers,
     version,
 )
+from bench.loop_selflabel import SelfLabels, check_table, run_check, self_labels
 from bench.loop_tables import print_tables, stderr
 from dpo_core import losses, trainer
 from dpo_core.config import TrainConfig
 
-SAME_ROUND1 = ("kto", "ktobal", "sft")  # round 1 shows `rounds` round 1 (sibling_screens)
+SAME_ROUND1 = ("kto", "ktobal", "sft", "rpo")  # round 1 shows `rounds` round 1 (sibling_screens)
+RPO_ALPHA = 1.0  # `rpo`: the weight of the chosen answers' NLL (TRL's and the RPO paper's value)
 MAX_PASSES = 8  # a round shows each of its prompts at most this many times (16 answers)
 NEWEST_DECAY = 0.5  # `newest`: a pair labelled k rounds ago weighs 0.5^k
 
@@ -152,7 +154,15 @@ def siblings(arm: Arm, round_no: int) -> list[Arm]:
     if round_no == 2 and cond.kind == "rounds":
         others = [m for m in MODES if m != cond.mode]
         return [Arm(dataclasses.replace(cond, mode=m), arm.rule, arm.seed) for m in others]
+    if round_no == 2 and cond.kind == "self":  # v1 is `rounds`' v1: the same screens
+        return [Arm(rounds_twin(cond, m), arm.rule, arm.seed) for m in MODES]
     return []
+
+
+def rounds_twin(cond: Condition, mode: str | None = None) -> Condition:
+    """The `rounds` condition a `self` condition adds self-labels to."""
+    twin = dataclasses.replace(cond, kind="rounds", times=0, scorer="")
+    return dataclasses.replace(twin, mode=mode) if mode else twin
 
 
 def spent(screens: list[Screen], cond: Condition) -> bool:
@@ -219,6 +229,8 @@ def train_round(
     if arm.cond.kind in KTO_KINDS:
         settings["loss_type"] = "kto"
         settings["kto_balance"] = arm.cond.kind == "ktobal"  # kto: the weights as given (1, 1)
+    if arm.cond.kind == "rpo":
+        settings["rpo_alpha"] = RPO_ALPHA
     if arm.cond.kind == "sft":
         settings["sft_epochs"] = TrainConfig().epochs  # as the Train tab: as many as DPO's
         extra["sft_examples"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
@@ -253,6 +265,12 @@ def run_round(bench: Bench, arm: Arm, round_no: int, state: Lineage, folder: Pat
             prompts = round_prompts(bench, arm, round_no, state, model)
             new = label_round(bench, model, arm, round_no, prompts)
     rows = training_rows(arm, [*state.screens, *new], round_no)
+    own = SelfLabels()
+    if arm.cond.kind == "self" and round_no > 1:
+        own = self_labels(bench, arm, state, new, round_no)
+        if not own.rows and same_as_twin(bench, arm, round_no, new, own):
+            return
+    rows += own.rows
     logger.info(
         "%s round %d: %d screens, %d labels, training on %d rows",
         *(arm.name, round_no),
@@ -261,9 +279,25 @@ def run_round(bench: Bench, arm: Arm, round_no: int, state: Lineage, folder: Pat
     adapter, training = train_round(bench, arm, rows, state.adapter, folder / "adapter")
     record = {"round": round_no, **training, **measure_version(bench, adapter, arm.seed)}
     record |= {"rows_trained": len(rows), "minutes": (time.perf_counter() - t0) / 60}
+    record |= own.record
     record["adapter"] = str(adapter.relative_to(bench.out)) if adapter else None
     ds.append_jsonl(folder / "screens.jsonl", [dataclasses.asdict(s) for s in new])
     (folder / "record.json").write_text(json.dumps(record))
+
+
+def same_as_twin(bench: Bench, arm: Arm, round_no: int, new: list[Screen], own: SelfLabels) -> bool:
+    """With no self-label kept a `self` round trains what its `rounds` twin trained: reuse
+    that round's version and measures if it is run (True), noting the self-label record."""
+    twin = Arm(rounds_twin(arm.cond), arm.rule, arm.seed).folder(bench.out, round_no)
+    if not (twin / "record.json").exists():
+        return False
+    record = json.loads((twin / "record.json").read_text()) | own.record
+    record["same_as"] = str(twin.relative_to(bench.out))
+    folder = arm.folder(bench.out, round_no)
+    ds.append_jsonl(folder / "screens.jsonl", [dataclasses.asdict(s) for s in new])
+    (folder / "record.json").write_text(json.dumps(record))
+    logger.info("%s round %d: no self-label kept, the same as %s", arm.name, round_no, twin)
+    return True
 
 
 def measure_version(bench: Bench, adapter: Path | None, seed: int) -> dict[str, Any]:
@@ -357,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=ds.MAX_NEW_TOKENS, help="tokens per answer"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", parents=[common], help="run the conditions (cached per round)")
+    run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--budget", type=int, default=128, help="labels per condition")
     run.add_argument(
         "--conditions",
@@ -370,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)"
+    )
+    sub.add_parser("run", parents=[common, run], help="run the conditions (cached per round)")
+    sub.add_parser(
+        "check",
+        parents=[common, run],
+        help="each self-label scorer on round 2's screens of the conditions (run them first)",
     )
     sub.add_parser("table", parents=[common], help="print the markdown tables from the cache")
     return parser
@@ -385,7 +425,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--rules: unknown {', '.join(unknown)}; choose from {', '.join(LOOP_RULES)}")
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
-    if args.command == "run":
+    if args.command in ("run", "check"):
         try:
             args.seeds = parse_seeds(args.seeds)
             if args.budget < 1 or args.measure_samples < 1:
@@ -429,13 +469,27 @@ def run_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def check_command(args: argparse.Namespace) -> int:
+    """The scorer check on round 2 of every condition, rule and seed asked for."""
+    torch.set_num_threads(args.threads)
+    bench = open_bench(args.model, args.max_new_tokens, args.measure_samples)
+    missing = 0
+    for arm in [Arm(c, r, s) for s in args.seeds for c in args.conditions for r in args.rules]:
+        try:
+            print(check_table(arm, run_check(bench, arm)) + "\n")
+        except FileNotFoundError as err:
+            print(f"not checked: {err}")
+            missing += 1
+    return 1 if missing else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "table":
         print_tables(out_dir(args.model, args.max_new_tokens), args.rules)
         return 0
-    return run_command(args)
+    return check_command(args) if args.command == "check" else run_command(args)
 
 
 if __name__ == "__main__":

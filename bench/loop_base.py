@@ -7,6 +7,7 @@ prints the tables; `loop_selflabel.py` checks the self-label scorers and makes s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -22,7 +23,7 @@ from dpo_core.modeling import LoadedModel, load_adapter, load_model
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "loop"
-KINDS = ("rounds", "kto", "ktobal", "rank4", "uncertain", "sft")
+KINDS = ("rounds", "kto", "ktobal", "rank4", "uncertain", "sft", "rpo", "self")
 KTO_KINDS = ("kto", "ktobal")
 MODES = ("parent", "all", "newest")
 RANKED = 4  # answers in a ranking
@@ -43,7 +44,25 @@ def figures_score(text: str) -> float:
     return float(len(set(FIGURE.findall(LIST_NUMBER.sub("", text)))))
 
 
-LOOP_RULES: dict[str, ds.Score] = {"list": ds.list_score, "figures": figures_score}
+# Rule `polite` (tone): courtesy formulas, each counted once however often it is said.
+POLITE = re.compile(
+    r"\b(?:thank(?:s| you)|please|hello|hi|greetings|glad|happy to help|you're welcome|"
+    r"hope (?:this|that|it) helps|great question|good question|enjoy|kindly|my pleasure)\b",
+    re.IGNORECASE,
+)
+
+
+def polite_score(text: str) -> float:
+    """Rule `polite` (tone, register): how many distinct courtesy formulas the answer uses
+    (thanks, please, a greeting, "glad", "hope this helps", "great question", ...)."""
+    return float(len({m.lower() for m in POLITE.findall(text)}))
+
+
+LOOP_RULES: dict[str, ds.Score] = {
+    "list": ds.list_score,
+    "figures": figures_score,
+    "polite": polite_score,
+}
 
 
 # --- conditions -----------------------------------------------------------------------------
@@ -57,15 +76,23 @@ class Condition:
     rounds: int
     per_round: int
     mode: str = "parent"
+    times: int = 0  # `self`: at most this many self-labels per human label of a round
+    scorer: str = ""  # `self`: the scorer that makes them (dpo_core.self_label.SCORERS)
 
     @property
     def name(self) -> str:
-        return f"{self.kind}:{self.rounds}x{self.per_round}:{self.mode}"
+        name = f"{self.kind}:{self.rounds}x{self.per_round}:{self.mode}"
+        return f"{name}:{self.times}x:{self.scorer}" if self.kind == "self" else name
 
     def lineage(self, round_no: int) -> str:
-        """The cache folder of a round: round 1 is the same whatever the mode."""
-        base = f"{self.kind}-{self.rounds}x{self.per_round}"
-        return base if round_no == 1 else f"{base}-{self.mode}"
+        """The cache folder of a round: round 1 is the same whatever the mode (for `self` it
+        is `rounds`' round 1: self-labels start after the first version)."""
+        kind = "rounds" if self.kind == "self" and round_no == 1 else self.kind
+        base = f"{kind}-{self.rounds}x{self.per_round}"
+        if round_no == 1:
+            return base
+        extra = f"-{self.times}x-{self.scorer}" if self.kind == "self" else ""
+        return f"{base}-{self.mode}{extra}"
 
     @property
     def labels_per_screen(self) -> int:
@@ -77,9 +104,12 @@ class Condition:
 
 
 def parse_condition(spec: str, budget: int) -> Condition:
-    """`KIND:RxN[:MODE]` or `KIND:R[:MODE]` (N = budget / R); a clear error otherwise."""
+    """`KIND:RxN[:MODE]` or `KIND:R[:MODE]` (N = budget / R), and for `self`
+    `self:RxN:MODE:Tx[:SCORER]`; a clear error otherwise."""
     parts = spec.strip().split(":")
     usage = f"condition {spec!r}: expected KIND:RxN[:MODE], e.g. rounds:2x64:parent"
+    if parts[0] == "self":
+        return parse_self(spec, parts, budget)
     if len(parts) not in (2, 3) or parts[0] not in KINDS:
         raise ValueError(f"{usage}; KIND is one of {', '.join(KINDS)}")
     mode = parts[2] if len(parts) == 3 else "parent"
@@ -96,6 +126,21 @@ def parse_condition(spec: str, budget: int) -> Condition:
     if per_round < cond.labels_per_screen:
         raise ValueError(f"{usage}; a {parts[0]} verdict costs {cond.labels_per_screen} labels")
     return cond
+
+
+def parse_self(spec: str, parts: list[str], budget: int) -> Condition:
+    """`self:RxN:MODE:Tx[:SCORER]`: `rounds:RxN:MODE` plus up to T self-labels per human
+    label from round 2 on (SCORER: reward-model unless named)."""
+    from dpo_core.self_label import REWARD_MODEL, SCORERS
+
+    usage = f"condition {spec!r}: expected self:RxN:MODE:Tx[:SCORER], e.g. self:2x32:all:4x"
+    if len(parts) not in (4, 5) or not re.fullmatch(r"\d+x", parts[3]):
+        raise ValueError(usage)
+    scorer = parts[4] if len(parts) == 5 else REWARD_MODEL
+    if scorer not in SCORERS:
+        raise ValueError(f"{usage}; SCORER is one of {', '.join(SCORERS)}")
+    cond = parse_condition(":".join(["rounds", *parts[1:3]]), budget)
+    return dataclasses.replace(cond, kind="self", times=int(parts[3][:-1]), scorer=scorer)
 
 
 def default_conditions(budget: int) -> list[Condition]:

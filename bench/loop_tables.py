@@ -33,7 +33,8 @@ def table(rule: str, results: list[dict[str, Any]]) -> str:
     """One markdown table: the base, then every condition measured under `rule`, by round."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in results:
-        if r["rule"] in (rule, None):  # None: the base, measured once for every rule
+        # None: the base, measured once for every rule (a rule added later: not measured)
+        if r["rule"] in (rule, None) and f"{rule}/win_rate" in r:
             groups.setdefault((r["condition"], r["round"]), []).append(r)
     keys = sorted(groups, key=lambda key: order(*key))
     return TABLE_HEAD + "\n".join(table_line(rule, *key, groups[key]) for key in keys)
@@ -56,13 +57,15 @@ def table_line(rule: str, name: str, round_no: int, rows: list[dict[str, Any]]) 
     )
 
 
-def order(name: str, round_no: int) -> tuple[int, ...]:
-    """The base first, then the conditions in the order of `KINDS`, rounds, `MODES`, round."""
+def order(name: str, round_no: int) -> tuple[int | str, ...]:
+    """The base first, then the conditions in the order of `KINDS`, rounds, `MODES`, round
+    (`self`: then by self-labels per label and scorer)."""
     if name == "base":
         return (-1,)
-    kind, schedule, mode = name.split(":")
+    kind, schedule, mode, *self_part = name.split(":")
     rounds, per_round = (int(n) for n in schedule.split("x"))
-    return (KINDS.index(kind), rounds, per_round, MODES.index(mode), round_no)
+    times, scorer = (int(self_part[0][:-1]), self_part[1]) if self_part else (0, "")
+    return (KINDS.index(kind), rounds, per_round, MODES.index(mode), times, scorer, round_no)
 
 
 def stderr(values: list[float]) -> float:
