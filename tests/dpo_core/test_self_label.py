@@ -86,13 +86,27 @@ def agreeing_calibration(tiny_model_dir, adapter_dir, path):
     pairs = [
         AnswerPair(p, f"Answer one to {p}", f"Another, longer answer to {p}!") for p in PROMPTS
     ]
-    signed = margins(log_ratios(lm, pairs), "margin").tolist()
+    return write_agreeing(path, pairs, margins(log_ratios(lm, pairs), "margin").tolist())
+
+
+def write_agreeing(path, pairs, signed):
+    """Pairs as people's labels that agree with the signed margins everywhere."""
     with path.open("w") as f:
         for pair, m in zip(pairs, signed, strict=True):
             chosen, rejected = (pair.first, pair.second) if m > 0 else (pair.second, pair.first)
             f.write(json.dumps({"prompt": pair.prompt, "chosen": chosen, "rejected": rejected}))
             f.write("\n")
     return path
+
+
+def train_reads(out, rows, tiny_model_dir, tmp_path):
+    """`dpo_core train --pairs` reads the self-labels as written."""
+    if not rows:  # a tiny random model may answer alike or below the threshold everywhere
+        pytest.skip("no pair above the threshold on this tiny model")
+    train = ["train", "--pairs", str(out), "--out", str(tmp_path / "v2")]
+    train += ["--model", str(tiny_model_dir), "--dtype", "fp32", "--device", "cpu"]
+    assert main([*train, "--epochs", "1"]) == 0
+    assert (tmp_path / "v2" / "adapter_config.json").exists()
 
 
 def test_the_cli_writes_pairs_that_train_reads(tiny_model_dir, adapter_dir, tmp_path, capsys):
@@ -109,12 +123,7 @@ def test_the_cli_writes_pairs_that_train_reads(tiny_model_dir, adapter_dir, tmp_
     for row in rows:
         assert {"prompt", "chosen", "rejected", "margin", "weight"} <= row.keys()
         assert row["annotator"] == "self:v1" and row["weight"] == 0.5 and row["margin"] > 0
-    if not rows:  # a tiny random model may answer alike or below the threshold everywhere
-        pytest.skip("no pair above the threshold on this tiny model")
-    train = ["train", "--pairs", str(out), "--out", str(tmp_path / "v2")]
-    train += ["--model", str(tiny_model_dir), "--dtype", "fp32", "--device", "cpu"]
-    assert main([*train, "--epochs", "1"]) == 0
-    assert (tmp_path / "v2" / "adapter_config.json").exists()
+    train_reads(out, rows, tiny_model_dir, tmp_path)
 
 
 def test_no_self_labels_without_people_labels_on_the_versions_answers(
@@ -194,21 +203,7 @@ def test_the_cli_with_the_reward_model_writes_pairs_that_train_reads(
     head = fit_reward_model(lm, fit)
     calib_pairs = [AnswerPair(p, f"Answer one to {p}", f"Another answer: {p}!") for p in PROMPTS]
     signed = signed_margins(lm, calib_pairs, REWARD_MODEL, head).tolist()
-    calib = tmp_path / "people.jsonl"
-    calib.write_text(
-        "".join(
-            json.dumps(
-                {"prompt": c.prompt}
-                | (
-                    {"chosen": c.first, "rejected": c.second}
-                    if m > 0
-                    else {"chosen": c.second, "rejected": c.first}
-                )
-            )
-            + "\n"
-            for c, m in zip(calib_pairs, signed, strict=True)
-        )
-    )
+    calib = write_agreeing(tmp_path / "people.jsonl", calib_pairs, signed)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:6]) + "\n")
     out = tmp_path / "self.jsonl"
@@ -221,9 +216,4 @@ def test_the_cli_with_the_reward_model_writes_pairs_that_train_reads(
     assert "agrees with people on 12 of the 12" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["scorer"] == REWARD_MODEL and r["margin"] > 0 for r in rows)
-    if not rows:  # a tiny random model may answer alike or below the threshold everywhere
-        pytest.skip("no pair above the threshold on this tiny model")
-    train = ["train", "--pairs", str(out), "--out", str(tmp_path / "v2")]
-    train += ["--model", str(tiny_model_dir), "--dtype", "fp32", "--device", "cpu"]
-    assert main([*train, "--epochs", "1"]) == 0
-    assert (tmp_path / "v2" / "adapter_config.json").exists()
+    train_reads(out, rows, tiny_model_dir, tmp_path)
