@@ -363,11 +363,14 @@ def has_result(bench: Bench, line: dict[str, Any]) -> bool:
     return any(all(r.get(k) == line[k] for k in key) for r in results)
 
 
-def measure_base(bench: Bench, seed: int) -> None:
-    """The base model's own row (its win rate against its own answers is about 0.5)."""
-    line = {"condition": "base", "rule": None, "seed": seed, "round": 0}
-    if has_result(bench, line):
+def measure_base(bench: Bench, seed: int, rule: str) -> None:
+    """The base model's own row (its win rate against its own answers is about 0.5), once for
+    every rule (`rule` None); a rule added since then gets a row of its own."""
+    results = ds.read_jsonl(bench.out / "results.jsonl")
+    earlier = [r for r in results if r["condition"] == "base" and r["seed"] == seed]
+    if any(f"{rule}/win_rate" in r for r in earlier):
         return
+    line = {"condition": "base", "rule": rule if earlier else None, "seed": seed, "round": 0}
     t0 = time.perf_counter()
     record = measure_version(bench, None, seed)
     record.pop("answers")
@@ -457,7 +460,7 @@ def run_command(args: argparse.Namespace) -> int:
     bench = open_bench(args.model, args.max_new_tokens, args.measure_samples)
     failed = []
     for arm in [Arm(c, r, s) for s in args.seeds for c in runnable for r in args.rules]:
-        measure_base(bench, arm.seed)
+        measure_base(bench, arm.seed, arm.rule)
         try:
             run_arm(bench, arm)
         except Exception:  # one broken arm must not cost the others' hours

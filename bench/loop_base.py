@@ -58,10 +58,23 @@ def polite_score(text: str) -> float:
     return float(len({m.lower() for m in POLITE.findall(text)}))
 
 
+# Rule `brief` (register, length): an answer that finishes (its last sentence ends) wins, and
+# of two that finish the one in fewer words; an answer cut off mid-sentence scores 0.
+FINISHED = re.compile(r"[.!?][\"')\]]*\s*$")
+
+
+def brief_score(text: str) -> float:
+    """Rule `brief` (register): 100 / words when the answer finishes with a full stop, "!" or
+    "?" (closing quotes or brackets allowed), 0 when it is cut off."""
+    words = len(text.split())
+    return 100.0 / words if words and FINISHED.search(text) else 0.0
+
+
 LOOP_RULES: dict[str, ds.Score] = {
     "list": ds.list_score,
     "figures": figures_score,
     "polite": polite_score,
+    "brief": brief_score,
 }
 
 

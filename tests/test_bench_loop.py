@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.loop_base import LOOP_RULES, parse_condition, polite_score
+from bench.loop_base import LOOP_RULES, brief_score, parse_condition, polite_score
 from bench.loop_selflabel import CALIBRATION, check_scorer
 from bench.loop_tables import order
 
@@ -15,6 +15,15 @@ def test_the_polite_rule_counts_distinct_courtesy_formulas():
     assert polite_score("Great question, glad to help. Hope this helps, please ask more!") == 4
     assert polite_score("The hidden chip is this") == 0  # words, not parts of words
     assert LOOP_RULES["polite"] is polite_score
+
+
+def test_the_brief_rule_prefers_the_shorter_finished_answer():
+    assert brief_score("Paris is the capital of France.") == pytest.approx(100 / 6)
+    assert brief_score('He said "yes."') == pytest.approx(100 / 3)  # closing quote after it
+    assert brief_score("Paris is the capital of France, and it") == 0  # cut off
+    assert brief_score("") == 0 and brief_score("   ") == 0
+    assert brief_score("Yes, it is.") > brief_score("Yes, it is, and here is why.")
+    assert LOOP_RULES["brief"] is brief_score
 
 
 def test_rpo_and_self_conditions_parse_and_name_their_cache():
