@@ -147,6 +147,8 @@ def margins(ratios: LogRatios, scorer: str) -> Tensor:
         mean = (ratios.first + ratios.second).sum() / tokens.sum()  # per-token log-ratio
         length_gap = (ratios.first_tokens - ratios.second_tokens).float()
         return ratios.first - ratios.second - mean * length_gap
+    if scorer == REWARD_MODEL:
+        raise ValueError("the reward-model scorer reads no log-ratios: use signed_margins")
     raise ValueError(f"unknown scorer {scorer!r}: choose one of {', '.join(SCORERS)}")
 
 
