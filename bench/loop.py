@@ -33,21 +33,15 @@ conditions (round 1 is the same for every MODE) is computed once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import inspect
 import json
 import logging
 import math
-import random
-import re
 import shutil
-import statistics
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,98 +50,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import defaults_sweep as ds
-from dpo_core import kl, losses, trainer
+from bench.loop_base import (
+    KTO_KINDS,
+    LOOP_RULES,
+    MODES,
+    SAMPLE_BATCH,
+    Arm,
+    Bench,
+    Condition,
+    Lineage,
+    Screen,
+    default_conditions,
+    labels_of,
+    open_bench,
+    out_dir,
+    parse_condition,
+    sample_answers,
+    version,
+)
+from bench.loop_selflabel import SelfLabels, check_table, run_check, self_labels
+from bench.loop_tables import print_tables, stderr
+from dpo_core import losses, trainer
 from dpo_core.config import TrainConfig
-from dpo_core.modeling import LoadedModel, load_adapter, load_model
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "out" / "loop"
-KINDS = ("rounds", "kto", "ktobal", "rank4", "uncertain", "sft")
-KTO_KINDS = ("kto", "ktobal")
-MODES = ("parent", "all", "newest")
-SAME_ROUND1 = ("kto", "ktobal", "sft")  # round 1 shows `rounds` round 1 (sibling_screens)
+SAME_ROUND1 = ("kto", "ktobal", "sft", "rpo")  # round 1 shows `rounds` round 1 (sibling_screens)
+RPO_ALPHA = 1.0  # `rpo`: the weight of the chosen answers' NLL (TRL's and the RPO paper's value)
 MAX_PASSES = 8  # a round shows each of its prompts at most this many times (16 answers)
-RANKED = 4  # answers in a ranking
-RANKING_LABELS = 3  # a ranking of 4 costs the annotator time of 3 pair labels (see docs/loop.md)
-SAMPLE_BATCH = 32
 NEWEST_DECAY = 0.5  # `newest`: a pair labelled k rounds ago weighs 0.5^k
 
 logger = logging.getLogger("loop")
-
-
-# --- the hidden rules -----------------------------------------------------------------------
-
-LIST_NUMBER = re.compile(r"^\s*\d+[.)]\s", re.MULTILINE)
-FIGURE = re.compile(r"\d+(?:[.,:]\d+)*")
-
-
-def figures_score(text: str) -> float:
-    """Rule `figures` (content): how many distinct figures the answer gives (quantities,
-    times, temperatures, years); the numbers of a numbered list do not count."""
-    return float(len(set(FIGURE.findall(LIST_NUMBER.sub("", text)))))
-
-
-LOOP_RULES: dict[str, ds.Score] = {"list": ds.list_score, "figures": figures_score}
-
-
-# --- conditions -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Condition:
-    """R rounds of N labels each, labelled and trained the way `kind` and `mode` say."""
-
-    kind: str
-    rounds: int
-    per_round: int
-    mode: str = "parent"
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}:{self.rounds}x{self.per_round}:{self.mode}"
-
-    def lineage(self, round_no: int) -> str:
-        """The cache folder of a round: round 1 is the same whatever the mode."""
-        base = f"{self.kind}-{self.rounds}x{self.per_round}"
-        return base if round_no == 1 else f"{base}-{self.mode}"
-
-    @property
-    def labels_per_screen(self) -> int:
-        return RANKING_LABELS if self.kind == "rank4" else 1
-
-    @property
-    def answers_per_screen(self) -> int:
-        return RANKED if self.kind == "rank4" else 2
-
-
-def parse_condition(spec: str, budget: int) -> Condition:
-    """`KIND:RxN[:MODE]` or `KIND:R[:MODE]` (N = budget / R); a clear error otherwise."""
-    parts = spec.strip().split(":")
-    usage = f"condition {spec!r}: expected KIND:RxN[:MODE], e.g. rounds:2x64:parent"
-    if len(parts) not in (2, 3) or parts[0] not in KINDS:
-        raise ValueError(f"{usage}; KIND is one of {', '.join(KINDS)}")
-    mode = parts[2] if len(parts) == 3 else "parent"
-    if mode not in MODES:
-        raise ValueError(f"{usage}; MODE is one of {', '.join(MODES)}")
-    match = re.fullmatch(r"(\d+)(?:x(\d+))?", parts[1])
-    if not match or int(match[1]) < 1:
-        raise ValueError(f"{usage}; R and N are positive whole numbers")
-    rounds = int(match[1])
-    per_round = int(match[2]) if match[2] else budget // rounds
-    if per_round < 1:
-        raise ValueError(f"{usage}; a budget of {budget} labels leaves none per round")
-    cond = Condition(parts[0], rounds, per_round, mode)
-    if per_round < cond.labels_per_screen:
-        raise ValueError(f"{usage}; a {parts[0]} verdict costs {cond.labels_per_screen} labels")
-    return cond
-
-
-def default_conditions(budget: int) -> list[Condition]:
-    """Every condition of the issue for a budget of `budget` labels, most informative first."""
-    specs = ["rounds:1", "rounds:2:parent", "rounds:2:all", "rounds:2:newest"]
-    specs += [f"rounds:{r}:{m}" for r in (4, 8) for m in MODES]
-    specs += ["kto:2", "rank4:2", "uncertain:4", "sft:2"]
-    return [parse_condition(s, budget) for s in specs]
 
 
 def unavailable(cond: Condition) -> str | None:
@@ -172,169 +103,6 @@ def weights_supported() -> bool:
     from dpo_core import data
 
     return "weight" in {f.name for f in dataclasses.fields(data.TokenizedPair)}
-
-
-# --- what the annotator sees and says --------------------------------------------------------
-
-
-@dataclass
-class Screen:
-    """Answers to one prompt shown together (2, or 4 to rank) and the rule's score of each."""
-
-    round: int
-    prompt: str
-    answers: list[str]
-    scores: list[float]
-
-    @property
-    def decisive(self) -> bool:
-        return len(set(self.scores)) > 1
-
-    def pairs(self, rule: str) -> list[dict[str, Any]]:
-        """The preference pairs the verdict implies: for a ranking, every two answers it
-        orders (`defaults_sweep.rule_pairs`), for two answers the one pair, if not a tie."""
-        rows = [
-            {"split": "screen", "prompt": self.prompt, "index": i, "text": text}
-            for i, text in enumerate(self.answers)
-            if usable(text)
-        ]
-        return ds.rule_pairs(rule, rows, ("screen",), len(self.answers), rules=LOOP_RULES)
-
-    def unpaired(self) -> list[dict[str, Any]]:
-        """KTO rows, one per answer: the preferred answer(s) desirable, the other(s) not; on a
-        tie both are desirable when they follow the rule ("both good"), else neither ("both
-        bad")."""
-        best, decisive = max(self.scores), self.decisive
-        return [
-            {"prompt": self.prompt, "completion": text, "label": s == best and (s > 0 or decisive)}
-            for text, s in zip(self.answers, self.scores, strict=True)
-            if usable(text)
-        ]
-
-
-def usable(text: str) -> bool:
-    """Whether an answer can be trained on (`common.pair_format` refuses blank text and NUL
-    characters, which the tiny random model can produce)."""
-    return bool(text.strip()) and "\x00" not in text
-
-
-def labels_of(screens: list[Screen], cond: Condition) -> int:
-    """Labels spent: a decisive verdict costs one (a ranking three); a tie is free (it is
-    counted as a screen shown, see docs/loop.md)."""
-    return sum(cond.labels_per_screen for s in screens if s.decisive)
-
-
-# --- the bench ------------------------------------------------------------------------------
-
-
-@dataclass
-class Bench:
-    """The model, the prompts and the measuring kit shared by every condition."""
-
-    lm: LoadedModel
-    out: Path  # bench/out/loop/<model>
-    heldout: ds.Heldout
-    heldout_rows: list[dict[str, Any]]  # the held-out prompts' base answers
-    train_prompts: list[str]
-    max_new_tokens: int
-    measure_samples: int
-
-    def heldout_pairs(self, rule: str) -> list[dict[str, Any]]:
-        """Pairs of the held-out prompts' base answers, for the guard (never trained on)."""
-        pairs = ds.rule_pairs(rule, self.heldout_rows, ds.HELDOUT_SPLITS, rules=LOOP_RULES)
-        return [p for p in pairs if usable(p["chosen"]) and usable(p["rejected"])]
-
-
-def training_prompts() -> list[str]:
-    """128 training prompts: defaults_sweep's 64 and its 64 more, in a fixed shuffle."""
-    more = json.loads(ds.MORE_PROMPTS.read_text())
-    prompts = [e["prompt"] for e in ds.load_prompts()[0] + more]
-    random.Random(1).shuffle(prompts)
-    return prompts
-
-
-def out_dir(model: str, max_new_tokens: int) -> Path:
-    """The cache of one model (and answer length, when not the default 96 tokens)."""
-    name = Path(model).name or "model"
-    return OUT / (name if max_new_tokens == ds.MAX_NEW_TOKENS else f"{name}-{max_new_tokens}tok")
-
-
-def open_bench(model: str, max_new_tokens: int, measure_samples: int) -> Bench:
-    """Load the model, sample (or read back) the held-out base answers."""
-    if model == "tiny":
-        from bench import harness
-
-        lm = load_model(str(harness.tiny_model(OUT / "tiny-model")), dtype="fp32", device="cpu")
-    else:
-        lm = load_model(model, device="cpu")
-    out = out_dir(model, max_new_tokens)
-    samples = out / "heldout_samples.jsonl"
-    jobs = ds.heldout_jobs(ds.load_prompts()[1])
-    ds.sample_jobs(lm, jobs, samples, SAMPLE_BATCH, max_new_tokens)
-    rows = ds.read_jsonl(samples)
-    heldout = ds.load_heldout(lm, rows)
-    return Bench(lm, out, heldout, rows, training_prompts(), max_new_tokens, measure_samples)
-
-
-@contextlib.contextmanager
-def version(lm: LoadedModel, adapter: Path | None) -> Iterator[Any]:
-    """The model of a version: the base, or the base with `adapter` on (removed after)."""
-    if adapter is None:
-        yield lm.model
-        return
-    model = load_adapter(lm.model, adapter)
-    model.eval()
-    try:
-        yield model
-    finally:
-        lm.model = model.unload()
-        lm.model.eval()
-
-
-def sample_answers(
-    bench: Bench, model: Any, prompts: list[str], each: int, seed: int
-) -> list[list[str]]:
-    """`each` answers to every prompt, sampled as the Label tab samples."""
-    completions = kl.sample_completions(
-        bench.lm,
-        model,
-        [p for p in prompts for _ in range(each)],
-        max_new_tokens=bench.max_new_tokens,
-        seed=seed,
-        batch_size=SAMPLE_BATCH,
-        **ds.LABEL_SAMPLING,
-    )
-    texts = [c.text for c in completions]
-    return [texts[i * each : (i + 1) * each] for i in range(len(prompts))]
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One condition under one rule and seed: one line of versions, each trained on the last."""
-
-    cond: Condition
-    rule: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.cond.name} rule {self.rule} seed {self.seed}"
-
-    def folder(self, out: Path, round_no: int) -> Path:
-        lineage = self.cond.lineage(round_no)
-        return out / self.rule / f"seed{self.seed}" / lineage / f"round{round_no}"
-
-    def judge(self, round_no: int, prompt: str, answers: list[str]) -> Screen:
-        scores = [ds.rule_score(self.rule, a, LOOP_RULES) for a in answers]
-        return Screen(round_no, prompt, answers, scores)
-
-
-@dataclass
-class Lineage:
-    """What an arm has done so far: every verdict and the current version."""
-
-    screens: list[Screen] = field(default_factory=list)
-    adapter: Path | None = None
 
 
 def label_round(
@@ -386,7 +154,15 @@ def siblings(arm: Arm, round_no: int) -> list[Arm]:
     if round_no == 2 and cond.kind == "rounds":
         others = [m for m in MODES if m != cond.mode]
         return [Arm(dataclasses.replace(cond, mode=m), arm.rule, arm.seed) for m in others]
+    if round_no == 2 and cond.kind == "self":  # v1 is `rounds`' v1: the same screens
+        return [Arm(rounds_twin(cond, m), arm.rule, arm.seed) for m in MODES]
     return []
+
+
+def rounds_twin(cond: Condition, mode: str | None = None) -> Condition:
+    """The `rounds` condition a `self` condition adds self-labels to."""
+    twin = dataclasses.replace(cond, kind="rounds", times=0, scorer="")
+    return dataclasses.replace(twin, mode=mode) if mode else twin
 
 
 def spent(screens: list[Screen], cond: Condition) -> bool:
@@ -453,6 +229,8 @@ def train_round(
     if arm.cond.kind in KTO_KINDS:
         settings["loss_type"] = "kto"
         settings["kto_balance"] = arm.cond.kind == "ktobal"  # kto: the weights as given (1, 1)
+    if arm.cond.kind == "rpo":
+        settings["rpo_alpha"] = RPO_ALPHA
     if arm.cond.kind == "sft":
         settings["sft_epochs"] = TrainConfig().epochs  # as the Train tab: as many as DPO's
         extra["sft_examples"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
@@ -487,6 +265,12 @@ def run_round(bench: Bench, arm: Arm, round_no: int, state: Lineage, folder: Pat
             prompts = round_prompts(bench, arm, round_no, state, model)
             new = label_round(bench, model, arm, round_no, prompts)
     rows = training_rows(arm, [*state.screens, *new], round_no)
+    own = SelfLabels()
+    if arm.cond.kind == "self" and round_no > 1:
+        own = self_labels(bench, arm, state, new, round_no)
+        if not own.rows and same_as_twin(bench, arm, round_no, new, own):
+            return
+    rows += own.rows
     logger.info(
         "%s round %d: %d screens, %d labels, training on %d rows",
         *(arm.name, round_no),
@@ -495,9 +279,25 @@ def run_round(bench: Bench, arm: Arm, round_no: int, state: Lineage, folder: Pat
     adapter, training = train_round(bench, arm, rows, state.adapter, folder / "adapter")
     record = {"round": round_no, **training, **measure_version(bench, adapter, arm.seed)}
     record |= {"rows_trained": len(rows), "minutes": (time.perf_counter() - t0) / 60}
+    record |= own.record
     record["adapter"] = str(adapter.relative_to(bench.out)) if adapter else None
     ds.append_jsonl(folder / "screens.jsonl", [dataclasses.asdict(s) for s in new])
     (folder / "record.json").write_text(json.dumps(record))
+
+
+def same_as_twin(bench: Bench, arm: Arm, round_no: int, new: list[Screen], own: SelfLabels) -> bool:
+    """With no self-label kept a `self` round trains what its `rounds` twin trained: reuse
+    that round's version and measures if it is run (True), noting the self-label record."""
+    twin = Arm(rounds_twin(arm.cond), arm.rule, arm.seed).folder(bench.out, round_no)
+    if not (twin / "record.json").exists():
+        return False
+    record = json.loads((twin / "record.json").read_text()) | own.record
+    record["same_as"] = str(twin.relative_to(bench.out))
+    folder = arm.folder(bench.out, round_no)
+    ds.append_jsonl(folder / "screens.jsonl", [dataclasses.asdict(s) for s in new])
+    (folder / "record.json").write_text(json.dumps(record))
+    logger.info("%s round %d: no self-label kept, the same as %s", arm.name, round_no, twin)
+    return True
 
 
 def measure_version(bench: Bench, adapter: Path | None, seed: int) -> dict[str, Any]:
@@ -527,10 +327,6 @@ def win_stderr(bench: Bench, rule: str, answers: list[tuple[str, str]]) -> float
         for prompt, text in answers
     ]
     return stderr(per_answer)
-
-
-def stderr(values: list[float]) -> float:
-    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
 # --- an arm, resumable ----------------------------------------------------------------------
@@ -567,73 +363,19 @@ def has_result(bench: Bench, line: dict[str, Any]) -> bool:
     return any(all(r.get(k) == line[k] for k in key) for r in results)
 
 
-def measure_base(bench: Bench, seed: int) -> None:
-    """The base model's own row (its win rate against its own answers is about 0.5)."""
-    line = {"condition": "base", "rule": None, "seed": seed, "round": 0}
-    if has_result(bench, line):
+def measure_base(bench: Bench, seed: int, rule: str) -> None:
+    """The base model's own row (its win rate against its own answers is about 0.5), once for
+    every rule (`rule` None); a rule added since then gets a row of its own."""
+    results = ds.read_jsonl(bench.out / "results.jsonl")
+    earlier = [r for r in results if r["condition"] == "base" and r["seed"] == seed]
+    if any(f"{rule}/win_rate" in r for r in earlier):
         return
+    line = {"condition": "base", "rule": rule if earlier else None, "seed": seed, "round": 0}
     t0 = time.perf_counter()
     record = measure_version(bench, None, seed)
     record.pop("answers")
     line |= {"labels": 0, "screens": 0, "rows_trained": 0}
     note_result(bench, line | record | {"minutes": (time.perf_counter() - t0) / 60})
-
-
-# --- the tables -----------------------------------------------------------------------------
-
-TABLE_HEAD = (
-    "| condition | round | labels | screens | pairs trained | win vs base | follows rule "
-    "| relevance | vs base | fluency | KL (nats/answer) | minutes | seeds |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-)
-
-
-def cell(rows: list[dict[str, Any]], key: str, within: str | None = None, digits: int = 2) -> str:
-    """Mean over the seeds ± its standard error; with one seed, ± the run's own standard
-    error (`within`) when there is one."""
-    values = [float(r[key]) for r in rows]
-    mean = statistics.fmean(values)
-    if len(values) > 1:
-        return f"{mean:.{digits}f} ± {stderr(values):.{digits}f}"
-    if within is not None and within in rows[0]:
-        return f"{mean:.{digits}f} ± {float(rows[0][within]):.{digits}f}"
-    return f"{mean:.{digits}f}"
-
-
-def table(rule: str, results: list[dict[str, Any]]) -> str:
-    """One markdown table: the base, then every condition measured under `rule`, by round."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in results:
-        if r["rule"] in (rule, None):  # None: the base, measured once for every rule
-            groups.setdefault((r["condition"], r["round"]), []).append(r)
-    keys = sorted(groups, key=lambda key: order(*key))
-    return TABLE_HEAD + "\n".join(table_line(rule, *key, groups[key]) for key in keys)
-
-
-def table_line(rule: str, name: str, round_no: int, rows: list[dict[str, Any]]) -> str:
-    """A condition's round over its seeds (relevance also as a change from the base's
-    answers, which the goal bounds: within 5%)."""
-    change = statistics.fmean(
-        r["relevance"] / r["base_relevance"] - 1 if r["base_relevance"] else math.nan for r in rows
-    )
-    vs_base = "" if math.isnan(change) else f"{change:+.1%}"  # blank: the base never names it
-    return (
-        f"| {name} | {round_no} | {cell(rows, 'labels', digits=0)} "
-        f"| {cell(rows, 'screens', digits=0)} | {cell(rows, 'rows_trained', digits=0)} "
-        f"| {cell(rows, rule + '/win_rate', rule + '/win_stderr')} "
-        f"| {cell(rows, rule + '/share')} | {cell(rows, 'relevance')} | {vs_base} "
-        f"| {cell(rows, 'fluency')} | {cell(rows, 'kl', 'kl_stderr', digits=1)} "
-        f"| {cell(rows, 'minutes', digits=1)} | {len(rows)} |"
-    )
-
-
-def order(name: str, round_no: int) -> tuple[int, ...]:
-    """The base first, then the conditions in the order of `KINDS`, rounds, `MODES`, round."""
-    if name == "base":
-        return (-1,)
-    kind, schedule, mode = name.split(":")
-    rounds, per_round = (int(n) for n in schedule.split("x"))
-    return (KINDS.index(kind), rounds, per_round, MODES.index(mode), round_no)
 
 
 # --- the command line -----------------------------------------------------------------------
@@ -652,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=ds.MAX_NEW_TOKENS, help="tokens per answer"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", parents=[common], help="run the conditions (cached per round)")
+    run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--budget", type=int, default=128, help="labels per condition")
     run.add_argument(
         "--conditions",
@@ -665,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)"
+    )
+    sub.add_parser("run", parents=[common, run], help="run the conditions (cached per round)")
+    sub.add_parser(
+        "check",
+        parents=[common, run],
+        help="each self-label scorer on round 2's screens of the conditions (run them first)",
     )
     sub.add_parser("table", parents=[common], help="print the markdown tables from the cache")
     return parser
@@ -680,7 +428,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--rules: unknown {', '.join(unknown)}; choose from {', '.join(LOOP_RULES)}")
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
-    if args.command == "run":
+    if args.command in ("run", "check"):
         try:
             args.seeds = parse_seeds(args.seeds)
             if args.budget < 1 or args.measure_samples < 1:
@@ -712,7 +460,7 @@ def run_command(args: argparse.Namespace) -> int:
     bench = open_bench(args.model, args.max_new_tokens, args.measure_samples)
     failed = []
     for arm in [Arm(c, r, s) for s in args.seeds for c in runnable for r in args.rules]:
-        measure_base(bench, arm.seed)
+        measure_base(bench, arm.seed, arm.rule)
         try:
             run_arm(bench, arm)
         except Exception:  # one broken arm must not cost the others' hours
@@ -724,10 +472,18 @@ def run_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def print_tables(out: Path, rules: list[str]) -> None:
-    results = ds.read_jsonl(out / "results.jsonl")
-    for rule in rules:
-        print(f"### rule `{rule}`\n\n{table(rule, results)}\n")
+def check_command(args: argparse.Namespace) -> int:
+    """The scorer check on round 2 of every condition, rule and seed asked for."""
+    torch.set_num_threads(args.threads)
+    bench = open_bench(args.model, args.max_new_tokens, args.measure_samples)
+    missing = 0
+    for arm in [Arm(c, r, s) for s in args.seeds for c in args.conditions for r in args.rules]:
+        try:
+            print(check_table(arm, run_check(bench, arm)) + "\n")
+        except FileNotFoundError as err:
+            print(f"not checked: {err}")
+            missing += 1
+    return 1 if missing else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -736,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "table":
         print_tables(out_dir(args.model, args.max_new_tokens), args.rules)
         return 0
-    return run_command(args)
+    return check_command(args) if args.command == "check" else run_command(args)
 
 
 if __name__ == "__main__":

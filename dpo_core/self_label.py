@@ -14,12 +14,20 @@ completion log-probs of the version (policy) and of the base (reference, adapter
 - `margin`: DPO's implicit-reward margin, (pi_a - ref_a) - (pi_b - ref_b), beta-free;
 - `per-token`: the same log-ratios divided by each answer's token count (length-normalised);
 - `centered`: the margin less the version's mean per-token log-ratio times the length
-  difference, so a version that shifts every token alike does not prefer long answers.
+  difference, so a version that shifts every token alike does not prefer long answers;
+- `reward-model`: a linear Bradley-Terry head on the *base* model's hidden states (the last
+  layer, mean-pooled over the answer's tokens and at the last token, concatenated and
+  standardized with the fit set's mean and std), fitted on people's pairs by L2-regularized
+  logistic regression on the feature differences (`fit_reward_head`); its margin is the
+  difference of the two answers' scores. It does not need the version to have moved from the
+  base (issue 27: 0.78 on v1's own answers where the implicit margins were at chance).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +35,18 @@ import torch
 from torch import Tensor
 
 from dpo_core import data
+from dpo_core.fast_llama import base_model_of
 from dpo_core.modeling import LoadedModel
 from dpo_core.reward_eval import pair_logps
 
 logger = logging.getLogger(__name__)
 
-SCORERS = ("margin", "per-token", "centered")
+IMPLICIT_SCORERS = ("margin", "per-token", "centered")  # from the version's log-ratios
+REWARD_MODEL = "reward-model"  # a head fitted on people's pairs (`fit_reward_head`)
+SCORERS = (*IMPLICIT_SCORERS, REWARD_MODEL)
+# The reward head's L2 penalty, lambda / 2 * |w|^2 added to the mean logistic loss (standardized
+# features: with few pairs and many features it keeps the head from fitting their noise).
+REWARD_L2 = 0.1
 # A scorer is trusted at a margin only where it agrees with people this often at or above it.
 TARGET_AGREEMENT = 0.9
 # Fewer people's labels of the version's own answers than this say nothing about a scorer.
@@ -133,6 +147,8 @@ def margins(ratios: LogRatios, scorer: str) -> Tensor:
         mean = (ratios.first + ratios.second).sum() / tokens.sum()  # per-token log-ratio
         length_gap = (ratios.first_tokens - ratios.second_tokens).float()
         return ratios.first - ratios.second - mean * length_gap
+    if scorer == REWARD_MODEL:
+        raise ValueError("the reward-model scorer reads no log-ratios: use signed_margins")
     raise ValueError(f"unknown scorer {scorer!r}: choose one of {', '.join(SCORERS)}")
 
 
@@ -191,3 +207,105 @@ def keep_labels(
         chosen, rejected = (pair.first, pair.second) if margin > 0 else (pair.second, pair.first)
         kept.append(SelfLabel(pair.prompt, chosen, rejected, abs(margin), weight))
     return kept
+
+
+# --- the reward-model scorer ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RewardHead:
+    """A linear Bradley-Terry head on standardized answer features: score = w . (f - mean) / std."""
+
+    mean: Tensor  # (F,)
+    std: Tensor  # (F,)
+    weight: Tensor  # (F,)
+    fit_pairs: int
+    fit_accuracy: float  # on the pairs it was fitted on
+
+    def scores(self, features: Tensor) -> Tensor:
+        """(n, F) features -> (n,) scores."""
+        return ((features.double() - self.mean) / self.std) @ self.weight
+
+
+@contextlib.contextmanager
+def base_weights(model: Any) -> Iterator[Any]:
+    """`model` with its adapter switched off (a plain model as it is)."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+@torch.no_grad()
+def answer_features(
+    lm: LoadedModel, prompts: list[str], answers: list[str], *, max_length: int = 1024
+) -> Tensor:
+    """(n, 2H) float64: the base model's last hidden states over each prompt + answer (chat
+    template), mean-pooled over the answer's tokens, then the sequence's last token."""
+    decoder = base_model_of(lm.model).get_decoder()
+    features = []
+    with base_weights(lm.model):
+        for prompt, answer in zip(prompts, answers, strict=True):
+            reply = [{"role": "assistant", "content": answer}]
+            row = {"prompt": [{"role": "user", "content": prompt}], "chosen": reply}
+            full = data.tokenize_pair(lm.tokenizer, row | {"rejected": reply})
+            pair = data.truncate_pair(full, max_length, max_length // 2)
+            ids = torch.tensor([pair.prompt_ids + pair.chosen_ids], device=lm.device)
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0].double()
+            answer_states = hidden[len(pair.prompt_ids) :] if pair.chosen_ids else hidden[-1:]
+            features.append(torch.cat([answer_states.mean(0), hidden[-1]]).cpu())
+    return torch.stack(features)
+
+
+def fit_reward_head(chosen: Tensor, rejected: Tensor, l2: float = REWARD_L2) -> RewardHead:
+    """Fit w on people's pairs: minimise mean softplus(-w . (z_chosen - z_rejected)) +
+    l2 / 2 |w|^2 (L-BFGS), z the features standardized with the fit set's mean and std."""
+    if len(chosen) == 0 or chosen.shape != rejected.shape:
+        raise ValueError("a reward head needs people's pairs: chosen and rejected features")
+    both = torch.cat([chosen, rejected]).double()
+    mean, std = both.mean(0), both.std(0, unbiased=False).clamp_min(1e-6)
+    diff = ((chosen.double() - mean) - (rejected.double() - mean)) / std
+    weight = torch.zeros(diff.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.softplus(-diff @ weight).mean() + l2 / 2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    w = weight.detach()
+    accuracy = float(((diff @ w) > 0).double().mean())
+    return RewardHead(mean, std, w, len(chosen), accuracy)
+
+
+def fit_reward_model(lm: LoadedModel, people: list[AnswerPair]) -> RewardHead:
+    """The reward head fitted on people's pairs (`first` = the answer the person chose)."""
+    prompts = [p.prompt for p in people]
+    chosen = answer_features(lm, prompts, [p.first for p in people])
+    rejected = answer_features(lm, prompts, [p.second for p in people])
+    head = fit_reward_head(chosen, rejected)
+    logger.info("reward head: %d pairs, %.0f%% right on them", len(people), 100 * head.fit_accuracy)
+    return head
+
+
+def reward_margins(lm: LoadedModel, head: RewardHead, pairs: list[AnswerPair]) -> Tensor:
+    """Signed margins (n,) of the reward head: score(first) - score(second)."""
+    prompts = [p.prompt for p in pairs]
+    first = head.scores(answer_features(lm, prompts, [p.first for p in pairs]))
+    second = head.scores(answer_features(lm, prompts, [p.second for p in pairs]))
+    return (first - second).float()
+
+
+def signed_margins(
+    lm: LoadedModel, pairs: list[AnswerPair], scorer: str, head: RewardHead | None = None
+) -> Tensor:
+    """Any scorer's signed margins (n,) on `pairs` (> 0: the first answer is preferred); the
+    reward-model scorer needs its fitted `head`, the others the version's adapter on `lm`."""
+    if check_scorer(scorer) == REWARD_MODEL:
+        if head is None:
+            raise ValueError("the reward-model scorer needs a head fitted on people's pairs")
+        return reward_margins(lm, head, pairs)
+    return margins(log_ratios(lm, pairs), scorer)

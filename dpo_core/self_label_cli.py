@@ -2,12 +2,15 @@
 
     python -m dpo_core self-label --base B --adapter A --prompts FILE --out OUT.jsonl
         [--n N] [--scorer NAME] [--threshold auto|FLOAT] [--calibrate PAIRS.jsonl]
+        [--fit PAIRS.jsonl]
 
 FILE has one prompt per line (or a `prompt` per JSON line). `--calibrate` takes people's pairs
 on A's own answers; with `--threshold auto` (the default) the threshold comes from them
 (`dpo_core.self_label.calibrate`), and when no margin qualifies the command writes nothing and
 says why. OUT has TRL pairs (`prompt`, `chosen`, `rejected`) plus `margin` and `weight`, which
-`python -m dpo_core train --pairs OUT.jsonl` reads as is.
+`python -m dpo_core train --pairs OUT.jsonl` reads as is. `--scorer reward-model` fits a
+reward head on the base model's hidden states to the people's pairs in `--fit` (required with
+it) and labels by the difference of its scores.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common.pair_format import parse_pairs
-from dpo_core.self_label import SCORERS, AnswerPair, SelfLabel, Threshold
+from dpo_core.self_label import REWARD_MODEL, SCORERS, AnswerPair, RewardHead, SelfLabel, Threshold
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,9 @@ def add_self_label_parser(sub: Any) -> None:
     p.add_argument("--scorer", choices=SCORERS, default="margin")
     p.add_argument("--threshold", type=ThresholdArg.parse, default=ThresholdArg(None))
     p.add_argument("--calibrate", type=Path, help="people's pairs on the adapter's own answers")
+    p.add_argument(
+        "--fit", type=Path, help="people's pairs the reward-model scorer's head is fitted on"
+    )
     p.add_argument("--weight", type=float, default=1.0, help="training weight of each kept pair")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -97,6 +103,13 @@ def check_args(args: argparse.Namespace) -> None:
             "(people's pairs on the adapter's answers) to set the threshold, or --threshold "
             "FLOAT to choose one yourself; no pairs written"
         )
+    if args.scorer == REWARD_MODEL and args.fit is None:
+        raise ValueError(
+            "--scorer reward-model fits a reward head on people's pairs: pass --fit PAIRS.jsonl "
+            "(e.g. the pairs the version was trained on); no pairs written"
+        )
+    if args.fit is not None and args.scorer != REWARD_MODEL:
+        raise ValueError(f"--fit is for --scorer {REWARD_MODEL} only (got --scorer {args.scorer})")
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if not args.weight >= 0:
@@ -105,14 +118,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{args.out} exists; choose a new --out")
 
 
-def calibration_threshold(lm: Any, path: Path, scorer: str) -> Threshold:
-    """The threshold from people's pairs on the version's own answers (chosen put first)."""
+def people_pairs(path: Path, what: str) -> list[AnswerPair]:
+    """People's pairs from a JSONL file, the chosen answer first."""
     from dpo_core.pairs_file import load_pairs_jsonl
-    from dpo_core.self_label import calibrate, log_ratios, margins
 
-    rows = load_pairs_jsonl(path, "calibration pairs")
-    pairs = [AnswerPair(p.prompt, p.chosen, p.rejected) for p in parse_pairs(rows, str(path))]
-    return calibrate(margins(log_ratios(lm, pairs), scorer).tolist())
+    rows = load_pairs_jsonl(path, what)
+    return [AnswerPair(p.prompt, p.chosen, p.rejected) for p in parse_pairs(rows, str(path))]
+
+
+def calibration_threshold(lm: Any, path: Path, scorer: str, head: RewardHead | None) -> Threshold:
+    """The threshold from people's pairs on the version's own answers (chosen put first)."""
+    from dpo_core.self_label import calibrate, signed_margins
+
+    pairs = people_pairs(path, "calibration pairs")
+    return calibrate(signed_margins(lm, pairs, scorer, head).tolist())
 
 
 def own_answer_pairs(
@@ -144,23 +163,25 @@ def write_rows(path: Path, labels: list[SelfLabel], scorer: str, version: str) -
 
 def cmd_self_label(args: argparse.Namespace) -> int:
     from dpo_core.modeling import load_model
-    from dpo_core.self_label import keep_labels, labelable, log_ratios, margins
+    from dpo_core.self_label import fit_reward_model, keep_labels, labelable, signed_margins
 
     check_args(args)
     prompts = read_prompts(args.prompts, args.n)
+    fit = people_pairs(args.fit, "pairs to fit the reward head on") if args.fit else None
     lm = load_model(args.base, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    head = fit_reward_model(lm, fit) if fit else None
     threshold = Threshold(args.threshold.value, None, 0, 0, "threshold given on the command line")
     if args.threshold.value is None:
-        threshold = calibration_threshold(lm, args.calibrate, args.scorer)
+        threshold = calibration_threshold(lm, args.calibrate, args.scorer, head)
         print(f"{args.scorer}: {threshold.reason}")
         if threshold.value is None:
             print(f"no pairs written to {args.out}", file=sys.stderr)
             return 1
     answered = own_answer_pairs(lm, prompts, args.max_new_tokens, args.seed)
-    pairs = [p for p in answered if labelable(p)]
+    pairs = [p for p in answered if labelable(p)]  # an answer that ended at once: no label
     labels = []
     if pairs:
-        signed = margins(log_ratios(lm, pairs), args.scorer)
+        signed = signed_margins(lm, pairs, args.scorer, head)
         labels = keep_labels(pairs, signed, threshold.value, args.weight)
     write_rows(args.out, labels, args.scorer, args.adapter.name)
     print(

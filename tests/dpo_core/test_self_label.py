@@ -11,12 +11,17 @@ import torch
 from dpo_core.__main__ import main
 from dpo_core.self_label import (
     MIN_CALIBRATION_PAIRS,
+    REWARD_MODEL,
     AnswerPair,
     LogRatios,
+    answer_features,
     calibrate,
+    fit_reward_head,
+    fit_reward_model,
     keep_labels,
     log_ratios,
     margins,
+    signed_margins,
 )
 from tests.tiny import save_random_adapter
 
@@ -82,13 +87,27 @@ def agreeing_calibration(tiny_model_dir, adapter_dir, path):
     pairs = [
         AnswerPair(p, f"Answer one to {p}", f"Another, longer answer to {p}!") for p in PROMPTS
     ]
-    signed = margins(log_ratios(lm, pairs), "margin").tolist()
+    return write_agreeing(path, pairs, margins(log_ratios(lm, pairs), "margin").tolist())
+
+
+def write_agreeing(path, pairs, signed):
+    """Pairs as people's labels that agree with the signed margins everywhere."""
     with path.open("w") as f:
         for pair, m in zip(pairs, signed, strict=True):
             chosen, rejected = (pair.first, pair.second) if m > 0 else (pair.second, pair.first)
             f.write(json.dumps({"prompt": pair.prompt, "chosen": chosen, "rejected": rejected}))
             f.write("\n")
     return path
+
+
+def train_reads(out, rows, tiny_model_dir, tmp_path):
+    """`dpo_core train --pairs` reads the self-labels as written."""
+    if not rows:  # a tiny random model may answer alike or below the threshold everywhere
+        pytest.skip("no pair above the threshold on this tiny model")
+    train = ["train", "--pairs", str(out), "--out", str(tmp_path / "v2")]
+    train += ["--model", str(tiny_model_dir), "--dtype", "fp32", "--device", "cpu"]
+    assert main([*train, "--epochs", "1"]) == 0
+    assert (tmp_path / "v2" / "adapter_config.json").exists()
 
 
 def test_the_cli_writes_pairs_that_train_reads(tiny_model_dir, adapter_dir, tmp_path, capsys):
@@ -105,12 +124,7 @@ def test_the_cli_writes_pairs_that_train_reads(tiny_model_dir, adapter_dir, tmp_
     for row in rows:
         assert {"prompt", "chosen", "rejected", "margin", "weight"} <= row.keys()
         assert row["annotator"] == "self:v1" and row["weight"] == 0.5 and row["margin"] > 0
-    if not rows:  # a tiny random model may answer alike or below the threshold everywhere
-        pytest.skip("no pair above the threshold on this tiny model")
-    train = ["train", "--pairs", str(out), "--out", str(tmp_path / "v2")]
-    train += ["--model", str(tiny_model_dir), "--dtype", "fp32", "--device", "cpu"]
-    assert main([*train, "--epochs", "1"]) == 0
-    assert (tmp_path / "v2" / "adapter_config.json").exists()
+    train_reads(out, rows, tiny_model_dir, tmp_path)
 
 
 def test_no_self_labels_without_people_labels_on_the_versions_answers(
@@ -137,3 +151,70 @@ def test_no_self_labels_without_people_labels_on_the_versions_answers(
     captured = capsys.readouterr()
     assert "no self-labels" in captured.out and "no pairs written" in captured.err
     assert not out.exists()
+
+
+# --- the reward-model scorer -----------------------------------------------------------------
+
+
+def test_the_reward_head_fits_separable_toy_pairs():
+    generator = torch.Generator().manual_seed(0)
+    rejected = torch.randn(24, 10, generator=generator, dtype=torch.float64)
+    chosen = torch.randn(24, 10, generator=generator, dtype=torch.float64)
+    chosen[:, 3] = rejected[:, 3] + 1.0 + torch.rand(24, generator=generator)  # the signal
+    head = fit_reward_head(chosen, rejected)
+    assert head.fit_pairs == 24 and head.fit_accuracy == 1.0
+    assert (head.scores(chosen) > head.scores(rejected)).all()
+    assert head.weight.abs().argmax() == 3
+    with pytest.raises(ValueError, match="people's pairs"):
+        fit_reward_head(chosen[:0], rejected[:0])
+
+
+def test_the_reward_head_reads_the_base_models_hidden_states(tiny_model_dir, adapter_dir):
+    from dpo_core.modeling import load_model
+
+    lm = load_model(str(tiny_model_dir), dtype="fp32", device="cpu", adapter=adapter_dir)
+    features = answer_features(lm, PROMPTS[:2], ["one", "a longer answer"])
+    hidden = lm.model.get_base_model().config.hidden_size
+    assert features.shape == (2, 2 * hidden) and features.dtype == torch.float64
+    plain = load_model(str(tiny_model_dir), dtype="fp32", device="cpu")  # no adapter
+    same = answer_features(plain, PROMPTS[:2], ["one", "a longer answer"])
+    assert torch.allclose(features, same, atol=1e-5)  # the adapter is off: the base's states
+    people = [AnswerPair(p, f"A list:\n- {p}\n- more", "no") for p in PROMPTS[:6]]
+    head = fit_reward_model(lm, people)
+    signed = signed_margins(lm, [*people[:2], AnswerPair("p", "no", "no")], REWARD_MODEL, head)
+    assert signed[0] > 0 and signed[1] > 0 and signed[2] == 0
+    with pytest.raises(ValueError, match="needs a head"):
+        signed_margins(lm, people, REWARD_MODEL)
+
+
+def test_the_cli_with_the_reward_model_writes_pairs_that_train_reads(
+    tiny_model_dir, adapter_dir, tmp_path, capsys
+):
+    from dpo_core.modeling import load_model
+
+    fit = [AnswerPair(p, f"Sure:\n- {p}\n- and more", "No.") for p in PROMPTS[:8]]
+    fit_file = tmp_path / "fit.jsonl"
+    fit_file.write_text(
+        "".join(
+            json.dumps({"prompt": p.prompt, "chosen": p.first, "rejected": p.second}) + "\n"
+            for p in fit
+        )
+    )
+    lm = load_model(str(tiny_model_dir), dtype="fp32", device="cpu", adapter=adapter_dir)
+    head = fit_reward_model(lm, fit)
+    calib_pairs = [AnswerPair(p, f"Answer one to {p}", f"Another answer: {p}!") for p in PROMPTS]
+    signed = signed_margins(lm, calib_pairs, REWARD_MODEL, head).tolist()
+    calib = write_agreeing(tmp_path / "people.jsonl", calib_pairs, signed)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:6]) + "\n")
+    out = tmp_path / "self.jsonl"
+    args = ["self-label", "--base", str(tiny_model_dir), "--adapter", str(adapter_dir)]
+    args += ["--prompts", str(prompts), "--out", str(out), "--scorer", REWARD_MODEL]
+    args += ["--max-new-tokens", "12", "--dtype", "fp32", "--device", "cpu"]
+    assert main([*args, "--calibrate", str(calib)]) == 2  # no --fit: a clear error
+    assert "--fit PAIRS.jsonl" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--calibrate", str(calib), "--fit", str(fit_file)]) == 0
+    assert "agrees with people on 12 of the 12" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["scorer"] == REWARD_MODEL and r["margin"] > 0 for r in rows)
+    train_reads(out, rows, tiny_model_dir, tmp_path)
