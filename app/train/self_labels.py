@@ -98,7 +98,13 @@ class SelfLabelJob:
         self.sm = sm
         self.versions = versions
         self.base_model = base_model
-        self.scorer = scoring.check_scorer(scorer)
+        if scoring.check_scorer(scorer) not in scoring.IMPLICIT_SCORERS:
+            raise ValueError(
+                f"the app's self-labeling job scores with the version's own margins "
+                f"({', '.join(scoring.IMPLICIT_SCORERS)}); {scorer!r} runs in "
+                "`python -m dpo_core self-label` and bench/loop.py for now"
+            )
+        self.scorer = scorer
         self.weight = weight
         self.settings = settings or LabelSettings()
         self.rng = rng or random.Random()

@@ -350,3 +350,8 @@ def test_a_version_whose_adapter_is_gone_fails_the_job_with_a_message(sm, tiny_l
     assert done.state == "failed" and self_votes(sm) == []
     assert done.text().startswith("Self-labels for v1: failed: version v1: its adapter directory")
     assert "is missing or incomplete" in done.text()
+
+
+def test_the_job_refuses_a_scorer_it_cannot_run(sm, served):
+    with pytest.raises(ValueError, match="scores with the version's own margins"):
+        SelfLabelJob(sm, served.versions, "tiny", scorer="reward-model")
