@@ -69,8 +69,8 @@ def test_training_learns_and_moves_only_lora(tiny_lm, tmp_path):
     assert metrics["num_pairs"] == len(PAIRS) and metrics["steps"] == 8
 
 
-def _step_gradients(model_dir, config: TrainConfig) -> list[torch.Tensor]:
-    """Gradients of the first optimiser step on the first 4 pairs (LoRA B set non-zero)."""
+def _seeded_policy(model_dir, config: TrainConfig):
+    """The tiny model, its first 4 pairs and a policy whose LoRA B is set non-zero."""
     lm = load_model(str(model_dir), dtype="fp32", device="cpu")
     dataset = trainer.prepare_dataset(lm.tokenizer, PAIRS[:4], config, "training")
     torch.manual_seed(0)
@@ -79,6 +79,12 @@ def _step_gradients(model_dir, config: TrainConfig) -> list[torch.Tensor]:
     for name, p in policy.model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
+    return lm, dataset, policy
+
+
+def _step_gradients(model_dir, config: TrainConfig) -> list[torch.Tensor]:
+    """Gradients of the first optimiser step on the first 4 pairs (LoRA B set non-zero)."""
+    lm, dataset, policy = _seeded_policy(model_dir, config)
     trainer.fill_reference_logps(policy.model, dataset, lm, config, lambda: False)
     grads: list[torch.Tensor] = []
     policy.optimizer.step = lambda: grads.extend(m.grad.clone() for m in policy.masters.masters)
@@ -177,14 +183,7 @@ def test_the_rpo_term_adds_alpha_times_the_gradient_of_the_chosen_nll(tiny_model
     rpo = _step_gradients(tiny_model_dir, small_config(rpo_alpha=0.5, **common))
     # the NLL term alone, by hand: mean over the 4 pairs of the chosen answer's per-token NLL
     config = small_config(**common)
-    lm = load_model(str(tiny_model_dir), dtype="fp32", device="cpu")
-    dataset = trainer.prepare_dataset(lm.tokenizer, PAIRS[:4], config, "training")
-    torch.manual_seed(0)
-    policy = trainer.prepare_policy(lm, config, total_steps=1)
-    torch.manual_seed(1)
-    for name, p in policy.model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    lm, dataset, policy = _seeded_policy(tiny_model_dir, config)
     batch = trainer.make_batch(dataset, list(range(4)), lm, config)
     logps, lengths = completion_logps(policy.model, batch)
     chosen, chosen_lengths = logps.chunk(2)[0], lengths.chunk(2)[0]
