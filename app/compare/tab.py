@@ -15,6 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from app.auth.users import annotator_name
+from app.choices import refreshed_choice
 from app.compare.service import CompareService, write_csv
 from app.safe_text import safe_markdown
 from storage import repo
@@ -87,14 +88,16 @@ class CompareHandlers:
     def problem(self, err: Exception | str) -> dict[Any, Any]:
         return {self.tab.message: err if isinstance(err, str) else f"⚠️ {err}"}
 
-    def refresh(self, prompt: str | None) -> dict[Any, Any]:
+    def refresh(
+        self, prompt: str | None, a: str | None = None, b: str | None = None
+    ) -> dict[Any, Any]:
         """On opening the tab: versions and held-out prompts (a run may have added some), and
-        a prompt to start from when the box is empty."""
+        a prompt to start from when the box is empty. The versions the user picked stay."""
         names = self.service.version_names()
         base, active = self.service.default_pair()
         out = {
-            self.tab.version_a: gr.Dropdown(choices=names, value=base),
-            self.tab.version_b: gr.Dropdown(choices=names, value=active),
+            self.tab.version_a: refreshed_choice(names, a, base),
+            self.tab.version_b: refreshed_choice(names, b, active),
             self.tab.heldout: gr.Dropdown(choices=self.service.heldout_prompts(), value=None),
             self.tab.win_table: win_frame(self.service),
         }
@@ -347,7 +350,8 @@ def build_compare_tab(service: CompareService, tab_block: gr.Tab | None = None) 
     private = {"api_visibility": "private"}
     if tab_block is not None:
         refreshed = [tab.version_a, tab.version_b, tab.heldout, tab.win_table, tab.prompt]
-        tab_block.select(h.refresh, tab.prompt, [*refreshed, tab.message], **private)
+        picked = [tab.prompt, tab.version_a, tab.version_b]
+        tab_block.select(h.refresh, picked, [*refreshed, tab.message], **private)
     tab.heldout.change(lambda p: p or gr.skip(), inputs=tab.heldout, outputs=tab.prompt, **private)
     ab = [tab.version_a, tab.version_b, tab.prompt, tab.seed]
     side = [tab.message, tab.answer_a, tab.answer_b]

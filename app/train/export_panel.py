@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from app.auth.users import ADMIN, request_role, require_role
+from app.choices import refreshed_choice
 from app.train.service import TrainingService
 from dpo_core.export import FORMATS, ExportError, ExportRequest, export_version
 from dpo_core.gguf_export import GGUF_TYPES
@@ -121,13 +122,13 @@ class ExportPanel:
 
 
 def make_handlers(service: TrainingService, panel: ExportPanel) -> dict[str, Any]:
-    def refresh(request: gr.Request) -> dict[Any, Any]:
+    def refresh(current: str | None, request: gr.Request) -> dict[Any, Any]:
         with service.sm.begin() as s:
             names = [v.name for v in runs.list_versions(s, service.base_model)]
             active = runs.active_version(s, service.base_model)
         return {
             panel.box: gr.Accordion(visible=request_role(request) == ADMIN),
-            panel.version: gr.Dropdown(choices=names, value=active.name if active else None),
+            panel.version: refreshed_choice(names, current, active.name if active else None),
         }
 
     def export(name: str | None, fmt: str, gguf_type: str, request: gr.Request) -> dict[Any, Any]:
@@ -178,9 +179,9 @@ def build_export_panel(
     panel = ExportPanel(box, version, fmt, gguf_type, button, message)
     h = make_handlers(service, panel)
     private = {"api_visibility": "private", "show_progress": "hidden"}
-    demo.load(h["refresh"], outputs=[box, version], **private)
+    demo.load(h["refresh"], inputs=version, outputs=[box, version], **private)
     if tab_block is not None:
-        tab_block.select(h["refresh"], outputs=[box, version], **private)
+        tab_block.select(h["refresh"], inputs=version, outputs=[box, version], **private)
     button.click(
         h["export"], inputs=[version, fmt, gguf_type], outputs=message, api_visibility="private"
     )

@@ -14,6 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from app.auth.users import ADMIN, request_role, require_role
+from app.choices import refreshed_choice
 from app.train.service import TrainingService
 from storage import runs
 from storage.rounds import Lineage, pairs_per_version
@@ -68,13 +69,13 @@ class VersionHandlers:
     service: TrainingService
     panel: VersionPanel
 
-    def refresh(self, request: gr.Request) -> dict[Any, Any]:
+    def refresh(self, current: str | None, request: gr.Request) -> dict[Any, Any]:
         rows = version_rows(self.service)
         active = next((r["version"] for r in rows if r["active"]), None)
         admin = request_role(request) == ADMIN
         return {
             self.panel.table: pd.DataFrame(rows, columns=VERSION_COLUMNS),
-            self.panel.choice: gr.Dropdown(choices=[r["version"] for r in rows], value=active),
+            self.panel.choice: refreshed_choice([r["version"] for r in rows], current, active),
             self.panel.activate_btn: gr.Button(visible=admin),
         }
 
@@ -83,7 +84,7 @@ class VersionHandlers:
         if not name:
             return {self.panel.message: "⚠️ Choose a version first."}
         result = self.service.activate_version(name)
-        out = self.refresh(request)
+        out = self.refresh(name, request)
         out[self.panel.message] = ("✅ " if result.ok else "⚠️ ") + result.message
         return out
 
@@ -132,8 +133,8 @@ def build_version_panel(
     h = VersionHandlers(service, panel)
     outputs = [panel.table, panel.choice, panel.activate_btn]
     private = {"api_visibility": "private", "show_progress": "hidden"}
-    demo.load(h.refresh, outputs=outputs, **private)
+    demo.load(h.refresh, inputs=choice, outputs=outputs, **private)
     if tab_block is not None:  # a run finished since the page loaded: its version is listed
-        tab_block.select(h.refresh, outputs=outputs, **private)
+        tab_block.select(h.refresh, inputs=choice, outputs=outputs, **private)
     activate_btn.click(h.activate, inputs=choice, outputs=[*outputs, message], **private)
     return panel

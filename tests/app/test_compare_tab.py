@@ -58,3 +58,21 @@ def test_opening_the_tab_fills_an_empty_prompt_and_keeps_a_typed_one(service):
     filled = h.refresh("")
     assert (filled[h.tab.prompt], filled[h.tab.message]) == ("Name a fruit.", "")
     assert h.tab.prompt not in h.refresh("my own question")
+
+
+def test_opening_the_tab_sends_a_version_only_when_the_default_changed(service):
+    """A refresh sent before the user picked (the tab's select event racing the first click)
+    must not put the default back over the pick when it lands: when the box already shows the
+    default, no value is sent. A new active version (a run finished) is shown."""
+    h = _handlers(service)
+    fresh = h.refresh("q")
+    assert (fresh[h.tab.version_a].value, fresh[h.tab.version_b].value) == ("base", "base")
+    same = h.refresh("q", "base", "base")
+    for box in (h.tab.version_a, h.tab.version_b):
+        assert "value" not in same[box].constructor_args
+    with service.sm.begin() as s:
+        runs.register_adapter_version(s, base_model="tiny", adapter_path="/a/v1", activate=True)
+    moved = h.refresh("q", "base", "base")
+    assert "value" not in moved[h.tab.version_a].constructor_args
+    assert moved[h.tab.version_b].value == "v1"
+    assert [c[0] for c in moved[h.tab.version_b].choices] == ["base", "v1"]

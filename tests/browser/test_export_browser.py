@@ -47,8 +47,12 @@ def page(app):
 
 
 def choose(page, elem_id: str, option: str) -> None:
-    page.locator(f"#{elem_id} input").click()
+    from playwright.sync_api import expect
+
+    box = page.locator(f"#{elem_id} input")
+    box.click()
     page.get_by_role("option", name=option, exact=True).click()
+    expect(box).to_have_value(option)
 
 
 def test_admin_exports_merged_and_gguf_from_the_train_tab(app, page):
@@ -56,6 +60,8 @@ def test_admin_exports_merged_and_gguf_from_the_train_tab(app, page):
 
     page.get_by_role("tab", name="Train").click()
     page.get_by_text("Export a version").click()
+    # the page's load filled the list (the active version); a pick made now is not overwritten
+    expect(page.locator("#export-version input")).to_have_value("base")
     choose(page, "export-version", "v4")
     page.locator("#export-button").click()
     message = page.locator("#export-message")
