@@ -355,19 +355,36 @@ class OwnAnswerVote:
 def own_answer_votes(session: Session, version_id: int) -> list[OwnAnswerVote]:
     """People's A/B votes on pairs whose two answers are both by `version_id`, oldest first
     (ties and both-bad votes say nothing about which answer is better)."""
+    return _ab_votes(session, version_id, own=True)
+
+
+def other_answer_votes(session: Session, version_id: int, limit: int) -> list[OwnAnswerVote]:
+    """People's A/B votes on pairs with no answer by `version_id` (the pairs its rounds were
+    trained on: the reward-model scorer is fitted on them), the newest `limit`, oldest first."""
+    return _ab_votes(session, version_id, own=False, limit=limit)
+
+
+def _ab_votes(
+    session: Session, version_id: int, *, own: bool, limit: int | None = None
+) -> list[OwnAnswerVote]:
     resp_a, resp_b = aliased(Response), aliased(Response)
-    rows = session.execute(
-        select(Prompt.text, Preference.choice, resp_a.text, resp_b.text)
+    by_version = tuple(  # an imported answer (no version) is no version's
+        func.coalesce(r.model_version_id, 0) == version_id for r in (resp_a, resp_b)
+    )
+    query = (
+        select(Preference.id, Prompt.text, Preference.choice, resp_a.text, resp_b.text)
         .join(Prompt, Prompt.id == Preference.prompt_id)
         .join(resp_a, resp_a.id == Preference.response_a_id)
         .join(resp_b, resp_b.id == Preference.response_b_id)
         .where(person_filter(Preference.annotator), Preference.choice.in_(("a", "b")))
-        .where(resp_a.model_version_id == version_id, resp_b.model_version_id == version_id)
-        .order_by(Preference.id)
+        .where(and_(*by_version) if own else ~or_(*by_version))
+        .order_by(Preference.id.desc())
+        .limit(limit)
     )
+    rows = sorted(session.execute(query))  # by id: oldest first
     return [
         OwnAnswerVote(prompt, a, b) if choice == "a" else OwnAnswerVote(prompt, b, a)
-        for prompt, choice, a, b in rows
+        for _, prompt, choice, a, b in rows
     ]
 
 

@@ -2,10 +2,16 @@
 background, only where it is shown to agree with people on its own answers (issue 27).
 
 For the active version vK (never the base), when "Add the model's own labels" is on:
-1. calibrate the scorer (`margin` unless told) on people's A/B votes on pairs of vK's own
-   answers (`dpo_core.self_label.calibrate`): fewer than 8 such votes, or no margin where it
-   agrees with them 90 % of the time, and it stores nothing and says why in words;
-2. otherwise vK answers queue prompts nobody has labeled, twice each, up to multiplier x the
+1. the scorer: a reward model (`reward-model`, the default: a linear head on the base's
+   hidden states, fitted on people's A/B votes on answers not by vK, the pairs its rounds
+   trained on; bench/loop.py found its labels right on 96-99 % of decisive pairs where the
+   version's own margin was right on 80 %), or vK's implicit-reward margin (`margin`,
+   `per-token`, `centered`);
+2. calibrate it on people's A/B votes on pairs of vK's own answers
+   (`dpo_core.self_label.calibrate`): fewer than 8 such votes (or fewer than 8 to fit the
+   reward model on), or no margin where it agrees with them 90 % of the time, and it stores
+   nothing and says why in words;
+3. otherwise vK answers queue prompts nobody has labeled, twice each, up to multiplier x the
    people's labels of vK's round (less the self-labels it already stored), and every pair
    scored at or above the threshold is stored as a vote by `self:vK` with its scorer, margin
    and weight (`storage.self_labels.add_self_labels`).
@@ -21,7 +27,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
@@ -42,7 +48,8 @@ logger = logging.getLogger(__name__)
 # Behind every labeler's request, their prefetches too: the queue's background scoring's place.
 SELF_LABEL_PRIORITY = SCORING
 SCORE_CHUNK = 8  # pairs scored per hold of the model lock
-DEFAULT_SCORER = "margin"
+DEFAULT_SCORER = scoring.REWARD_MODEL  # the cleanest labels in bench/loop.py (docs/loop.md)
+MAX_FIT_PAIRS = 512  # people's newest pairs the reward model is fitted on
 DEFAULT_WEIGHT = 1.0  # a self-label's weight in the loss: no experiment has set another yet
 MAX_LENGTH = 1024  # tokens of prompt + answer the scorer reads
 
@@ -57,6 +64,7 @@ class SelfLabelProgress:
     answered: int = 0
     kept: int = 0  # stored as self-labels
     threshold: float | None = None
+    scorer: str = DEFAULT_SCORER
     message: str = ""
 
     @property
@@ -64,14 +72,15 @@ class SelfLabelProgress:
         return self.state == "running"
 
     def text(self) -> str:
-        """`Self-labels: 12 of 64 pairs answered, 5 kept above margin 1.3`, or why none."""
+        """`Self-labels: 12 of 64 pairs answered, 5 kept above reward-model margin 1.3`, or
+        why none."""
         if self.state == "idle":
             return self.message or "Self-labels: none made by this app yet."
         if self.state in ("declined", "failed") or self.threshold is None:
             return f"Self-labels for {self.version}: {self.message}"
         line = (
             f"Self-labels: {self.answered} of {self.target} pairs answered, {self.kept} kept "
-            f"above margin {self.threshold:.3g}"
+            f"above {self.scorer} margin {self.threshold:.3g}"
         )
         return line + (f" ({self.message})" if self.message else "") + "."
 
@@ -98,13 +107,7 @@ class SelfLabelJob:
         self.sm = sm
         self.versions = versions
         self.base_model = base_model
-        if scoring.check_scorer(scorer) not in scoring.IMPLICIT_SCORERS:
-            raise ValueError(
-                f"the app's self-labeling job scores with the version's own margins "
-                f"({', '.join(scoring.IMPLICIT_SCORERS)}); {scorer!r} runs in "
-                "`python -m dpo_core self-label` and bench/loop.py for now"
-            )
-        self.scorer = scorer
+        self.scorer = scoring.check_scorer(scorer)  # ValueError naming the scorers
         self.weight = weight
         self.settings = settings or LabelSettings()
         self.rng = rng or random.Random()
@@ -152,7 +155,9 @@ class SelfLabelJob:
             if self._thread is not None and self._thread.is_alive():
                 return f"The model is already labeling ({self._progress.version})."
             self._stop.clear()
-            self._progress = SelfLabelProgress("running", version, message="calibrating")
+            self._progress = SelfLabelProgress(
+                "running", version, scorer=self.scorer, message="calibrating"
+            )
             self._thread = threading.Thread(
                 target=self._run, args=(version,), name="self-labels", daemon=True
             )
@@ -189,35 +194,42 @@ class SelfLabelJob:
         plan = self._plan(version)
         if plan is None:
             return
-        threshold, prompts = plan
-        self._update(target=len(prompts), threshold=threshold, message="")
-        for start in range(0, len(prompts), SCORE_CHUNK):
+        self._update(target=len(plan.prompts), threshold=plan.threshold, message="")
+        for start in range(0, len(plan.prompts), SCORE_CHUNK):
             if self._stop.is_set():
                 self._update(state="done", message="stopped")
                 return
-            answered = [self._answer(p, version) for p in prompts[start : start + SCORE_CHUNK]]
+            chunk = plan.prompts[start : start + SCORE_CHUNK]
+            answered = [self._answer(p, version) for p in chunk]
             pairs = [p for p in answered if scoring.labelable(p)]  # an empty answer: no label
             kept = []
             if pairs:
-                signed = scoring.margins(self._log_ratios(version, pairs), self.scorer)
-                kept = scoring.keep_labels(pairs, signed, threshold, self.weight)
+                signed = self._signed(version, pairs, plan.head)
+                kept = scoring.keep_labels(pairs, signed, plan.threshold, self.weight)
                 self._store(version, kept)
             done = self.progress()
             self._update(answered=done.answered + len(answered), kept=done.kept + len(kept))
         self._update(state="done")
 
-    def _plan(self, version: str) -> tuple[float, list[str]] | None:
-        """The threshold and the prompts to answer, or None (the progress says why)."""
+    def _plan(self, version: str) -> _Plan | None:
+        """The scorer, its threshold and the prompts to answer, or None (the progress says why)."""
         with self.sm.begin() as s:
             row = find_version(s, version, self.base_model)
             evidence = stored.own_answer_votes(s, row.id)
+            fit = []
+            if self.scorer == scoring.REWARD_MODEL:
+                fit = stored.other_answer_votes(s, row.id, limit=MAX_FIT_PAIRS)
             human = stored.round_labels(s, row.id)
             made = stored.self_label_count(s, version)
             wanted = stored.self_label_multiplier(s) * human - made
             prompts = unlabeled_prompts(s, limit=max(wanted, 0))
             adapter_path = row.adapter_path
         self.versions.ensure_loaded(version, adapter_path)
-        threshold = self._calibrate(version, evidence)
+        head = self._fit(fit) if self.scorer == scoring.REWARD_MODEL else None
+        if isinstance(head, str):
+            self._update(state="declined", message=f"no self-labels: {head}.")
+            return None
+        threshold = self._calibrate(version, evidence, head)
         if threshold.value is None:
             self._update(state="declined", message=f"no self-labels: {threshold.reason}.")
             return None
@@ -229,9 +241,30 @@ class SelfLabelJob:
             )
             self._update(state="declined", threshold=threshold.value, message=f"none added: {why}.")
             return None
-        return threshold.value, prompts
+        return _Plan(threshold.value, prompts, head)
 
-    def _calibrate(self, version: str, evidence: list[stored.OwnAnswerVote]) -> scoring.Threshold:
+    def _fit(self, votes: list[stored.OwnAnswerVote]) -> scoring.RewardHead | str:
+        """The reward head fitted on people's pairs (the chosen answer first), or why not."""
+        pairs = [scoring.AnswerPair(v.prompt, v.chosen, v.rejected) for v in votes]
+        pairs = [p for p in pairs if scoring.labelable(p)]
+        if len(pairs) < scoring.MIN_CALIBRATION_PAIRS:
+            return (
+                f"the reward model learns from people's labels of earlier answers: only "
+                f"{len(pairs)}, at least {scoring.MIN_CALIBRATION_PAIRS} are needed"
+            )
+        prompts = [p.prompt for p in pairs]
+        chosen = self._features(prompts, [p.first for p in pairs])
+        rejected = self._features(prompts, [p.second for p in pairs])
+        head = scoring.fit_reward_head(chosen, rejected)
+        logger.info("self-labels: reward head fitted on %d pairs", head.fit_pairs)
+        return head
+
+    def _calibrate(
+        self,
+        version: str,
+        evidence: list[stored.OwnAnswerVote],
+        head: scoring.RewardHead | None,
+    ) -> scoring.Threshold:
         """The scorer's threshold from people's votes on the version's own answers (each
         pair with the person's chosen answer first, so a positive margin agrees)."""
         if len(evidence) < scoring.MIN_CALIBRATION_PAIRS:  # too few: no need to score them
@@ -240,8 +273,33 @@ class SelfLabelJob:
         pairs = [p for p in pairs if scoring.labelable(p)]  # a vote on an empty answer
         if len(pairs) < scoring.MIN_CALIBRATION_PAIRS:
             return scoring.calibrate([0.0] * len(pairs))
-        signed = scoring.margins(self._log_ratios(version, pairs), self.scorer)
-        return scoring.calibrate(signed.tolist())
+        return scoring.calibrate(self._signed(version, pairs, head).tolist())
+
+    def _signed(
+        self, version: str, pairs: list[scoring.AnswerPair], head: scoring.RewardHead | None
+    ) -> torch.Tensor:
+        """Each pair's signed margin (> 0: the first answer is preferred) by the scorer."""
+        if head is None:
+            return scoring.margins(self._log_ratios(version, pairs), self.scorer)
+        prompts = [p.prompt for p in pairs]
+        first = head.scores(self._features(prompts, [p.first for p in pairs]))
+        second = head.scores(self._features(prompts, [p.second for p in pairs]))
+        return (first - second).float()
+
+    def _features(self, prompts: list[str], answers: list[str]) -> torch.Tensor:
+        """The base model's answer features (`scoring.answer_features`), `SCORE_CHUNK` per
+        hold of the model lock (the decode loop runs between chunks)."""
+        parts = []
+        for start in range(0, len(prompts), SCORE_CHUNK):
+            end = start + SCORE_CHUNK
+            with self.versions.lock:
+                lm = self.versions.lm
+                parts.append(
+                    scoring.answer_features(
+                        lm, prompts[start:end], answers[start:end], max_length=MAX_LENGTH
+                    )
+                )
+        return torch.cat(parts)
 
     def _answer(self, prompt: str, version: str) -> scoring.AnswerPair:
         """Two answers by `version`, one per label temperature, behind every labeler."""
@@ -283,3 +341,13 @@ class SelfLabelJob:
 
 
 _RATIO_FIELDS = ("first", "second", "first_tokens", "second_tokens")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a job labels: the prompts, kept at or above `threshold` by the scorer (`head`:
+    the fitted reward model; None: the version's own margins)."""
+
+    threshold: float
+    prompts: list[str] = field(default_factory=list)
+    head: scoring.RewardHead | None = None

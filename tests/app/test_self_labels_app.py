@@ -176,7 +176,7 @@ def test_too_few_peoples_labels_of_the_versions_own_answers_store_nothing_and_sa
     with sm.begin() as s:
         person_votes(s, served.v1, [(f"C{i}?", f"one {i}", f"two {i}") for i in range(3)])
         repo.add_prompts(s, ["Unlabeled one", "Unlabeled two"], source="t")
-    job = SelfLabelJob(sm, served.versions, "tiny", settings=SHORT)
+    job = SelfLabelJob(sm, served.versions, "tiny", scorer="margin", settings=SHORT)
     job.version_activated("base")  # the base has no labels of its own: nothing starts
     assert job.progress().state == "idle"
     job.version_activated("v1")  # a version became active with the setting on: it starts
@@ -211,7 +211,7 @@ def test_an_answer_that_ended_at_once_is_no_label_and_no_failure(sm, served, mon
     monkeypatch.setattr(
         SelfLabelJob, "_answer", lambda self, prompt, version: scoring.AnswerPair(prompt, "", "Hi")
     )
-    job = SelfLabelJob(sm, served.versions, "tiny", settings=SHORT)
+    job = SelfLabelJob(sm, served.versions, "tiny", scorer="margin", settings=SHORT)
     job.start()
     done = job.wait()
     assert done.state == "done", done.text()
@@ -222,7 +222,7 @@ def test_with_enough_agreeing_labels_it_stores_self_votes_above_the_threshold(sm
     agreeing_calibration(sm, served)
     with sm.begin() as s:
         repo.add_prompts(s, [f"Unlabeled {i}" for i in range(6)], source="t")
-    job = SelfLabelJob(sm, served.versions, "tiny", settings=SHORT)
+    job = SelfLabelJob(sm, served.versions, "tiny", scorer="margin", settings=SHORT)
     job.start()
     done = job.wait()
     assert done.state == "done", done.text()
@@ -247,7 +247,7 @@ def test_no_margin_where_people_agree_stores_nothing_and_says_why(sm, served):
     agreeing_calibration(sm, served, agree=False)
     with sm.begin() as s:
         repo.add_prompts(s, ["Unlabeled"], source="t")
-    job = SelfLabelJob(sm, served.versions, "tiny", settings=SHORT)
+    job = SelfLabelJob(sm, served.versions, "tiny", scorer="margin", settings=SHORT)
     job.start()
     done = job.wait()
     assert done.state == "declined" and self_votes(sm) == []
@@ -259,7 +259,7 @@ def test_the_label_tab_stays_responsive_while_the_job_runs(sm, served):
     agreeing_calibration(sm, served)
     with sm.begin() as s:
         repo.add_prompts(s, [f"Unlabeled {i}" for i in range(4)], source="t")
-    job = SelfLabelJob(sm, served.versions, "tiny", settings=SHORT)
+    job = SelfLabelJob(sm, served.versions, "tiny", scorer="margin", settings=SHORT)
     reached, release = threading.Event(), threading.Event()
     answer = job._answer
 
@@ -356,6 +356,67 @@ def test_a_version_whose_adapter_is_gone_fails_the_job_with_a_message(sm, tiny_l
     assert "is missing or incomplete" in done.text()
 
 
-def test_the_job_refuses_a_scorer_it_cannot_run(sm, served):
-    with pytest.raises(ValueError, match="scores with the version's own margins"):
-        SelfLabelJob(sm, served.versions, "tiny", scorer="reward-model")
+def test_the_job_refuses_an_unknown_scorer_naming_the_scorers(sm, served):
+    with pytest.raises(ValueError, match="margin, per-token, centered, reward-model"):
+        SelfLabelJob(sm, served.versions, "tiny", scorer="judge")
+
+
+# --- the reward-model scorer (the default) -------------------------------------------------------
+
+
+def base_pairs(sm, n: int) -> list[scoring.AnswerPair]:
+    """People's votes on `n` pairs of the base's answers (the pairs v1 was trained on): the
+    short answer chosen. The reward model is fitted on them."""
+    pairs = [
+        scoring.AnswerPair(f"Fit {i}?", f"Brief {i}.", f"A long, long answer {i}!")
+        for i in range(n)
+    ]
+    with sm.begin() as s:
+        base = runs.list_versions(s, "tiny")[0]
+        person_votes(s, base.id, [(p.prompt, p.first, p.second) for p in pairs])
+    return pairs
+
+
+def test_the_reward_model_needs_peoples_labels_of_earlier_answers(sm, served):
+    base_pairs(sm, 3)
+    agreeing_calibration(sm, served)
+    with sm.begin() as s:
+        repo.add_prompts(s, ["Unlabeled"], source="t")
+    job = SelfLabelJob(sm, served.versions, "tiny", settings=SHORT)
+    assert job.scorer == "reward-model"  # the default
+    job.start()
+    done = job.wait()
+    assert done.state == "declined" and self_votes(sm) == []
+    assert done.text() == (
+        "Self-labels for v1: no self-labels: the reward model learns from people's labels of "
+        "earlier answers: only 3, at least 8 are needed."
+    )
+
+
+def test_the_reward_model_fitted_on_peoples_pairs_stores_votes_above_its_threshold(sm, served):
+    """The job fits the head on the base's pairs (not on v1's own answers, its evidence) and
+    calibrates it on people's votes on v1's own answers, here each for the answer the same
+    head prefers: it agrees with people on all of them and labels the unlabeled prompts."""
+    fit = base_pairs(sm, 10)
+    head = scoring.fit_reward_model(served.versions.lm, fit)
+    assert head.fit_pairs == 10
+    texts = [(f"Own {i}?", f"Terse {i}.", f"Quite a lot longer, answer {i}!") for i in range(10)]
+    own = [scoring.AnswerPair(*t) for t in texts]
+    signed = scoring.signed_margins(served.versions.lm, own, scoring.REWARD_MODEL, head)
+    with sm.begin() as s:
+        votes = [
+            (p.prompt, *((p.first, p.second) if m > 0 else (p.second, p.first)))
+            for p, m in zip(own, signed.tolist(), strict=True)
+        ]
+        person_votes(s, served.v1, votes)
+        repo.add_prompts(s, [f"Unlabeled {i}" for i in range(4)], source="t")
+    job = SelfLabelJob(sm, served.versions, "tiny", settings=SHORT)
+    job.start()
+    done = job.wait()
+    assert done.state == "done", done.text()
+    assert done.answered == 4 and done.threshold is not None
+    stored = self_votes(sm)
+    assert len(stored) == done.kept
+    assert all(v.scorer == "reward-model" and v.margin >= done.threshold for v in stored)
+    assert f"kept above reward-model margin {done.threshold:.3g}" in done.text()
+    assert served.versions.lm.model.active_adapter == "v1"  # the adapter is back after scoring

@@ -35,6 +35,8 @@ from storage.self_labels import (
     SelfLabel,
     SelfLabelAgreement,
     add_self_labels,
+    other_answer_votes,
+    own_answer_votes,
     read_self_labels,
     self_label_agreement,
 )
@@ -351,3 +353,44 @@ def test_a_bad_self_label_file_is_refused_naming_the_line(
         read_self_labels(path, version)
     with pytest.raises(ValueError, match="cannot read the self-labels"):
         read_self_labels(tmp_path / "missing.jsonl")
+
+
+def test_the_reward_model_fits_on_peoples_pairs_off_the_version_and_calibrates_on_its_own(
+    session: Session,
+):
+    """`own_answer_votes`: people's A/B votes on two answers by the version (the scorer's
+    evidence); `other_answer_votes`: the rest (base answers, imported ones), the newest
+    `limit`, oldest first. Ties, the model's own votes and a pair mixing versions are in
+    neither where they say nothing about a version's own answers."""
+    version = v1(session)
+    base = session.scalar(select(ModelVersion).where(ModelVersion.name == "base"))
+
+    def pair(prompt: str, by: list[int | None], choice: str = "b", who: str = "ann") -> None:
+        pid = add_prompt(session, prompt, source="t").id
+        ids = [
+            record_response(session, prompt_id=pid, model_version_id=v, text=f"{prompt} {i}").id
+            for i, v in enumerate(by)
+        ]
+        record_preference(
+            session, response_a_id=ids[0], response_b_id=ids[1], choice=choice, annotator=who
+        )
+
+    pair("Base one?", [base.id, base.id])
+    pair("Imported?", [None, None], choice="a")
+    pair("Base two?", [base.id, base.id])
+    pair("A tie?", [base.id, base.id], choice="tie")
+    pair("By the model?", [base.id, base.id], who="self:v1")
+    pair("Own?", [version.id, version.id])
+    pair("Mixed?", [base.id, version.id])
+    own = own_answer_votes(session, version.id)
+    assert [(v.prompt, v.chosen, v.rejected) for v in own] == [("Own?", "Own? 1", "Own? 0")]
+    others = other_answer_votes(session, version.id, limit=10)
+    assert [(v.prompt, v.chosen) for v in others] == [
+        ("Base one?", "Base one? 1"),
+        ("Imported?", "Imported? 0"),
+        ("Base two?", "Base two? 1"),
+    ]
+    assert [v.prompt for v in other_answer_votes(session, version.id, limit=2)] == [
+        "Imported?",
+        "Base two?",
+    ]
