@@ -231,6 +231,8 @@ def train_round(
         settings["kto_balance"] = arm.cond.kind == "ktobal"  # kto: the weights as given (1, 1)
     if arm.cond.kind == "rpo":
         settings["rpo_alpha"] = RPO_ALPHA
+    if arm.cond.kl_ceiling is not None:
+        settings["kl_ceiling"] = arm.cond.kl_ceiling
     if arm.cond.kind == "sft":
         settings["sft_epochs"] = TrainConfig().epochs  # as the Train tab: as many as DPO's
         extra["sft_examples"] = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
@@ -249,6 +251,7 @@ def train_round(
         "train_minutes": (time.perf_counter() - t0) / 60,
         "steps": result.metrics.get("steps"),
         "kept_step": result.metrics.get("kept_step"),
+        "within_kl_ceiling": result.metrics.get("within_kl_ceiling"),
     }
 
 

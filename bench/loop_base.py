@@ -91,11 +91,16 @@ class Condition:
     mode: str = "parent"
     times: int = 0  # `self`: at most this many self-labels per human label of a round
     scorer: str = ""  # `self`: the scorer that makes them (dpo_core.self_label.SCORERS)
+    kl_ceiling: float | None = None  # `:klC`: the guard's KL ceiling (None: TrainConfig's)
 
     @property
     def name(self) -> str:
         name = f"{self.kind}:{self.rounds}x{self.per_round}:{self.mode}"
-        return f"{name}:{self.times}x:{self.scorer}" if self.kind == "self" else name
+        name = f"{name}:{self.times}x:{self.scorer}" if self.kind == "self" else name
+        return name + self.ceiling_part(":")
+
+    def ceiling_part(self, sep: str) -> str:
+        return f"{sep}kl{self.kl_ceiling:g}" if self.kl_ceiling is not None else ""
 
     def lineage(self, round_no: int) -> str:
         """The cache folder of a round: round 1 is the same whatever the mode (for `self` it
@@ -103,9 +108,9 @@ class Condition:
         kind = "rounds" if self.kind == "self" and round_no == 1 else self.kind
         base = f"{kind}-{self.rounds}x{self.per_round}"
         if round_no == 1:
-            return base
+            return base + self.ceiling_part("-")
         extra = f"-{self.times}x-{self.scorer}" if self.kind == "self" else ""
-        return f"{base}-{self.mode}{extra}"
+        return f"{base}-{self.mode}{extra}{self.ceiling_part('-')}"
 
     @property
     def labels_per_screen(self) -> int:
@@ -118,8 +123,15 @@ class Condition:
 
 def parse_condition(spec: str, budget: int) -> Condition:
     """`KIND:RxN[:MODE]` or `KIND:R[:MODE]` (N = budget / R), and for `self`
-    `self:RxN:MODE:Tx[:SCORER]`; a clear error otherwise."""
+    `self:RxN:MODE:Tx[:SCORER]`; each may end in `:klC`, the guard's KL ceiling in nats
+    (e.g. `rpo:2x32:all:kl2.5`); a clear error otherwise."""
     parts = spec.strip().split(":")
+    ceiling = re.fullmatch(r"kl(\d+(?:\.\d+)?)", parts[-1]) if len(parts) > 2 else None
+    if ceiling:
+        if float(ceiling[1]) <= 0:
+            raise ValueError(f"condition {spec!r}: the KL ceiling must be above 0 nats")
+        cond = parse_condition(":".join(parts[:-1]), budget)
+        return dataclasses.replace(cond, kl_ceiling=float(ceiling[1]))
     usage = f"condition {spec!r}: expected KIND:RxN[:MODE], e.g. rounds:2x64:parent"
     if parts[0] == "self":
         return parse_self(spec, parts, budget)

@@ -62,10 +62,20 @@ def order(name: str, round_no: int) -> tuple[int | str, ...]:
     (`self`: then by self-labels per label and scorer)."""
     if name == "base":
         return (-1,)
-    kind, schedule, mode, *self_part = name.split(":")
+    kind, schedule, mode, *rest = name.split(":")
+    ceiling = float(rest.pop()[2:]) if rest and rest[-1].startswith("kl") else 0.0
     rounds, per_round = (int(n) for n in schedule.split("x"))
-    times, scorer = (int(self_part[0][:-1]), self_part[1]) if self_part else (0, "")
-    return (KINDS.index(kind), rounds, per_round, MODES.index(mode), times, scorer, round_no)
+    times, scorer = (int(rest[0][:-1]), rest[1]) if rest else (0, "")
+    return (
+        KINDS.index(kind),
+        rounds,
+        per_round,
+        MODES.index(mode),
+        times,
+        scorer,
+        ceiling,
+        round_no,
+    )
 
 
 def stderr(values: list[float]) -> float:

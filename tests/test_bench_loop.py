@@ -46,6 +46,20 @@ def test_rpo_and_self_conditions_parse_and_name_their_cache():
     assert [n for n, _ in ranked] == ["base", "rounds:2x32:all", "rpo:2x32:all", names[1]]
 
 
+def test_a_kl_ceiling_suffix_sets_the_guard_and_its_own_cache():
+    arm = parse_condition("rpo:2x32:all:kl2.5", 64)
+    assert (arm.kind, arm.kl_ceiling, arm.name) == ("rpo", 2.5, "rpo:2x32:all:kl2.5")
+    assert (arm.lineage(1), arm.lineage(2)) == ("rpo-2x32-kl2.5", "rpo-2x32-all-kl2.5")
+    own = parse_condition("self:2x32:all:4x:kl3", 64)
+    assert (own.scorer, own.kl_ceiling, own.lineage(1)) == ("reward-model", 3.0, "rounds-2x32-kl3")
+    assert parse_condition("rounds:2:all", 64).kl_ceiling is None
+    with pytest.raises(ValueError, match="above 0 nats"):
+        parse_condition("rounds:2x32:all:kl0", 64)
+    names = ["rounds:2x32:all:kl3", "rounds:2x32:all", "rounds:2x32:all:kl2.5"]
+    ranked = sorted(((n, 2) for n in names), key=lambda key: order(*key))
+    assert [n for n, _ in ranked] == ["rounds:2x32:all", names[2], names[0]]
+
+
 def test_the_scorer_check_calibrates_on_the_first_pairs_and_scores_the_rest():
     sure_and_right = [5.0 - 0.1 * i for i in range(CALIBRATION)]  # the threshold: 3.5
     rest = [4.0, -3.9, 3.6, 1.0, -0.5]  # above 3.5: 4.0 (right), -3.9 (wrong), 3.6 (right)
