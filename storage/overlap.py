@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 
 from storage.annotators import JUDGE_PREFIX as JUDGE_PREFIX  # app/label/service.py's import
 from storage.annotators import person_filter
-from storage.models import PairClaim, Preference, Prompt, Response, Setting, now_utc
+from storage.models import PairClaim, Preference, Prompt, Response, now_utc
+from storage.team_settings import read_setting, write_setting
 
 OVERLAP_KEY = "overlap_k"
 CLAIM_TTL = timedelta(minutes=15)  # a claim left by someone who walked away expires
@@ -39,8 +40,8 @@ class SharedPair:
 
 def overlap_k(session: Session) -> int:
     """How many annotators judge each pair (1: no overlap)."""
-    setting = session.get(Setting, OVERLAP_KEY)
-    return int(setting.value) if setting is not None else 1
+    value = read_setting(session, OVERLAP_KEY)
+    return int(value) if value is not None else 1
 
 
 def set_overlap_k(session: Session, k: int, annotators: int | None = None) -> None:
@@ -54,9 +55,7 @@ def set_overlap_k(session: Session, k: int, annotators: int | None = None) -> No
             f"overlap {k} needs {k} annotators, but only {annotators} can label: "
             f"choose at most {annotators}"
         )
-    setting = session.get(Setting, OVERLAP_KEY) or Setting(key=OVERLAP_KEY)
-    setting.value, setting.updated_at = k, now_utc()
-    session.add(setting)
+    write_setting(session, OVERLAP_KEY, k)
 
 
 def next_shared_pair(session: Session, annotator: str, k: int) -> SharedPair | None:

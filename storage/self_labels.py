@@ -33,13 +33,13 @@ from storage.models import (
     Preference,
     Prompt,
     Response,
-    Setting,
     now_utc,
     text_hash,
 )
 from storage.repo import CHUNK, add_prompts, check_storable, insert_ignore
 from storage.rounds import find_version
 from storage.selection import agreed_outcome
+from storage.team_settings import read_setting, write_setting
 
 SCORER_MAX_CHARS = 64  # Preference.scorer's column width
 
@@ -325,9 +325,8 @@ MULTIPLIERS = (0, 2, 4, 8)  # 0: off; else the self-labels per human label of th
 
 def self_label_multiplier(session: Session) -> int:
     """How many self-labels per human label of a round the app adds (0: off, the default)."""
-    setting = session.get(Setting, SELF_LABELS_KEY)
-    value = setting.value if setting is not None else 0
-    return value if value in MULTIPLIERS else 0
+    value = read_setting(session, SELF_LABELS_KEY)
+    return value if isinstance(value, int) and value in MULTIPLIERS else 0
 
 
 def set_self_label_multiplier(session: Session, multiplier: int) -> None:
@@ -337,9 +336,7 @@ def set_self_label_multiplier(session: Session, multiplier: int) -> None:
             f"self-labels must be off or {', '.join(f'{m}x' for m in MULTIPLIERS[1:])} "
             f"the human labels, got {multiplier!r}"
         )
-    setting = session.get(Setting, SELF_LABELS_KEY) or Setting(key=SELF_LABELS_KEY)
-    setting.value, setting.updated_at = multiplier, now_utc()
-    session.add(setting)
+    write_setting(session, SELF_LABELS_KEY, multiplier)
 
 
 @dataclass(frozen=True)

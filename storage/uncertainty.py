@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from storage.models import Preference, Prompt, Setting, UncertaintyScore, now_utc
+from storage.models import Preference, Prompt, UncertaintyScore, now_utc
 from storage.repo import insert_ignore
+from storage.team_settings import read_setting, write_setting
 
 QUEUE_ORDER_KEY = "queue_order"
 LEAST_LABELED, UNCERTAIN_FIRST = "least-labeled", "uncertain-first"
@@ -41,8 +42,8 @@ class Candidate:
 
 def queue_order(session: Session) -> str:
     """The label queue's order: LEAST_LABELED unless an admin chose otherwise."""
-    setting = session.get(Setting, QUEUE_ORDER_KEY)
-    return str(setting.value) if setting is not None else LEAST_LABELED
+    value = read_setting(session, QUEUE_ORDER_KEY)
+    return str(value) if value is not None else LEAST_LABELED
 
 
 def set_queue_order(session: Session, order: str) -> None:
@@ -50,9 +51,7 @@ def set_queue_order(session: Session, order: str) -> None:
     order, naming the known ones."""
     if order not in QUEUE_ORDERS:
         raise ValueError(f"unknown queue order {order!r}; choose one of {', '.join(QUEUE_ORDERS)}")
-    setting = session.get(Setting, QUEUE_ORDER_KEY) or Setting(key=QUEUE_ORDER_KEY)
-    setting.value, setting.updated_at = order, now_utc()
-    session.add(setting)
+    write_setting(session, QUEUE_ORDER_KEY, order)
 
 
 def record_scores(session: Session, version_id: int, scores: list[PromptScore]) -> int:
