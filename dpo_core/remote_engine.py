@@ -125,7 +125,7 @@ class RemoteEngine(RequestLine):
         if not bases:
             raise ServerDown(f"the generation server at {self.url} lists no base model")
         self._base = bases[0]
-        self._on_server = {m["id"] for m in models if m.get("parent")}
+        self._on_server = set()  # a version of the same name there may be another one's
         return self._base
 
     def served_models(self) -> list[str]:
@@ -151,15 +151,23 @@ class RemoteEngine(RequestLine):
         if path is None:
             raise ModelLoadError(f"version {name} has no adapter directory to load")
         body = {"lora_name": name, "lora_path": path}
-        try:
-            response = self.client.post(f"{self.url}/load_lora_adapter", json=body)
-        except httpx.HTTPError as err:
-            raise ServerDown(down_notice(self.url, err)) from err
-        text = response.text
-        if response.status_code != 200 and "already been loaded" not in text:
-            raise ModelLoadError(refusal_message(name, path, response.status_code, text))
+        response = self._post("load_lora_adapter", body)
+        if response.status_code != 200 and "already been loaded" in response.text:
+            held = {m["id"]: m.get("root") for m in self._get_models()}.get(name)
+            if held != path:  # another data directory's version of that name: replace it
+                logger.warning("the generation server holds %s from %s: replacing it", name, held)
+                self._post("unload_lora_adapter", {"lora_name": name})
+                response = self._post("load_lora_adapter", body)
+        if response.status_code != 200 and "already been loaded" not in response.text:
+            raise ModelLoadError(refusal_message(name, path, response.status_code, response.text))
         self._on_server.add(name)
         logger.info("generation server loaded version %s from %s", name, path)
+
+    def _post(self, endpoint: str, body: dict[str, str]) -> httpx.Response:
+        try:
+            return self.client.post(f"{self.url}/{endpoint}", json=body)
+        except httpx.HTTPError as err:
+            raise ServerDown(down_notice(self.url, err)) from err
 
     def _get_models(self) -> list[dict[str, str]]:
         try:

@@ -8,10 +8,6 @@ the server down at start. When vLLM cannot run here the tests that need it skip,
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -34,18 +30,11 @@ from dpo_core.modeling import ModelLoadError, load_model
 from storage import runs
 from storage.models import Preference
 from tests.tiny import build_tiny_tokenizer, save_random_adapter
+from tests.vllm_server import VLLM_PYTHON, VllmServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-START_S = 600  # a cold start on a busy 2-core machine; it took 47 s alone
 SHORT = LabelSettings(max_new_tokens=16)
 LONG = LabelSettings(temperatures=(1.0, 1.0), max_new_tokens=1500)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def save_tiny_model_64(path: Path) -> Path:
@@ -66,60 +55,10 @@ def save_tiny_model_64(path: Path) -> Path:
     return path
 
 
-class VllmServer:
-    """`python -m vllm.entrypoints.openai.api_server` from .venv-vllm, serving `model_dir`."""
-
-    def __init__(self, model_dir: Path, log: Path) -> None:
-        self.model_dir, self.log, self.port = model_dir, log, free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start_s: list[float] = []
-
-    def start(self) -> None:
-        """Start and wait until it lists its models; RuntimeError (with its log) if it dies."""
-        env = os.environ | {
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-        }
-        args = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
-                "--model", str(self.model_dir), "--served-model-name", "base",
-                "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "2048",
-                "--enable-lora", "--max-lora-rank", "64",
-                "--generation-config", "vllm"]  # fmt: skip
-        t0 = time.monotonic()
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        while time.monotonic() - t0 < START_S:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM exited {self.process.returncode}: {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
-                    self.start_s.append(time.monotonic() - t0)
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"vLLM did not answer within {START_S} s: {self.log_tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL the server and its engine process (a crash, not a shutdown)."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+def served_roots(server: VllmServer) -> dict[str, str]:
+    """Each model the server lists, and the directory it read it from."""
+    models = httpx.get(f"{server.url}/models", timeout=10).json()["data"]
+    return {m["id"]: m["root"] for m in models}
 
 
 def save_adapter_of_rank(model_dir: Path, path: Path, rank: int) -> Path:
@@ -223,8 +162,8 @@ def test_the_server_killed_mid_answer_says_so_loses_no_vote_and_the_pair_complet
     with services.sm.begin() as s:
         v1 = runs.register_adapter_version(s, base_model=str(model_dir), adapter_path=str(adapter))
         runs.activate_version(s, v1.id)
-    services.training.sync_active_version()
-    assert services.models.active == "v1" and "v1" in services.models.remote.served_models()
+    services.training.sync_active_version()  # v1 to the server (replacing the first test's)
+    assert services.models.active == "v1" and served_roots(vllm)["v1"] == str(adapter.resolve())
     service = label(services, model_dir, tmp_path)
     earlier = labeled_pair(service, "Name a colour.")
     seen: list[PairProgress] = []
