@@ -257,7 +257,9 @@ class RemoteEngine(RequestLine):
         request.t0, request.first_token_s = time.perf_counter(), None
         errors: list[Exception] = []
         threads = [
-            threading.Thread(target=_collect, args=(self._stream_row, request, i, errors))
+            threading.Thread(
+                target=_collect, args=(self._stream_row, request, i, errors), daemon=True
+            )
             for i in range(len(request.rows))
         ]
         for thread in threads:

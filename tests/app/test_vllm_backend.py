@@ -73,8 +73,9 @@ def vllm_unavailable() -> str | None:
         return "vLLM's CPU build runs on Linux only"
     if not VLLM_PYTHON.exists() or not (ROOT / ".venv-vllm" / ".stamp").exists():
         log = ROOT / ".venv-vllm.log"
-        last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-        return f"vLLM is not installed in .venv-vllm (`make .venv-vllm/.stamp`; its log: {last})"
+        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+        why = f"its install failed: {lines[-1]} (.venv-vllm.log)" if lines else "not installed"
+        return f"vLLM in .venv-vllm: {why}; `make .venv-vllm/.stamp` installs it"
     return None
 
 
