@@ -52,7 +52,7 @@ def add_serving_flags(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("DPO_STUDIO_GENERATION_URL") or None,
         help="an OpenAI-compatible server (vLLM) that writes every answer, e.g. "
         "http://127.0.0.1:8000/v1; it must read the adapters at their paths here "
-        "(docs/serving.md). Default $DPO_STUDIO_GENERATION_URL, else this process",
+        "(docs/vllm.md). Default $DPO_STUDIO_GENERATION_URL, else this process",
     )
     g.add_argument(
         "--no-prefetch",
