@@ -87,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
         judge=JudgeSettings(args.judge, args.judge_url, args.judge_model, args.judge_key_env),
         prefetch=not args.no_prefetch,
         queue_order=args.queue_order,
+        generation_url=args.generation_url,
     )
 
 
@@ -196,7 +197,12 @@ def build_demo(state: AppState, sign_in: dict[str, Any]) -> Any:
     config, services = state.config, state.services
     if config.engine_limits is not None:
         engine = services.models.engine
-        engine.limits = for_device(config.engine_limits, engine.generator.lm.device)
+        remote = services.models.remote is not None  # the server's device, not this one's
+        engine.limits = (
+            config.engine_limits
+            if remote
+            else for_device(config.engine_limits, services.models.lm.device)
+        )
     label = open_label_service(
         services.sm,
         services.models,

@@ -36,6 +36,7 @@ class AppConfig:
     prefetch: bool = True  # start each annotator's next pair before their vote
     queue_order: str | None = None  # store this Label queue order at start (None: keep it)
     judge: JudgeSettings | None = None  # an AI judge's suggestions beside each pair
+    generation_url: str | None = None  # an OpenAI-compatible server answers (None: this process)
 
     def resolved_db_url(self) -> str:
         return self.db_url or default_url(self.data_dir)

@@ -15,7 +15,8 @@ from app.config import AppConfig
 from app.serving.versions import VersionedModel
 from app.train.self_labels import SelfLabelJob
 from app.train.service import TrainingService
-from dpo_core.modeling import LoadedModel
+from dpo_core.modeling import LoadedModel, ModelLoadError
+from dpo_core.remote_engine import ServerDown
 from storage import runs
 from storage.db import open_db
 
@@ -59,7 +60,8 @@ def open_services(config: AppConfig, lm: LoadedModel) -> Services:
     base_model = config.model
     with sm.begin() as s:
         runs.ensure_base_version(s, base_model)
-    models = VersionedModel(lm)
+    models = VersionedModel(lm, generation_url=config.generation_url)
+    check_generation_server(models)
     job = SelfLabelJob(sm, models, base_model)
     training = TrainingService(
         sm,
@@ -76,4 +78,19 @@ def open_services(config: AppConfig, lm: LoadedModel) -> Services:
     )
     training.recover()
     training.start_watcher()  # loads the active version before the first request
+    if models.remote is not None and training.versions.error:  # e.g. an unreadable adapter
+        training.close()
+        raise ModelLoadError(training.versions.error)
     return Services(sm, models, training, CompareService(sm, models, base_model), job)
+
+
+def check_generation_server(models: VersionedModel) -> None:
+    """At start: say which server answers, or that it is down (requests then wait for it)."""
+    if models.remote is None:
+        return
+    try:
+        base = models.remote.check()
+    except ServerDown as err:
+        logger.warning("%s", err)
+        return
+    logger.info("answers come from %s (base model %s)", models.remote.url, base)

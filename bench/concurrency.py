@@ -12,6 +12,12 @@ the next complete pair (p50, p95), first token after asking (p50, p95), pairs pe
 annotators together), generated tokens per second, and the app's peak RSS so far. With
 `--long-prompt CHARS` each level runs again beside one more client that asks for answers to a
 CHARS-character prompt back to back; its rows are the annotators' figures only.
+With `--backend vllm` the same levels run once more (mode `vllm`: the default app, prefetch on)
+with every answer written by a vLLM server serving the same model (`--generation-url`; the
+server from .venv-vllm, as the tests start it: `make .venv-vllm/.stamp` installs it):
+
+    .venv/bin/python bench/concurrency.py --backend vllm --modes prefetch --annotators 1,4,8 \
+        --read 0
 A benchmark, not a test: the figures depend on the machine and on what else runs on it.
 """
 
@@ -187,9 +193,12 @@ def row(mode: str, n: int, logs: list[Log], wall_s: float, rss: float) -> str:
     )
 
 
-def run_mode(mode: str, args: argparse.Namespace, levels: list[int]) -> list[str]:
+def run_mode(
+    mode: str, args: argparse.Namespace, levels: list[int], flags: list[str] | None = None
+) -> list[str]:
     data_dir = Path(tempfile.mkdtemp(prefix=f"concurrency-{mode}-"))
-    app = harness.start_app(args.model, data_dir, *MODES[mode], *args.app_args)
+    flags = MODES[mode] if flags is None else flags
+    app = harness.start_app(args.model, data_dir, *flags, *args.app_args)
     rows = []
     try:
         from gradio_client import Client
@@ -211,6 +220,22 @@ def run_mode(mode: str, args: argparse.Namespace, levels: list[int]) -> list[str
     finally:
         app.stop()
     return rows
+
+
+def run_vllm(args: argparse.Namespace, levels: list[int]) -> list[str]:
+    """The levels with answers from a vLLM server serving `args.model` (its safetensors
+    directory: the embedded model's cache), started here on loopback."""
+    from dpo_core.modeling import resolve_source
+    from tests.vllm_server import VllmServer
+
+    log = Path(tempfile.mkdtemp(prefix="concurrency-vllm-")) / "vllm.log"
+    server = VllmServer(Path(resolve_source(args.model)), log, kv_cache_gib=2)
+    server.start()
+    print(f"\nvllm: server up in {server.start_s[0]:.0f} s (log {log})", flush=True)
+    try:
+        return run_mode("vllm", args, levels, ["--generation-url", server.url])
+    finally:
+        server.stop()
 
 
 def describe_long(log: Log) -> str:
@@ -243,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         "(e.g. 100000: cut to the app's prompt limit) back to back",
     )
     p.add_argument("--only-long", action="store_true", help="only the --long-prompt levels")
+    p.add_argument(
+        "--backend",
+        choices=("app", "vllm"),
+        default="app",
+        help="vllm: after --modes, the same levels with a vLLM server writing every answer",
+    )
     p.add_argument("app_args", nargs="*", help="extra `python -m app` flags (after --)")
     args = p.parse_args(argv)
     levels = [int(n) for n in args.annotators.split(",")]
@@ -254,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         print(f"\n{mode}: python -m app {' '.join(MODES[mode])}", flush=True)
         rows += run_mode(mode, args, levels)
+    if args.backend == "vllm":
+        rows += run_vllm(args, levels)
     print("\n" + HEADER)
     print("\n".join(rows))
     return 0

@@ -36,6 +36,7 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -97,10 +98,12 @@ class EngineLimits:
 @dataclass(frozen=True)
 class Waiting:
     """A request not yet admitted: `position` 1 is next; `model_busy` means it is next but
-    someone else holds the model (a version switch, the reward evaluation)."""
+    someone else holds the model (a version switch, the reward evaluation); `notice`, in
+    words, why it waits when that is not the line (a generation server down or slow)."""
 
     position: int
     model_busy: bool = False
+    notice: str | None = None
 
 
 class ModelLock:
@@ -227,7 +230,56 @@ class _Request:
         return sum(self.prompt.n_tokens + r.stream.max_new_tokens for r in self.rows)
 
 
-class GenerationEngine:
+class RequestLine:
+    """What every engine shares: its requests waiting (`_pending`, first in, first out within a
+    priority) and running, under one condition. Subclasses set `_cond`, `_pending`, `_running`
+    and define `submit` and `_publish_positions`."""
+
+    _cond: threading.Condition
+    _pending: list[Any]
+    _running: list[Any]
+
+    def submit(self, prompt: str, specs: Sequence[AnswerSpec], *, priority: int = NORMAL) -> Ticket:
+        raise NotImplementedError
+
+    def _publish_positions(self) -> None:
+        raise NotImplementedError
+
+    def promote(self, ticket: Ticket) -> None:
+        """A prefetch someone now waits for: it waits as a normal request from now on (its
+        place among them is still its arrival)."""
+        with self._cond:
+            for request in self._pending:
+                if request.ticket is ticket:
+                    request.priority = NORMAL
+            self._pending.sort(key=lambda r: (r.priority, r.order))
+        self._publish_positions()
+
+    def generate(self, prompt: str, specs: Sequence[AnswerSpec]) -> GenerationUpdate:
+        """Submit and wait for the final update."""
+        return self.submit(prompt, specs).result()
+
+    def waiting(self) -> int:
+        """Requests not yet finished (running or waiting)."""
+        with self._cond:
+            return len(self._pending) + len(self._running)
+
+
+def prepare_request(
+    generator: AnswerGenerator, limits: EngineLimits, prompt: str, specs: Sequence[AnswerSpec]
+) -> tuple[list[str], PreparedPrompt]:
+    """Each answer's version and the templated (perhaps cut) prompt; ValueError for no specs,
+    an unknown version or a max_new_tokens the context cannot hold."""
+    if not specs:
+        raise ValueError("ask for at least one answer")
+    adapters = [generator.resolve_adapter(s.adapter) for s in specs]
+    max_new = max(s.params.max_new_tokens for s in specs)
+    budget = generator.prompt_budget(max_new, limits.max_prompt_tokens)
+    server_limit = budget == limits.max_prompt_tokens
+    return adapters, prepare_prompt(generator.lm.tokenizer, prompt, budget, server_limit)
+
+
+class GenerationEngine(RequestLine):
     """The decode loop; `submit` from any thread. Started on first use, stopped by `close`."""
 
     def __init__(
@@ -260,14 +312,7 @@ class GenerationEngine:
         Raises ValueError at once for an empty prompt, no specs, an unknown version or a
         max_new_tokens the context cannot hold.
         """
-        if not specs:
-            raise ValueError("ask for at least one answer")
-        adapters = [self.generator.resolve_adapter(s.adapter) for s in specs]
-        max_new = max(s.params.max_new_tokens for s in specs)
-        limit = self.limits.max_prompt_tokens
-        budget = self.generator.prompt_budget(max_new, limit)
-        tokenizer = self.generator.lm.tokenizer
-        prepared = prepare_prompt(tokenizer, prompt, budget, server_limit=budget == limit)
+        adapters, prepared = prepare_request(self.generator, self.limits, prompt, specs)
         ticket = Ticket()
         rows = [self._row(spec, adapter) for spec, adapter in zip(specs, adapters, strict=True)]
         order, t0 = next(self._order), time.perf_counter()
@@ -280,29 +325,10 @@ class GenerationEngine:
         self._publish_positions()
         return ticket
 
-    def promote(self, ticket: Ticket) -> None:
-        """A prefetch someone now waits for: it waits as a normal request from now on (its
-        place among them is still its arrival)."""
-        with self._cond:
-            for request in self._pending:
-                if request.ticket is ticket:
-                    request.priority = NORMAL
-            self._pending.sort(key=lambda r: (r.priority, r.order))
-        self._publish_positions()
-
     def _row(self, spec: AnswerSpec, adapter: str) -> _Row:
         p = spec.params
         sampler = RowSampler([p.temperature], [p.top_p], [spec.seed])
         return _Row(adapter, sampler, _AnswerStream(self.generator.lm.tokenizer, p.max_new_tokens))
-
-    def generate(self, prompt: str, specs: Sequence[AnswerSpec]) -> GenerationUpdate:
-        """Submit and wait for the final update."""
-        return self.submit(prompt, specs).result()
-
-    def waiting(self) -> int:
-        """Requests not yet finished (running or waiting)."""
-        with self._cond:
-            return len(self._pending) + len(self._running)
 
     def close(self) -> None:
         with self._cond:

@@ -401,8 +401,8 @@ class LabelService:
     ) -> Iterator[PairProgress]:
         yield pair
         for event in stream:
-            if isinstance(event, Waiting):
-                yield replace(pair, waiting=event.position)
+            if isinstance(event, Waiting):  # its notice: a generation server down or slow
+                yield replace(pair, waiting=event.position, notice=event.notice or pair.notice)
                 continue
             answers = tuple(_answer(spec, a) for spec, a in zip(specs, event.answers, strict=True))
             pair = replace(pair, answers=answers, waiting=None, notice=event.notice)

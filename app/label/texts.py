@@ -31,6 +31,8 @@ def status_text(answers: PairProgress, mode: Mode) -> str:
     notice = f"\n\n⚠️ {answers.notice}" if answers.notice else ""
     if answers.waiting is not None:
         ahead = answers.waiting - 1
+        if answers.notice and ahead <= 0:  # not the line: a generation server down or slow
+            return f"⏳ {answers.notice}"
         if ahead <= 0:
             return f"⏳ Next in line: the model is finishing other work…{notice}"
         return f"⏳ Waiting for the model: {ahead} request(s) ahead of you…{notice}"

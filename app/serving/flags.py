@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 
 import torch
@@ -45,6 +46,13 @@ def add_serving_flags(parser: argparse.ArgumentParser) -> None:
         "--serial-generation",
         action="store_true",
         help="one request at a time, as before the shared decode loop (a benchmark baseline)",
+    )
+    g.add_argument(
+        "--generation-url",
+        default=os.environ.get("DPO_STUDIO_GENERATION_URL") or None,
+        help="an OpenAI-compatible server (vLLM) that writes every answer, e.g. "
+        "http://127.0.0.1:8000/v1; it must read the adapters at their paths here "
+        "(docs/vllm.md). Default $DPO_STUDIO_GENERATION_URL, else this process",
     )
     g.add_argument(
         "--no-prefetch",

@@ -15,6 +15,7 @@ from typing import Any
 from dpo_core.engine import EngineLimits, GenerationEngine, ModelLock
 from dpo_core.generation import AnswerGenerator, AnswerSpec, GenerationUpdate, SamplingParams
 from dpo_core.modeling import LoadedModel, ModelLoadError, is_adapter_dir
+from dpo_core.remote_engine import RemoteEngine
 from dpo_core.reward_eval import RewardAccuracy, implicit_reward_accuracy
 
 logger = logging.getLogger(__name__)
@@ -31,20 +32,37 @@ class VersionedModel:
         lm: LoadedModel,
         generator: AnswerGenerator | None = None,
         limits: EngineLimits | None = None,
+        generation_url: str | None = None,
     ) -> None:
         self.lm = lm
         self.lock = ModelLock()
         self.generator = generator or AnswerGenerator(lm)
-        self.engine = GenerationEngine(self.generator, self.lock, limits)
+        self.engine: GenerationEngine | RemoteEngine
+        if generation_url:  # answers from a server; log-prob work stays on `lm`
+            self.engine = RemoteEngine(self.generator, generation_url, limits)
+        else:
+            self.engine = GenerationEngine(self.generator, self.lock, limits)
         self.active = BASE
+
+    @property
+    def remote(self) -> RemoteEngine | None:
+        """The generation server's engine, or None when this process generates."""
+        return self.engine if isinstance(self.engine, RemoteEngine) else None
 
     def loaded(self) -> list[str]:
         return [BASE, *self.generator.adapters()]
 
     def ensure_loaded(self, name: str, adapter_path: str | None) -> None:
-        """Load adapter version `name` from `adapter_path` unless it is already there."""
-        if name == BASE or name in self.generator.adapters():
+        """Load adapter version `name` from `adapter_path` unless it is already there (and into
+        the generation server, when there is one: ModelLoadError when it refuses)."""
+        if name == BASE:
             return
+        if name not in self.generator.adapters():
+            self._load_local(name, adapter_path)
+        if self.remote is not None:
+            self.remote.add_version(name, adapter_path)
+
+    def _load_local(self, name: str, adapter_path: str | None) -> None:
         if not is_adapter_dir(adapter_path):
             raise ModelLoadError(
                 f"version {name}: its adapter directory {adapter_path} is missing or incomplete "
