@@ -104,6 +104,7 @@ class Waiting:
     position: int
     model_busy: bool = False
     notice: str | None = None
+    server_down: bool = False  # the notice says the generation server is not answering
 
 
 class ModelLock:

@@ -231,7 +231,7 @@ class RemoteEngine(RequestLine):
                     return
                 except ServerDown as err:
                     logger.warning("request waits: %s", err)
-                    request.ticket.publish(Waiting(1, notice=str(err)))
+                    request.ticket.publish(Waiting(1, notice=str(err), server_down=True))
                     request.ticket.cancelled.wait(pause)
                 except _UnknownModel as err:
                     logger.info("the generation server forgot %s (restarted?): loading it", err)

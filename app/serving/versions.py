@@ -12,13 +12,24 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from dpo_core.engine import EngineLimits, GenerationEngine, ModelLock
+from dpo_core.engine import EngineLimits, GenerationEngine, ModelLock, Waiting
 from dpo_core.generation import AnswerGenerator, AnswerSpec, GenerationUpdate, SamplingParams
 from dpo_core.modeling import LoadedModel, ModelLoadError, is_adapter_dir
 from dpo_core.remote_engine import RemoteEngine
 from dpo_core.reward_eval import RewardAccuracy, implicit_reward_accuracy
 
 logger = logging.getLogger(__name__)
+
+SERVER_DOWN = (
+    "The generation server is not answering, so nothing was generated (nothing stored is "
+    "affected): try again when it is back."
+)
+
+
+class GenerationServerDown(ValueError):
+    """A blocking `generate` (Compare) gives up while the generation server is down, rather
+    than hold the page without a word; the Label tab's requests wait and say so instead."""
+
 
 BASE = "base"
 REWARD_CHUNK = 8  # pairs scored per hold of the model (a few hundred ms on the embedded model)
@@ -96,7 +107,14 @@ class VersionedModel:
     ) -> GenerationUpdate:
         """One answer per version to `prompt`, all in one batch, every row with the same seed."""
         specs = [AnswerSpec(params, seed=seed, adapter=v) for v in versions]
-        return self.engine.generate(prompt, specs)
+        final = None
+        for event in self.engine.submit(prompt, specs).updates():  # leaving early cancels
+            if isinstance(event, Waiting) and event.server_down:
+                raise GenerationServerDown(SERVER_DOWN)
+            if isinstance(event, GenerationUpdate):
+                final = event
+        assert final is not None and final.done, "a ticket's last event is its final update"
+        return final
 
     def reward_accuracy(
         self, pairs: list[dict[str, Any]], versions: list[str], *, max_length: int = 512

@@ -8,6 +8,7 @@ the server down at start. When vLLM cannot run here the tests that need it skip,
 
 from __future__ import annotations
 
+import random
 import sys
 import threading
 import time
@@ -227,3 +228,31 @@ def test_the_server_down_at_start_the_app_starts_and_a_pair_waits_saying_why(
             break
     stream.close()  # the tab closed: the request is cancelled
     services.close()
+
+
+def test_compare_with_the_server_down_says_so_instead_of_holding_the_page(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Compare waits for its answers in one call: while the server is down it gives up in words
+    (the Label tab's requests wait and say so instead)."""
+    import gradio as gr
+
+    from app.compare.tab import CompareHandlers, layout
+    from app.serving.versions import SERVER_DOWN
+
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    services = studio(tiny_model_dir, tmp_path, url, monkeypatch)
+    try:
+        with gr.Blocks():
+            tab = layout(services.compare)
+        h = CompareHandlers(services.compare, tab, random.Random(0))
+        out = h.side_by_side("base", "base", "Hello?", 0)
+        assert out == {tab.message: f"⚠️ {SERVER_DOWN}"}
+        assert "try again when it is back" in SERVER_DOWN
+        for _ in range(600):  # the request is given up, not left in the line (bounded wait)
+            if services.models.engine.waiting() == 0:
+                break
+            time.sleep(0.1)
+        assert services.models.engine.waiting() == 0, "the cancelled request stayed in line"
+    finally:
+        services.close()
