@@ -125,6 +125,16 @@ def labeled_pair(
     return last
 
 
+def served_logprobs(url: str, model: str, prompt: str) -> list[float]:
+    """The server's greedy answer by `model` as its tokens' log-probs (16 tokens, never ended
+    early: a tiny random model's answers may be empty text, its log-probs are not)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0.0,
+            "ignore_eos": True, "logprobs": 1}  # fmt: skip
+    response = httpx.post(f"{url}/completions", json=body, timeout=120)
+    response.raise_for_status()
+    return response.json()["choices"][0]["logprobs"]["token_logprobs"]
+
+
 def vote(service: LabelService, pair: PairProgress, choice: str = "a") -> None:
     a, b = (answer.response_id for answer in pair.answers)
     assert a is not None and b is not None
@@ -148,9 +158,10 @@ def test_a_pair_from_vllm_then_v1_trained_loaded_there_and_answering_unlike_the_
     assert services.training.status(started.run_id).status == "succeeded"  # and now served
     assert services.models.active == "v1" and "v1" in remote.served_models()
     greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=24)
-    texts = [services.models.generate(f"Tell me about {t}.", ["base", "v1"], seed=1,
-                                      params=greedy).texts for t in ("cats", "owls")]  # fmt: skip
-    assert any(base != v1 for base, v1 in texts), texts
+    both = services.models.generate("Tell me about cats.", ["base", "v1"], seed=1, params=greedy)
+    assert both.done  # (the tiny random model may end both answers at once: compare below)
+    base, v1 = (served_logprobs(vllm.url, m, "Tell me about owls.") for m in ("base", "v1"))
+    assert base != v1, "v1 answers as the base does on the server: its adapter is not applied"
     after = labeled_pair(service, "Tell me about owls.")
     assert after.version == "v1"
     services.close()
