@@ -32,6 +32,7 @@ from storage.self_labels import (
     self_label_agreement,
     set_self_label_multiplier,
 )
+from tests.app.worker_pairs import worker_read
 from tests.tiny import save_random_adapter
 
 SHORT = LabelSettings(max_new_tokens=8)
@@ -97,26 +98,10 @@ def training(sm: sessionmaker[Session], tmp_path: Path, monkeypatch) -> Training
 
 def trained_pairs(service: TrainingService, sm, tmp_path: Path, monkeypatch, choice: str):
     """The pairs the worker hands to training for a run with `self_labels=choice`."""
-    import dpo_core.modeling
-    import dpo_core.trainer
-    from app.train import worker
-
-    seen: list[list[dict]] = []
-
-    def fake_train(lm, train_pairs, config, out_dir, *, heldout, **_):
-        seen.append(train_pairs + heldout)
-        return SimpleNamespace(cancelled=True, adapter_dir=None)
-
-    monkeypatch.setattr(dpo_core.modeling, "load_model", lambda *a, **k: None)
-    monkeypatch.setattr(dpo_core.trainer, "train", fake_train)
-    result = service.start(TrainRequest(self_labels=choice))
-    assert result.ok, result.message
+    read = worker_read(service, sm, TrainRequest(self_labels=choice), tmp_path, monkeypatch)
     with sm.begin() as s:
-        config = runs.get_run(s, result.run_id).config
-    assert worker.train_and_register(sm, result.run_id, config, tmp_path) == "cancelled"
-    with sm.begin() as s:
-        runs.cancel_run(s, result.run_id)
-    return sorted((p["prompt"], p["chosen"], p.get("weight")) for p in seen[0])
+        runs.cancel_run(s, read.run_id)
+    return sorted((p["prompt"], p["chosen"], p.get("weight")) for p in read.pairs)
 
 
 def test_the_train_setting_trains_with_the_self_labels_weights(training, sm, tmp_path, monkeypatch):

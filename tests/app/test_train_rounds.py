@@ -8,7 +8,6 @@ worker reads its pairs, the model load and the training loop are stubbed (no tra
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,6 +16,7 @@ from app.train.service import TrainingService, TrainRequest
 from app.train.tab import history_frame, summary_markdown
 from app.train.version_panel import version_rows
 from storage import repo, runs
+from tests.app.worker_pairs import worker_read
 from tests.storage.conftest import db, db_url  # noqa: F401 (fixtures: both back ends)
 
 MODEL = "tiny"
@@ -164,23 +164,8 @@ def test_the_worker_trains_on_the_round_the_run_chose(
     expected: dict[str, float | None],
 ):
     """The worker's own read of the pairs: which, and their weights (none unless newest)."""
-    import dpo_core.modeling
-    import dpo_core.trainer
-    from app.train import worker
-
-    seen: list[list[dict]] = []
-
-    def fake_train(lm, train_pairs, config, out_dir, *, heldout, **_):
-        seen.append(train_pairs + heldout)
-        return SimpleNamespace(cancelled=True, adapter_dir=None)
-
-    monkeypatch.setattr(dpo_core.modeling, "load_model", lambda *a, **k: None)
-    monkeypatch.setattr(dpo_core.trainer, "train", fake_train)
-    run_id = round_two.start(TrainRequest(train_on=train_on)).run_id
-    with db.begin() as s:
-        config = runs.get_run(s, run_id).config
-    assert worker.train_and_register(db, run_id, config, tmp_path) == "cancelled"
-    got = {p["prompt"]: p.get("weight") for p in seen[0]}
+    read = worker_read(round_two, db, TrainRequest(train_on=train_on), tmp_path, monkeypatch)
+    got = {p["prompt"]: p.get("weight") for p in read.pairs}
     assert got == expected
 
 

@@ -5,7 +5,6 @@ DPO_STUDIO_TEST_PG_URL is set), with the worker launch left out (no training her
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,6 +14,7 @@ from app.train.pairs import stored_pairs
 from app.train.service import TrainingService, TrainRequest
 from storage import runs
 from storage.selection import VoteSelection
+from tests.app.worker_pairs import worker_read
 from tests.storage.conftest import db, db_url  # noqa: F401 (fixtures: both back ends)
 from tests.storage.test_repo import answers
 from tests.storage.test_selection import three_annotators, vote
@@ -89,20 +89,5 @@ def test_the_worker_trains_on_the_votes_the_run_chose(
     monkeypatch,
 ):
     """The worker's own read of the pairs (the model load and the training loop stubbed)."""
-    import dpo_core.modeling
-    import dpo_core.trainer
-    from app.train import worker
-
-    seen: list[list[dict]] = []
-
-    def fake_train(lm, train_pairs, config, out_dir, *, heldout, **_):
-        seen.append(train_pairs + heldout)
-        return SimpleNamespace(cancelled=True, adapter_dir=None)
-
-    monkeypatch.setattr(dpo_core.modeling, "load_model", lambda *a, **k: None)
-    monkeypatch.setattr(dpo_core.trainer, "train", fake_train)
-    run_id = service.start(TrainRequest(votes="unanimous")).run_id
-    with db.begin() as s:
-        config = runs.get_run(s, run_id).config
-    assert worker.train_and_register(db, run_id, config, tmp_path) == "cancelled"
-    assert [p["prompt"] for p in seen[0]] == ["same"]
+    read = worker_read(service, db, TrainRequest(votes="unanimous"), tmp_path, monkeypatch)
+    assert [p["prompt"] for p in read.pairs] == ["same"]
